@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (see README): `make run` and `make test`.
+# Both create .venv in the repo root on first use and reuse it afterwards.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	$(PIP) install --upgrade pip >/dev/null
+	$(PIP) install -r requirements.txt
+	# pillow-simd (faster JPEG decode) goes last: a later resolve of torchvision would put
+	# Pillow back. Where it cannot build, plain Pillow stays and everything still works.
+	$(PIP) install --force-reinstall --no-deps pillow-simd || echo "pillow-simd not installed; using Pillow"
+	touch $@
+
+.venv/.test-installed: .venv/.installed
+	$(PIP) install pytest scikit-learn
+	touch $@
+
+.PHONY: setup run test
+setup: .venv/.installed
+
+run: .venv/.installed
+	@test -f train.py || { echo "make run: the trainer (train.py) is not implemented yet; see README, Status"; exit 2; }
+	$(PY) train.py
+
+test: .venv/.test-installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
