@@ -1,0 +1,36 @@
+"""Shared by the kernel files: when to launch Triton, and dtype helpers."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.library import custom_op, triton_op
+
+
+def interpret_mode() -> bool:
+    """True under TRITON_INTERPRET=1: kernels then run in the Triton interpreter on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Dispatch rule of every op: Triton on CUDA tensors (or in the interpreter), the pure-torch
+    reference otherwise, so CPU training needs no Triton at all."""
+    if interpret_mode():
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def register_op(name: str):
+    """Decorator registering a kernel launcher as a torch op that torch.compile traces through.
+
+    On GPUs: `triton_op`, so Inductor sees the Triton kernel itself. In the interpreter the
+    kernel needs real data, which tracing (fake tensors) does not have: there it is an opaque
+    `custom_op`, and each file registers the output shapes with `register_fake`.
+    """
+    if interpret_mode():
+        return custom_op(name, mutates_args=())
+    return triton_op(name, mutates_args=())

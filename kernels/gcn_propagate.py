@@ -1,0 +1,281 @@
+"""CLIP-GCN message pass: one sparse graph shared by the batch, fused with bias, activation and
+residual.
+
+    y[b, i] = act(sum_j A[i, j] * x[b, j] + bias) + residual[b, i]
+
+A is a V x V CSR matrix (indptr [V+1], indices [nnz], values [nnz]); duplicate column indices
+add up, empty rows give act(bias). Activations: None, "relu", "leaky_relu" (slope 0.2, the
+ML-GCN choice), "gelu" (erf form, as torch's default). Differentiable in x, values, bias and
+residual.
+
+Forward (Triton): one program per (row i, block of images, block of features) walks row i's
+non-zeros and accumulates a [BLOCK_B, BLOCK_D] fp32 tile, then adds bias, applies the
+activation and the residual before its single store: y is written once and the pre-activation
+never touches memory (the eager reference writes and re-reads it for the bias, the activation
+and the residual). x rows are re-read once per non-zero, from L2 when the batch tile fits.
+
+Backward: one Triton pass recomputes the pre-activation row by row and writes
+gz = dy * act'(z) (skipped without an activation); dx = A^T gz is the same forward kernel run on
+the transposed CSR; dvalues[e] = <gz[:, i_e], x[:, j_e]> is read off a dense V x V product
+(one bmm, K = D, summed over the batch): tensor-core work instead of one B*D reduction per edge.
+
+`gcn_propagate` dispatches: Triton on CUDA tensors (and under TRITON_INTERPRET=1), the
+pure-torch `gcn_propagate_ref` otherwise.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from kernels._common import interpret_mode, next_pow2, register_op, use_triton
+
+ACTIVATIONS = (None, "relu", "leaky_relu", "gelu")
+LEAKY_SLOPE = 0.2
+_ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3}
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (pure torch)
+# --------------------------------------------------------------------------------------------
+
+def csr_to_dense(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """Dense V x V matrix of a CSR graph (duplicates summed), differentiable in `values`."""
+    rows = torch.repeat_interleave(torch.arange(size, device=indptr.device), indptr.diff().long())
+    flat = torch.zeros(size * size, device=values.device, dtype=values.dtype)
+    return flat.index_add(0, rows * size + indices.long(), values).view(size, size)
+
+
+def apply_activation(z: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+    if activation is None:
+        return z
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, LEAKY_SLOPE)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def gcn_propagate_ref(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pure-torch twin of `gcn_propagate` (a dense V x V matmul: V is ~100 in BAC-GCN)."""
+    adj = csr_to_dense(indptr, indices, values, x.shape[1]).to(x.dtype)
+    z = adj @ x
+    if bias is not None:
+        z = z + bias
+    y = apply_activation(z, activation)
+    return y + residual if residual is not None else y
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * SLOPE)
+    elif ACT == 3:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return z
+
+
+@triton.jit
+def _activate_grad(z, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    if ACT == 1:
+        g = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        g = tl.where(z > 0, 1.0, SLOPE)
+    else:  # gelu: Phi(z) + z * phi(z)
+        g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    return g
+
+
+@triton.jit
+def _spmm_rows(X, INDPTR, INDICES, VALUES, row, offs_b, offs_d, mask, stride_xb, stride_xv, stride_xd,
+               BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 [BLOCK_B, BLOCK_D] tile of sum_j A[row, j] * X[b, j, d]."""
+    start = tl.load(INDPTR + row).to(tl.int64)
+    end = tl.load(INDPTR + row + 1).to(tl.int64)
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    base = X + offs_b * stride_xb + offs_d * stride_xd
+    for e in range(start, end):
+        j = tl.load(INDICES + e).to(tl.int64)
+        v = tl.load(VALUES + e).to(tl.float32)
+        acc += v * tl.load(base + j * stride_xv, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _gcn_fwd_kernel(
+    X, INDPTR, INDICES, VALUES, BIAS, RES, Y,
+    B, D,
+    stride_xb, stride_xv, stride_xd,
+    stride_yb, stride_yv, stride_yd,   # shared by RES and Y
+    ACT: tl.constexpr, SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_b = (tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B))[:, None]
+    offs_d = (tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+    mask = (offs_b < B) & (offs_d < D)
+    z = _spmm_rows(X, INDPTR, INDICES, VALUES, row, offs_b, offs_d, mask, stride_xb, stride_xv, stride_xd,
+                   BLOCK_B, BLOCK_D)
+    if HAS_BIAS:
+        z += tl.load(BIAS + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    y = _activate(z, ACT, SLOPE)
+    out = offs_b * stride_yb + row * stride_yv + offs_d * stride_yd
+    if HAS_RES:
+        y += tl.load(RES + out, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + out, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gcn_act_bwd_kernel(
+    X, INDPTR, INDICES, VALUES, BIAS, DY, GZ,
+    B, D,
+    stride_xb, stride_xv, stride_xd,
+    stride_yb, stride_yv, stride_yd,   # shared by DY and GZ
+    ACT: tl.constexpr, SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_b = (tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B))[:, None]
+    offs_d = (tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+    mask = (offs_b < B) & (offs_d < D)
+    z = _spmm_rows(X, INDPTR, INDICES, VALUES, row, offs_b, offs_d, mask, stride_xb, stride_xv, stride_xd,
+                   BLOCK_B, BLOCK_D)
+    if HAS_BIAS:
+        z += tl.load(BIAS + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    out = offs_b * stride_yb + row * stride_yv + offs_d * stride_yd
+    dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
+    tl.store(GZ + out, (dy * _activate_grad(z, ACT, SLOPE)).to(GZ.dtype.element_ty), mask=mask)
+
+
+def _grid_blocks(b: int, v: int, d: int) -> tuple[tuple[int, int, int], int, int]:
+    # Feature tiles of 128 contiguous elements keep loads coalesced; with a batch tile of 16,
+    # B = 256, V ~ 100 gives ~6,700 programs, enough to fill the SMs. A first guess, to be
+    # tuned on a GPU.
+    block_d = min(128, max(16, next_pow2(d)))
+    block_b = min(16, max(1, next_pow2(b)))
+    return (v, triton.cdiv(b, block_b), triton.cdiv(d, block_d)), block_b, block_d
+
+
+def _spmm(x: torch.Tensor, indptr, indices, values, bias, activation: Optional[str],
+          residual) -> torch.Tensor:
+    b, v, d = x.shape
+    y = torch.empty_like(x)
+    grid, block_b, block_d = _grid_blocks(b, v, d)
+    wrap_triton(_gcn_fwd_kernel)[grid](
+        x, indptr, indices, values, bias if bias is not None else x,
+        residual if residual is not None else y, y, b, d, *x.stride(), *y.stride(),
+        ACT=_ACT_CODE[activation], SLOPE=LEAKY_SLOPE, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
+    return y
+
+
+def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                  size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR of A^T (stable in the original order, so duplicates stay duplicates)."""
+    rows = torch.repeat_interleave(torch.arange(size, device=indptr.device, dtype=indices.dtype),
+                                   indptr.diff().long())
+    order = torch.sort(indices, stable=True).indices
+    counts = torch.bincount(indices.long(), minlength=size)
+    t_indptr = torch.zeros(size + 1, device=indptr.device, dtype=indptr.dtype)
+    t_indptr[1:] = torch.cumsum(counts, 0).to(indptr.dtype)
+    return t_indptr, rows[order].contiguous(), values[order].contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops and autograd
+# --------------------------------------------------------------------------------------------
+
+@register_op("bacgcn::gcn_propagate_fwd")
+def _gcn_propagate_fwd(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                       bias: Optional[torch.Tensor], activation: str,
+                       residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return _spmm(x, indptr, indices, values, bias, None if activation == "none" else activation, residual)
+
+
+@register_op("bacgcn::gcn_activation_grad")
+def _gcn_activation_grad(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                         bias: Optional[torch.Tensor], activation: str, dy: torch.Tensor) -> torch.Tensor:
+    """gz = dy * act'(z), the pre-activation z recomputed row by row (never stored)."""
+    b, v, d = x.shape
+    gz = torch.empty_like(dy)
+    grid, block_b, block_d = _grid_blocks(b, v, d)
+    wrap_triton(_gcn_act_bwd_kernel)[grid](
+        x, indptr, indices, values, bias if bias is not None else x, dy, gz, b, d,
+        *x.stride(), *dy.stride(), ACT=_ACT_CODE[activation], SLOPE=LEAKY_SLOPE,
+        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
+    return gz
+
+
+def _setup_context(ctx, inputs, output):
+    x, indptr, indices, values, bias, activation, residual = inputs
+    ctx.save_for_backward(x, indptr, indices, values, bias)
+    ctx.activation = activation
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, dy):
+    x, indptr, indices, values, bias = ctx.saved_tensors
+    dy = dy.contiguous()
+    gz = dy if ctx.activation == "none" else \
+        torch.ops.bacgcn.gcn_activation_grad(x, indptr, indices, values, bias, ctx.activation, dy)
+    t_indptr, t_indices, t_values = transpose_csr(indptr, indices, values, x.shape[1])
+    dx = torch.ops.bacgcn.gcn_propagate_fwd(gz, t_indptr, t_indices, t_values, None, "none", None)
+    dvalues = dbias = None
+    if ctx.needs_input_grad[3]:
+        rows = torch.repeat_interleave(torch.arange(x.shape[1], device=x.device), indptr.diff().long())
+        dadj = torch.bmm(gz, x.transpose(1, 2)).sum(0, dtype=torch.float32)   # [V, V]
+        dvalues = dadj[rows, indices.long()].to(values.dtype)
+    if bias is not None and ctx.needs_input_grad[4]:
+        dbias = gz.sum((0, 1), dtype=torch.float32).to(bias.dtype)
+    dres = dy if ctx.has_residual else None
+    return dx, None, None, dvalues, dbias, None, dres
+
+
+_gcn_propagate_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+if interpret_mode():
+    # As in similarity_pool: interpreted kernels need real data, so compile gets the shapes.
+    @_gcn_propagate_fwd.register_fake
+    def _(x, indptr, indices, values, bias, activation, residual):
+        return torch.empty_like(x)
+
+    @_gcn_activation_grad.register_fake
+    def _(x, indptr, indices, values, bias, activation, dy):
+        return torch.empty_like(dy)
+
+
+def gcn_propagate(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [B, V, D] = act(A @ x + bias) + residual for x [B, V, D] and A in CSR (V x V)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, V, D], got {tuple(x.shape)}")
+    v, d = x.shape[1], x.shape[2]
+    if indptr.dim() != 1 or indptr.numel() != v + 1:
+        raise ValueError(f"indptr must have V + 1 = {v + 1} entries, got {tuple(indptr.shape)}")
+    if indices.shape != values.shape or indices.dim() != 1:
+        raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must be equal 1-D")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if bias is not None and bias.shape != (d,):
+        raise ValueError(f"bias must be [D] = [{d}], got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must be {tuple(x.shape)}, got {tuple(residual.shape)}")
+    tensors = [t for t in (x, indptr, indices, values, bias, residual) if t is not None]
+    if not use_triton(*tensors):
+        return gcn_propagate_ref(x, indptr, indices, values, bias, activation, residual)
+    return torch.ops.bacgcn.gcn_propagate_fwd(
+        x.contiguous(), indptr.contiguous(), indices.contiguous(), values.contiguous(),
+        bias.contiguous() if bias is not None else None, activation or "none",
+        residual.contiguous() if residual is not None else None)
