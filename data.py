@@ -51,6 +51,7 @@ SPLITS = {
     "voc2012": ("train", "val", "trainval"),
     "coco2014": ("train", "val"),
     "nuswide": ("train", "test"),
+    "synthetic": ("trainval", "test"),   # the proving ground (synthetic.py), VOC2007 layout
 }
 DATASETS = tuple(SPLITS)
 # COCO 2014's 80 classes in category-id order (official names; the dictionary spells some
@@ -393,6 +394,36 @@ class SkipReport:
         return f"{self.seen} {self.what} read, {self.skipped} skipped (missing or corrupt; see warnings above)"
 
 
+def synthetic_classes(root: str | os.PathLike) -> list[str]:
+    """Class names of a proving-ground world (its world.json, written by synthetic.py build)."""
+    path = Path(root) / "world.json"
+    try:
+        return list(json.loads(path.read_text())["classes"])
+    except FileNotFoundError:
+        raise DataError(path, "not found: is this a world written by `synthetic.py build`?") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(path, f"malformed world description ({e})") from None
+
+
+def largest_instance_area(root: str | os.PathLike, ids: Sequence[str], class_names: Sequence[str],
+                          year: int | str = 2007) -> np.ndarray:
+    """[n, C] area (box area / image area) of the largest instance of each class, from the VOC
+    XML boxes; 0 where the class is absent. Feeds the proving ground's size rule."""
+    base = voc_root(root, year)
+    col = {c: k for k, c in enumerate(class_names)}
+    out = np.zeros((len(ids), len(class_names)))
+    for i, image_id in enumerate(ids):
+        path = base / "Annotations" / f"{image_id}.xml"
+        ann = read_voc_annotation(path)
+        if ann.width <= 0 or ann.height <= 0:
+            raise DataError(path, "no image <size> to measure boxes against")
+        for o in ann.objects:
+            if o.name in col:
+                a = (o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) / (ann.width * ann.height)
+                out[i, col[o.name]] = max(out[i, col[o.name]], a)
+    return out
+
+
 def load_dataset(name: str, root: str | os.PathLike, split: str, transform: Callable | None = None,
                  **paths) -> MultiLabelImages:
     """One entry point for the four benchmarks; `paths` overrides default file locations
@@ -409,6 +440,11 @@ def load_dataset(name: str, root: str | os.PathLike, split: str, transform: Call
         samples, classes = load_coco(ann, paths.get("image_dir") or root / f"{split}2014")
     elif name == "nuswide":
         samples, classes, _ = load_nuswide(root, split, paths.get("image_dir"))
+    elif name == "synthetic":
+        if split not in SPLITS[name]:
+            raise ValueError(f"synthetic split must be trainval or test, got {split!r}")
+        classes = synthetic_classes(root)
+        samples = load_voc(root, 2007, split, classes)
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     return MultiLabelImages(samples, classes, transform, name=f"{name}/{split}")
@@ -821,8 +857,14 @@ def read_graph(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[st
 # ============================================================================================
 
 def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
-    class_names = CLASS_NAMES[args.dataset]
-    dictionary = SynonymDictionary.from_json(dictionary_path(args.dataset, args.synonyms), len(class_names))
+    if args.dataset == "synthetic":
+        # A world carries its classes and dictionary beside its captions.
+        class_names = synthetic_classes(args.captions)
+        synonyms = Path(args.synonyms) if args.synonyms else Path(args.captions) / "synonyms.json"
+    else:
+        class_names = CLASS_NAMES[args.dataset]
+        synonyms = dictionary_path(args.dataset, args.synonyms)
+    dictionary = SynonymDictionary.from_json(synonyms, len(class_names))
     captions = read_captions(args.captions)
     config = CaptionFilterConfig(min_votes=args.min_votes, context_weight=args.context_weight)
     labels = pseudo_labels(captions, dictionary, class_names, config, progress=not args.quiet)
@@ -865,3 +907,105 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ============================================================================================
+# Feature cache: the frozen encoder runs once per image
+# ============================================================================================
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file (memoised by path, size and mtime): weights identify a cache by content."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+class FeatureCache:
+    """Per-image encoder outputs stored in bf16 safetensors shards under a key.
+
+    The key hashes everything that changes the features (`spec`: encoder, weights digest, input
+    size, read-out, dataset, split, image ids), so a changed config never reads a stale cache.
+    A folder is complete once its `meta.json` exists (written last, atomically). This module
+    never imports the model: `encode` is handed in.
+    """
+
+    SHARD = 4096
+
+    def __init__(self, root: str | os.PathLike, spec: dict):
+        import hashlib
+
+        self.spec = spec
+        self.key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        self.dir = Path(root) / self.key
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / "meta.json").is_file()
+
+    def load(self) -> tuple[list[str], dict]:
+        import torch
+        from safetensors.torch import load_file
+
+        meta = json.loads((self.dir / "meta.json").read_text())
+        parts = [load_file(str(self.dir / f)) for f in meta["shards"]]
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        return meta["ids"], tensors
+
+    def build(self, dataset, encode: Callable, batch_size: int = 64, workers: int = 0,
+              device: str = "cpu", desc: str = "caching features", pin_memory: bool = False) -> tuple[list[str], dict]:
+        """Encode every image of `dataset` (a MultiLabelImages yielding fixed-size uint8
+        images) with `encode(uint8 batch on device) -> {name: [b, ...] tensor}` and store it.
+        Skipped images are reported and left out."""
+        import torch
+        from safetensors.torch import save_file
+        from tqdm import tqdm
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=collate_images, pin_memory=pin_memory)
+        report = SkipReport()
+        ids: list[str] = []
+        buffer: dict[str, list] = {}
+        shards: list[str] = []
+
+        def flush():
+            if not buffer:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
+            _atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp)))
+            shards.append(name)
+            buffer.clear()
+
+        bar = tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, mininterval=2)
+        with torch.no_grad():
+            for batch in loader:
+                report.update(batch)
+                bar.update(batch["skipped"] + len(batch["id"]))
+                if not batch["id"]:
+                    continue
+                out = encode(batch["image"].to(device, non_blocking=True))
+                for k, v in out.items():
+                    buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
+                ids.extend(batch["id"])
+                if sum(len(x) for x in next(iter(buffer.values()))) >= self.SHARD:
+                    flush()
+        flush()
+        bar.close()
+        if report.skipped:
+            print(f"{dataset.name}: {report.summary()}", file=sys.stderr)
+        meta = {"ids": ids, "shards": shards, "spec": self.spec}
+        _atomic_write(self.dir / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+        return self.load()

@@ -1,6 +1,10 @@
-"""Evaluate multi-label predictions.
+"""Evaluate a BAC-GCN checkpoint, or any method's predictions.
 
+  python eval.py runs/X/ckpt.safetensors [--data-root PATH] [--split test] [--difficult MODE] [--json out.json]
   python eval.py --scores S.csv --labels L.csv [--difficult ignore|positive|negative] [--json out.json]
+
+A checkpoint carries its config, classes and graph: the model is rebuilt from it alone (the
+data root defaults to the one recorded at training time) and evaluated on the test split.
 
 Both CSVs have an `image_id` column and one column per class; labels are 1 / 0 (difficult-only)
 / -1. Score columns that are not classes of the labels file (backgrounds) are ignored; a class
@@ -54,21 +58,100 @@ def print_report(report: dict, file=None) -> None:
         print(f"  {c:<{width}}  {'   n/a' if ap is None else f'{ap:6.2f}'}", file=file)
 
 
+def read_checkpoint(path: str):
+    """(config, classes, categories, tensors, metadata) of a train.py checkpoint."""
+    from safetensors import SafetensorError, safe_open
+
+    import bacgcn
+
+    if not Path(path).is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise DataError(path, f"not a safetensors checkpoint ({e})") from None
+    if meta.get("format") != "bacgcn-1":
+        raise DataError(path, "not a checkpoint written by train.py (no bacgcn metadata)")
+    cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
+    return cfg, json.loads(meta["classes"]), json.loads(meta["categories"]), tensors, meta
+
+
+def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
+                        difficult: str = "ignore") -> dict:
+    """Rebuild the model from the checkpoint alone and evaluate it on a split."""
+    import torch
+
+    import bacgcn
+    import data as data_mod
+    import train
+
+    cfg, classes, categories, tensors, meta = read_checkpoint(path)
+    cfg = cfg.replace(data_root=data_root or cfg.data_root, test_split=split or cfg.test_split,
+                      device=cfg.device if cfg.device and (cfg.device == "cpu" or torch.cuda.is_available()) else "")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = data_mod.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
+    if dataset.class_names != classes:
+        raise DataError(path, f"trained on {len(classes)} classes of {cfg.dataset} ({', '.join(classes[:3])}, ...), "
+                              f"the data at {cfg.data_root} has {len(dataset.class_names)} "
+                              f"({', '.join(dataset.class_names[:3])}, ...)")
+    try:
+        clip = bacgcn.create_clip(cfg.clip_model, cfg.clip_weights)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(path, f"its CLIP cannot be rebuilt: {e}") from None
+    if cfg.image_size:
+        bacgcn.set_image_size(clip, cfg.image_size)
+    backbone = bacgcn.CLIPBackbone(clip.to(device), cfg.patch_readout).eval()
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    adjacency = bacgcn.build_adjacency(tensors["graph.M"], tensors["graph.N"], len(classes), cfg)
+    prompts = torch.zeros_like(state["kernel.prompts"])
+    model = bacgcn.BACGCN(cfg, prompts, len(classes), adjacency, float(state["logit_scale"]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DataError(path, f"weights do not fit the recorded config ({str(e).splitlines()[0]})") from None
+    model.to(device)
+    test = train.cached_features(cfg, backbone, dataset, device)
+    dtype = torch.bfloat16 if device.startswith("cuda") and cfg.amp else torch.float32
+    logits = train.predict(model, test.feats, device, dtype)
+    result = train.evaluate_split(cfg, logits, test, len(classes), difficult)
+    result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
+                   "split": cfg.test_split, "checkpoint": str(path), "trained": json.loads(meta["metrics"])})
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scores", required=True, help="predictions CSV (image_id + one column per class)")
-    parser.add_argument("--labels", required=True, help="ground-truth CSV (image_id + 1/0/-1 per class)")
+    parser.add_argument("checkpoint", nargs="?", help="ckpt.safetensors written by train.py")
+    parser.add_argument("--data-root", help="dataset root (default: the one recorded in the checkpoint)")
+    parser.add_argument("--split", help="split to evaluate (default: the dataset's test split)")
+    parser.add_argument("--scores", help="predictions CSV (image_id + one column per class)")
+    parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
     parser.add_argument("--difficult", choices=DIFFICULT_MODES, default="ignore",
                         help="how difficult-only (0) labels count (default: ignore)")
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of CP/CR/CF1, OP/OR/OF1")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
+    if args.checkpoint is None and not (args.scores and args.labels):
+        parser.error("give a checkpoint, or --scores and --labels")
     try:
-        report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
+        if args.checkpoint:
+            report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult)
+            report.update({"num_images": report["num_images"], "threshold": 0.0})
+            print(f"{report['dataset']}/{report['split']}: mAP {report['mAP']:.2f}  CF1 {report['CF1']:.2f}  "
+                  f"OF1 {report['OF1']:.2f}" + "".join(f"  {k} {report[k]:.2f}" for k in ("mAP_small", "mAP_large")
+                                                   if k in report) + f"  ({report['num_images']} images, "
+                  f"difficult={args.difficult}, threshold: logit 0)")
+            width = max(len(c) for c in report["AP"])
+            for c, ap in report["AP"].items():
+                print(f"  {c:<{width}}  {'   n/a' if ap is None else f'{ap:6.2f}'}")
+        else:
+            report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
+            print_report(report)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_report(report)
     if args.json:
         out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
         out.update({k: v for k, v in report.items() if k not in out})

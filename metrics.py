@@ -152,3 +152,27 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, class_names: list[str],
     report.update(prf_metrics(scores, labels, threshold, None, difficult))
     report.update({f"{k}_top3": v for k, v in prf_metrics(scores, labels, threshold, 3, difficult).items()})
     return report
+
+
+def size_split_map(scores: np.ndarray, labels: np.ndarray, largest_area: np.ndarray,
+                   small: float = 0.02, large: float = 0.10, min_positives: int = 10) -> dict[str, float]:
+    """mAP over small and over large positives (the proving ground's size rule), x 100.
+
+    `largest_area[i, c]`: area (fraction of the image) of the largest instance of class c in
+    image i. Per class, small positives are those with largest_area < `small`, large ones
+    >= `large`; AP is taken over those positives plus every negative, and classes with fewer
+    than `min_positives` such positives are skipped. NaN when no class qualifies.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    out = {}
+    for name, keep in (("mAP_small", largest_area < small), ("mAP_large", largest_area >= large)):
+        pos = (labels == 1) & keep
+        use = pos.sum(0) >= min_positives
+        if not use.any():
+            out[name] = float("nan")
+            continue
+        # positives outside the size band are left out of the ranking (label 0 = ignored)
+        lab = np.where(labels == 1, np.where(keep, 1, 0), labels)[:, use]
+        out[name] = float(np.nanmean(average_precision(scores[:, use], lab, "ignore")) * 100.0)
+    return out

@@ -127,3 +127,18 @@ def test_eval_cli_errors_name_the_file(tmp_path, capsys):
     assert "s3.csv: line 2" in capsys.readouterr().err
     assert eval_cli.main(["--scores", str(tmp_path / "nope.csv"), "--labels", labels]) == 2
     assert "nope.csv: scores file not found" in capsys.readouterr().err
+
+
+def test_size_split_map():
+    from metrics import size_split_map
+    # one class; 12 small positives ranked top, 12 large positives ranked bottom, 4 negatives between
+    n_small, n_large = 12, 12
+    scores = np.concatenate([np.linspace(1.0, 0.9, n_small), [0.5, 0.45, 0.4, 0.35], np.linspace(0.3, 0.2, n_large)])
+    labels = np.array([1] * n_small + [-1] * 4 + [1] * n_large)
+    areas = np.array([0.01] * n_small + [0.0] * 4 + [0.2] * n_large)
+    out = size_split_map(scores[:, None], labels[:, None], areas[:, None], min_positives=10)
+    assert out["mAP_small"] == pytest.approx(100.0)
+    # large positives sit below all 4 negatives: precision at the k-th is k / (k + 4)
+    assert out["mAP_large"] == pytest.approx(100 * np.mean([k / (k + 4) for k in range(1, 13)]))
+    # a class with fewer than min_positives in a band is skipped
+    assert np.isnan(size_split_map(scores[:, None], labels[:, None], areas[:, None], min_positives=13)["mAP_small"])

@@ -1,0 +1,509 @@
+"""BAC-GCN: config and presets, the frozen CLIP backbone wrapper, SimilarityKernel, CLIPGCN, BACGCN.
+
+The backbone turns images into what BAC-GCN needs from a frozen CLIP:
+  g        [B, E]     the usual image embedding (cls token, ln_post, proj)
+  patches  [B, N, E]  text-aligned patch embeddings: the last block with self-only attention
+                      (each token attends to itself), then ln_post and proj, L2-normalised
+  attn     [B, N]     the [cls] attention of the last block over the patches (head mean)
+and class prompt embeddings from the text tower with a prompt ensemble.
+
+It works the same on OpenAI ViT-B/16 (open_clip `ViT-B-16-quickgelu`) and on the project's
+tiny CLIP (`synthclip-vit-t8`, assets/), both built by `open_clip.create_model`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT / "assets"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# Prompt ensemble for class embeddings (a subset of CLIP's ImageNet templates that reads well
+# for multi-label scenes).
+PROMPT_TEMPLATES = (
+    "a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.",
+    "a {} in the scene.", "a photo of a small {}.", "a photo of a large {}.", "there is a {} in the photo.",
+)
+# Ways the last block can read out per-patch embeddings.
+PATCH_READOUTS = ("self_attention", "value")
+LOSSES = ("bce", "asl")
+
+
+# ============================================================================================
+# Config
+# ============================================================================================
+
+@dataclass
+class BACGCNConfig:
+    """Every knob of the method. The paper leaves most open; the defaults are ours."""
+    # data
+    dataset: str = "synthetic"          # synthetic | voc2007 | voc2012 | coco2014 | nuswide
+    data_root: str = ""                 # dataset root; synthetic: the world folder (built if absent)
+    captions: str = ""                  # folder with captions.json (+ re_captions.json); synthetic: data_root
+    synonyms: str = ""                  # dictionary JSON ('' = the project's for the dataset, 'paper')
+    train_split: str = ""               # '' = the dataset's training split
+    test_split: str = ""                # '' = the dataset's test split
+    # frozen CLIP (stage 2)
+    clip_model: str = "synthclip-vit-t8"   # open_clip name; OpenAI weights need ViT-B-16-quickgelu
+    clip_weights: str = "assets/synthclip.safetensors"
+    image_size: int = 0                 # 0 = the model's own; ViT-B/16 at 448 interpolates position embeddings
+    patch_readout: str = "self_attention"  # last block: self_attention (residual + MLP kept) | value (MaskCLIP)
+    h_fraction: float = 0.25            # share of patches in the most-attended set H (fixed count)
+    # Similarity Kernel (stage 3)
+    topk: int = 8                       # Top-K patches pooled per category
+    temperature: float = 0.05           # T of the softmax over the Top-K similarities
+    # CLIP-GCN (stage 4)
+    tau_a: float = 0.3                  # keep edge i->j when P(j|i) >= tau_a
+    reweight_p: float = 0.25            # ML-GCN re-weighting: neighbours share p, the node keeps 1 - p
+    global_edge: float = 0.5            # weight of each global<->local edge before normalisation
+    gcn_layers: int = 2
+    gcn_activation: str = "leaky_relu"  # relu | leaky_relu | gelu
+    # ablation switches (bench/ablation.py)
+    use_local: bool = True              # local logits from the Similarity Kernel
+    use_gcn: bool = True
+    use_backgrounds: bool = True        # background categories as nodes, prompts and targets
+    use_reso: bool = True
+    # training (stage 5, 6)
+    loss: str = "bce"                   # bce | asl (asymmetric loss, gamma_neg below)
+    asl_gamma_neg: float = 2.0
+    epochs: int = 16
+    batch_size: int = 64
+    lr: float = 2e-3
+    prompt_lr_mult: float = 0.1         # the prompts start at CLIP's text embeddings: move them gently
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_votes: int = 1                  # captions needed for a hard pseudo label (graph, ReSO)
+    # ReSO (stage 6)
+    reso_epoch: int = 10                # E_reso: first epoch (0-based) that trains on crops
+    reso_tau: float = 0.5               # a patch is in the region where the normalised similarity > tau
+    reso_eps: float = 0.1               # crop only regions covering less than eps of the image
+    reso_margin: float = 0.5            # crop box = region box grown by this fraction on each side
+    reso_max_crops: int = 2             # per image, smallest regions first
+    reso_gamma: float = 2.0             # crop loss weight 1 + (1 - p)^gamma grows with the error
+    # runtime
+    seed: int = 0
+    device: str = ""                    # '' = cuda if available else cpu
+    compile: bool = False               # torch.compile the head (CUDA)
+    amp: bool = True                    # bf16 autocast on CUDA (the CPU always runs fp32)
+    workers: int = 2                    # image decoding workers while caching features
+    cache_dir: str = ".cache/features"
+    out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
+    log_every: int = 50
+
+    def replace(self, **kw) -> "BACGCNConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BACGCNConfig":
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+_VITB16 = dict(clip_model="ViT-B-16-quickgelu", clip_weights="ViT-B-16.pt", image_size=448, topk=16,
+               temperature=0.03, batch_size=64, epochs=16, reso_epoch=10, workers=8)
+PRESETS: dict[str, dict] = {
+    "synthetic-tiny": {},
+    "voc2007-vitb16": dict(_VITB16, dataset="voc2007"),
+    "voc2012-vitb16": dict(_VITB16, dataset="voc2012"),
+    "coco2014-vitb16": dict(_VITB16, dataset="coco2014", tau_a=0.4),
+    "nuswide-vitb16": dict(_VITB16, dataset="nuswide", tau_a=0.4),
+}
+
+
+def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tuple[BACGCNConfig, str]:
+    """`--preset=NAME` and `--key=value` (or `--key value`) overrides, checked by field type.
+    Returns (config, preset name). An unknown key or a bad value is a one-line ValueError."""
+    fields = {f.name: f for f in dataclasses.fields(BACGCNConfig)}
+    pairs, i = [], 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r} (use --key=value)")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            k, v = a[2:], args[i + 1]
+            i += 1
+        else:
+            k, v = a[2:], "true"
+        pairs.append((k.replace("-", "_"), v))
+        i += 1
+    preset = next((v for k, v in pairs if k == "preset"), "synthetic-tiny")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    cfg = base or BACGCNConfig(**PRESETS[preset])
+    updates = {}
+    for k, v in pairs:
+        if k == "preset":
+            continue
+        if k not in fields:
+            raise ValueError(f"unknown option --{k.replace('_', '-')}")
+        kind = type(getattr(cfg, k))
+        try:
+            if kind is bool:
+                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                updates[k] = v.lower() in ("1", "true", "yes")
+            else:
+                updates[k] = kind(v)
+        except ValueError:
+            raise ValueError(f"--{k.replace('_', '-')}: expected {kind.__name__}, got {v!r}") from None
+    cfg = cfg.replace(**updates)
+    validate(cfg)
+    return cfg, preset
+
+
+def validate(cfg: BACGCNConfig) -> None:
+    checks = [
+        (cfg.patch_readout in PATCH_READOUTS, f"patch_readout must be one of {PATCH_READOUTS}"),
+        (cfg.loss in LOSSES, f"loss must be one of {LOSSES}"),
+        (cfg.gcn_activation in ("relu", "leaky_relu", "gelu"), "gcn_activation must be relu, leaky_relu or gelu"),
+        (cfg.topk >= 1, "topk must be >= 1"), (cfg.temperature > 0, "temperature must be > 0"),
+        (0 < cfg.h_fraction < 1, "h_fraction must be in (0, 1)"), (0 <= cfg.reweight_p <= 1, "reweight_p must be in [0, 1]"),
+        (cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1"),
+        (0 < cfg.reso_eps <= 1 and 0 <= cfg.reso_tau < 1, "reso_eps must be in (0, 1], reso_tau in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def register_local_model_configs() -> None:
+    """Make the project's open_clip model configs (assets/*.json) known to open_clip."""
+    import open_clip
+
+    for cfg in ASSETS.glob("*-vit-*.json"):
+        if cfg.stem not in open_clip.list_models():
+            open_clip.add_model_config(cfg)
+
+
+def set_image_size(model, size: int) -> None:
+    """Run the vision tower at `size` px: bicubic interpolation of the position embeddings
+    (e.g. ViT-B/16 at 448: 14x14 -> 28x28 patches)."""
+    v = model.visual
+    patch = v.patch_size[0] if isinstance(v.patch_size, (tuple, list)) else v.patch_size
+    old = v.grid_size[0]
+    new = size // patch
+    if new == old:
+        return
+    pos = v.positional_embedding.data
+    cls, grid = pos[:1], pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    v.positional_embedding = nn.Parameter(torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(new * new, -1)]))
+    v.grid_size = (new, new)
+    v.image_size = (size, size)
+
+
+def create_clip(model_name: str, weights: str | os.PathLike | None = None):
+    """An open_clip CLIP, random-init or loaded with strict=True from a local file.
+
+    Weight files: safetensors, an open_clip state dict (.pt/.bin), or (for `*-quickgelu`
+    OpenAI models) OpenAI's TorchScript archive. A file of another architecture is an error of
+    one line that names the expected architecture.
+    """
+    import open_clip
+
+    import logging
+
+    register_local_model_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP architecture {model_name!r} (OpenAI ViT-B/16 weights: ViT-B-16-quickgelu)")
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)    # open_clip warns "no pretrained weights" before we load ours
+    try:
+        model = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        root_logger.setLevel(level)
+    if weights is not None:
+        state = read_state_dict(weights)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise ValueError(f"{weights}: not a {model_name} checkpoint ({first[:160]})") from None
+    model.eval()
+    return model
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CLIP weights not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    try:
+        obj = torch.jit.load(str(path), map_location="cpu").state_dict()   # OpenAI TorchScript
+    except RuntimeError:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    # OpenAI archives carry three metadata entries open_clip does not have.
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float [B, 3, size, size], resized (antialiased) and CLIP-normalised."""
+    x = images.float() / 255.0
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class CLIPBackbone(nn.Module):
+    """Frozen-CLIP feature extractor (see the module docstring). Differentiable, so the tiny
+    CLIP's pretraining can train its patch read-out too."""
+
+    def __init__(self, clip: nn.Module, patch_readout: str = "self_attention"):
+        super().__init__()
+        if patch_readout not in PATCH_READOUTS:
+            raise ValueError(f"patch_readout must be one of {PATCH_READOUTS}, got {patch_readout!r}")
+        self.clip = clip
+        self.visual = clip.visual
+        self.patch_readout = patch_readout
+
+    @property
+    def image_size(self) -> int:
+        size = self.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.proj.shape[1]
+
+    def _qkv(self, block, x):
+        attn = block.attn
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        return F.linear(block.ln_1(x), w, b).chunk(3, dim=-1)
+
+    def encode_image(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x: preprocessed images [B, 3, S, S]. Returns g, patches (both L2-normalised), attn."""
+        v = self.visual
+        h = v._embeds(x)
+        blocks = v.transformer.resblocks
+        for blk in blocks[:-1]:
+            h = blk(h)
+        last = blocks[-1]
+        # [cls] attention of the last block, mean over heads.
+        q, k, val = self._qkv(last, h)
+        heads = last.attn.num_heads
+        bsz, n_tok, width = h.shape
+        qh = q.view(bsz, n_tok, heads, -1).transpose(1, 2)
+        kh = k.view(bsz, n_tok, heads, -1).transpose(1, 2)
+        cls_attn = torch.softmax(qh[:, :, :1] @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1)
+        attn = cls_attn.mean(1)[:, 0, 1:]                                     # [B, N]
+        out = last(h)
+        g = v.ln_post(out[:, 0]) @ v.proj
+        # Self-only attention: softmax over one key is 1, so the attention output of each
+        # token is out_proj(its own value).
+        own = F.linear(val, last.attn.out_proj.weight, last.attn.out_proj.bias)
+        if self.patch_readout == "self_attention":
+            p = h + last.ls_1(own)
+            p = p + last.ls_2(last.mlp(last.ln_2(p)))
+        else:  # "value": the attention output alone (MaskCLIP)
+            p = own
+        patches = v.ln_post(p[:, 1:]) @ v.proj
+        return {"g": F.normalize(g, dim=-1), "patches": F.normalize(patches, dim=-1), "attn": attn}
+
+    def encode_subset(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Global embedding [B, E] of the image seen through a subset of its patches only:
+        [cls] + the patch tokens `keep` [B, K] (indices into the N patches), same K per image."""
+        v = self.visual
+        h = v._embeds(x)
+        patches = h[:, 1:].gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
+        h = torch.cat([h[:, :1], patches], dim=1)
+        for blk in v.transformer.resblocks:
+            h = blk(h)
+        return F.normalize(v.ln_post(h[:, 0]) @ v.proj, dim=-1)
+
+    def features(self, x: torch.Tensor, h_fraction: float) -> dict[str, torch.Tensor]:
+        """Everything BAC-GCN caches per image: patches P, g, g^H, g^Hc and the attention map
+        (min-max normalised). H is the `h_fraction` most-attended patches, a fixed count so a
+        batch stays dense; H^c is the rest."""
+        out = self.encode_image(x)
+        attn = out["attn"]
+        lo, hi = attn.amin(1, keepdim=True), attn.amax(1, keepdim=True)
+        attn = (attn - lo) / (hi - lo).clamp_min(1e-12)
+        n = attn.shape[1]
+        n_h = min(n - 1, max(1, round(h_fraction * n)))
+        order = torch.sort(attn, dim=1, descending=True, stable=True).indices
+        out["gH"] = self.encode_subset(x, order[:, :n_h])
+        out["gHc"] = self.encode_subset(x, order[:, n_h:])
+        out["attn"] = attn
+        return out
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    @torch.no_grad()
+    def class_embeddings(self, names: Sequence[str], tokenizer, templates: Sequence[str] = PROMPT_TEMPLATES,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+        """[C, E] prompt-ensemble embeddings: mean of the normalised template embeddings."""
+        out = []
+        for name in names:
+            tokens = tokenizer([t.format(name) for t in templates]).to(device)
+            out.append(F.normalize(self.encode_text(tokens).mean(0), dim=-1))
+        return torch.stack(out)
+
+
+def tokenizer_for(model_name: str):
+    import open_clip
+
+    register_local_model_configs()
+    return open_clip.get_tokenizer(model_name)
+
+
+def model_config(model_name: str) -> dict:
+    import open_clip
+
+    register_local_model_configs()
+    return json.loads(json.dumps(open_clip.get_model_config(model_name)))
+
+
+# ============================================================================================
+# Graph (stage 4 edges)
+# ============================================================================================
+
+NUM_GLOBAL_NODES = 3   # g, g^H, g^Hc
+
+
+def build_adjacency(m: torch.Tensor, n: torch.Tensor, num_classes: int, cfg: BACGCNConfig) -> torch.Tensor:
+    """Dense normalised adjacency [V, V] over O local nodes + the global nodes (g, g^H, g^Hc).
+
+    Local edges come from the caption graph, ML-GCN style: i -> j when P(j|i) = M_ij / N_i >= tau_a,
+    for class<->class and class<->background pairs (never background<->background); each node
+    keeps 1 - p of its weight and shares p among its neighbours. Every global node is joined to
+    every local node (`global_edge`); all nodes have self loops; then D^-1/2 A D^-1/2.
+    """
+    o = m.shape[0]
+    cond = torch.where(n[:, None] > 0, m / n[:, None].clamp_min(1), torch.zeros_like(m))
+    edge = (cond >= cfg.tau_a).float()
+    edge.fill_diagonal_(0)
+    is_bg = torch.arange(o) >= num_classes
+    edge[is_bg[:, None] & is_bg[None, :]] = 0
+    deg = edge.sum(1, keepdim=True)
+    local = torch.where(deg > 0, cfg.reweight_p * edge / deg.clamp_min(1), torch.zeros_like(edge))
+    local += torch.diag(torch.where(deg[:, 0] > 0, 1 - cfg.reweight_p, 1.0))
+    v = o + NUM_GLOBAL_NODES
+    adj = torch.zeros(v, v)
+    adj[:o, :o] = local
+    adj[:o, o:] = cfg.global_edge
+    adj[o:, :o] = cfg.global_edge
+    adj[o:, o:] = torch.eye(NUM_GLOBAL_NODES)
+    d = adj.sum(1).rsqrt()
+    return d[:, None] * adj * d[None, :]
+
+
+def dense_to_csr(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, cols = adj.nonzero(as_tuple=True)
+    indptr = torch.zeros(adj.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(torch.bincount(rows, minlength=adj.shape[0]), 0)
+    return indptr, cols, adj[rows, cols].float()
+
+
+# ============================================================================================
+# Trainable head: Similarity Kernel + CLIP-GCN + logits
+# ============================================================================================
+
+class SimilarityKernel(nn.Module):
+    """Stage 3: prompts W [O, E] (trainable, from CLIP's text tower) -> similarity maps S and
+    Top-K softmax-pooled local features L (kernels.similarity_pool)."""
+
+    def __init__(self, prompts: torch.Tensor, topk: int, temperature: float):
+        super().__init__()
+        self.prompts = nn.Parameter(prompts.clone().float())
+        self.topk, self.temperature = topk, temperature
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from kernels import similarity_pool
+
+        w = F.normalize(self.prompts, dim=-1).to(patches.dtype)
+        return similarity_pool(patches, w, min(self.topk, patches.shape[1]), self.temperature)
+
+
+class CLIPGCN(nn.Module):
+    """Stage 4: GCN layers H <- act(A H W + b) + H over local and global nodes
+    (kernels.gcn_propagate). W and b start at zero: the untrained GCN is the identity."""
+
+    def __init__(self, adjacency: torch.Tensor, dim: int, layers: int, activation: str):
+        super().__init__()
+        indptr, indices, values = dense_to_csr(adjacency)
+        self.register_buffer("indptr", indptr)
+        self.register_buffer("indices", indices)
+        self.register_buffer("values", values)
+        self.weights = nn.ParameterList([nn.Parameter(torch.zeros(dim, dim)) for _ in range(layers)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in range(layers)])
+        self.activation = activation
+
+    def forward(self, nodes: torch.Tensor) -> torch.Tensor:
+        from kernels import gcn_propagate
+
+        h = nodes
+        for w, b in zip(self.weights, self.biases):
+            h = gcn_propagate(h @ w.to(h.dtype), self.indptr, self.indices, self.values.to(h.dtype),
+                              b.to(h.dtype), self.activation, h)
+        return h
+
+
+class BACGCN(nn.Module):
+    """The trainable part of BAC-GCN over cached CLIP features.
+
+    logit_o = gamma * s * [cos(h_g, w_o) + a_H cos(h_gH, w_o) + a_Hc cos(h_gHc, w_o)
+                           + a_L cos(h_o, w_o)] + bias_o
+    with s CLIP's logit scale. gamma = 1, a_* = 0, bias = 0 and the identity GCN at start, and
+    the prompts are CLIP's class embeddings: the untrained model scores exactly like CLIP
+    zero-shot. Outputs logits over all O categories (classes first).
+    """
+
+    def __init__(self, cfg: BACGCNConfig, prompts: torch.Tensor, num_classes: int,
+                 adjacency: torch.Tensor | None, logit_scale: float):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.num_categories = prompts.shape[0]
+        self.kernel = SimilarityKernel(prompts, cfg.topk, cfg.temperature)
+        dim = prompts.shape[1]
+        self.gcn = CLIPGCN(adjacency, dim, cfg.gcn_layers, cfg.gcn_activation) \
+            if cfg.use_gcn and adjacency is not None else None
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.log_gamma = nn.Parameter(torch.zeros(()))
+        self.branch = nn.Parameter(torch.zeros(3))            # a_H, a_Hc, a_L
+        self.bias = nn.Parameter(torch.zeros(self.num_categories))
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        patches = feats["patches"]
+        local, sim = self.kernel(patches)
+        globals_ = torch.stack([feats["g"], feats["gH"], feats["gHc"]], dim=1).to(local.dtype)
+        nodes = torch.cat([local, globals_], dim=1)
+        if self.gcn is not None:
+            nodes = self.gcn(nodes)
+        o = self.num_categories
+        w = F.normalize(self.kernel.prompts, dim=-1).to(nodes.dtype)
+        h = F.normalize(nodes.float(), dim=-1).to(nodes.dtype)
+        cos_local = (h[:, :o] * w).sum(-1)                      # [B, O]
+        cos_global = h[:, o:] @ w.t()                           # [B, 3, O]
+        score = cos_global[:, 0] + self.branch[0] * cos_global[:, 1] + self.branch[1] * cos_global[:, 2]
+        if self.cfg.use_local:
+            score = score + self.branch[2] * cos_local
+        logits = self.log_gamma.exp() * self.logit_scale * score.float() + self.bias
+        return {"logits": logits, "sim": sim}

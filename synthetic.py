@@ -1,0 +1,857 @@
+"""The proving ground: a procedural multi-label world, its captions, and a tiny CLIP trained on it.
+
+  python synthetic.py build    --out DIR [--seed S] [--train N] [--test M]
+  python synthetic.py gate     [--minutes 5]                 # vision tower, cross-entropy gate
+  python synthetic.py pretrain --out assets/synthclip.safetensors [--minutes 60] [--seed S]
+  python synthetic.py zeroshot --data DIR --json out.json [--scores scores.csv] [--weights FILE]
+
+The world: objects of 12 classes on 8 smooth background textures. A class is its fill pattern
+(stripes of one orientation, checks, dots, rings, grid, zigzag, ...), bold enough to be read
+inside one 8 x 8 patch; colours, silhouette, rotation and size are random, so nothing else
+identifies it. Scenes hold 1-4 objects with log-uniform sizes (from ~0.3% to 40% of the image:
+small objects are common), strong but not deterministic object-background and object-object
+co-occurrence, and sometimes two backgrounds (sky over grass, wall over floor, ...).
+
+Images are rendered at 128 px and the tiny CLIP reads them at 64 px, as a real CLIP reads a
+photo at 224: the pattern of a small object does not survive the downscale, and a crop of the
+original (ReSO) recovers it.
+
+Captions come in two kinds. *Web captions* (tiny-CLIP pretraining, made on the fly) mostly name
+the most prominent object, which gives the tiny CLIP the prominent-object bias of the real one.
+*BLIP-style captions* (the training split, written to captions.json / re_captions.json in the
+format of the paper's files) have 6 prompts with slot roles and realistic noise: small objects
+often missed, occasional hallucinations, repetition loops, synonyms.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used: `build` needs only numpy and Pillow
+    import torch
+
+ROOT = Path(__file__).resolve().parent
+
+# ============================================================================================
+# The world
+# ============================================================================================
+
+RENDER_SIZE = 128      # pixels of the stored JPEGs
+SMALL_AREA = 0.02      # size rule of the reports: a class instance is small below 2% of the image
+LARGE_AREA = 0.10      # ... and large from 10%
+
+BACKGROUNDS = ("sky", "grass", "water", "sand", "snow", "road", "wall", "floor")
+# Two-background scenes: (upper, lower).
+SPLIT_SCENES = (("sky", "grass"), ("sky", "water"), ("sky", "sand"), ("sky", "snow"), ("sky", "road"),
+                ("wall", "floor"))
+
+
+@dataclass(frozen=True)
+class ObjectClass:
+    name: str
+    pattern: str
+    habitats: tuple[str, ...]      # backgrounds it usually lives on
+    synonyms: tuple[str, ...]      # other names captions use
+
+
+CLASSES = (
+    ObjectClass("aeroplane", "hstripes", ("sky",), ("airplane", "plane", "jet")),
+    ObjectClass("bird", "dots", ("sky", "grass"), ("seagull", "sparrow")),
+    ObjectClass("kite", "diamonds", ("sky", "sand"), ()),
+    ObjectClass("boat", "vstripes", ("water",), ("ship", "sailboat")),
+    ObjectClass("duck", "rings", ("water", "grass"), ("duckling",)),
+    ObjectClass("car", "checker", ("road",), ("automobile", "taxi")),
+    ObjectClass("bus", "grid", ("road",), ("coach",)),
+    ObjectClass("bicycle", "diagonal", ("road", "grass"), ("bike",)),
+    ObjectClass("cow", "crosses", ("grass",), ("cattle", "calf")),
+    ObjectClass("sheep", "zigzag", ("grass", "snow"), ("lamb",)),
+    ObjectClass("chair", "triangles", ("floor",), ("armchair", "stool")),
+    ObjectClass("tv", "antidiagonal", ("wall", "floor"), ("television", "monitor")),
+)
+CLASS_NAMES = tuple(c.name for c in CLASSES)
+BACKGROUND_SYNONYMS = {
+    "sky": ("clouds", "blue sky"), "grass": ("meadow", "lawn"), "water": ("lake", "sea"),
+    "sand": ("beach", "desert"), "snow": ("snowfield",), "road": ("street", "highway"),
+    "wall": ("plaster wall",), "floor": ("carpet", "wooden floor"),
+}
+# Object-object co-occurrence: a second object is drawn from its partners half of the time.
+PARTNERS = {
+    "aeroplane": ("bird", "kite"), "bird": ("kite", "aeroplane", "duck"), "kite": ("bird",),
+    "boat": ("duck",), "duck": ("boat", "bird"), "car": ("bus", "bicycle"), "bus": ("car",),
+    "bicycle": ("car",), "cow": ("sheep",), "sheep": ("cow",), "chair": ("tv",), "tv": ("chair",),
+}
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    train: int = 5000
+    test: int = 2000
+    min_area: float = 0.003      # object area, fraction of the image (log-uniform between)
+    max_area: float = 0.40
+    p_split: float = 0.35        # scenes with two backgrounds
+    p_habitat: float = 0.8       # an object sits on one of its habitats (else anywhere)
+    p_partner: float = 0.5       # a further object is a partner of one already there
+    n_objects_p: tuple[float, ...] = (0.35, 0.30, 0.20, 0.15)   # P(1..4 objects)
+
+
+@dataclass
+class SceneObject:
+    cls: int
+    box: tuple[float, float, float, float]   # xmin, ymin, xmax, ymax in render pixels
+    area: float                              # box area / image area
+
+    @property
+    def name(self) -> str:
+        return CLASS_NAMES[self.cls]
+
+
+@dataclass
+class Scene:
+    image: np.ndarray                 # uint8 [H, W, 3]
+    objects: list[SceneObject]
+    backgrounds: list[str]            # 1 or 2, upper first
+    bg_fraction: list[float] = field(default_factory=list)
+
+    @property
+    def classes(self) -> set[int]:
+        return {o.cls for o in self.objects}
+
+    def by_prominence(self) -> list[SceneObject]:
+        return sorted(self.objects, key=lambda o: -o.area)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Band-limited noise in [-1, 1]: a cells x cells random grid, bicubic-like upsampled."""
+    grid = rng.uniform(-1, 1, (cells + 3, cells + 3))
+    t = np.linspace(1, cells + 1, size, endpoint=False)
+    i = t.astype(int)
+    f = t - i
+    # Catmull-Rom weights along each axis
+    w = np.stack([((-f + 2) * f - 1) * f / 2, ((3 * f - 5) * f * f + 2) / 2,
+                  ((-3 * f + 4) * f + 1) * f / 2, (f - 1) * f * f / 2])      # [4, size]
+    rows = sum(w[k][:, None] * grid[i + k - 1] for k in range(4))          # [size, cells+3]
+    out = sum(w[k][None, :] * rows[:, i + k - 1] for k in range(4))        # [size, size]
+    return np.clip(out, -1, 1)
+
+
+def render_background(rng: np.random.Generator, kind: str, size: int = RENDER_SIZE) -> np.ndarray:
+    """A smooth natural texture [size, size, 3] in [0, 1]; nothing periodic at pattern scale."""
+    y = np.linspace(0, 1, size)[:, None, None]
+    n1 = _smooth_noise(rng, size, 4)[:, :, None]
+    n2 = _smooth_noise(rng, size, 10)[:, :, None]
+    jitter = rng.uniform(-0.05, 0.05, 3)
+    if kind == "sky":
+        top, bottom = np.array([0.25, 0.45, 0.85]), np.array([0.65, 0.8, 0.97])
+        img = top + (bottom - top) * y
+        cloud = np.clip(n1 * 1.5 - 0.3, 0, 1)
+        img = img * (1 - cloud * 0.8) + cloud * 0.8 * np.array([0.97, 0.97, 0.98])
+    elif kind == "grass":
+        img = np.array([0.25, 0.55, 0.2]) + 0.08 * n1 + 0.06 * n2 * np.array([0.5, 1, 0.3])
+    elif kind == "water":
+        ripple = np.sin(np.linspace(0, 2 * np.pi * rng.uniform(2, 3.5), size))[:, None, None]
+        img = np.array([0.1, 0.35, 0.6]) + 0.07 * n1 + 0.03 * ripple * (1 + n2)
+    elif kind == "sand":
+        img = np.array([0.85, 0.75, 0.52]) + 0.06 * n1 + 0.03 * n2
+    elif kind == "snow":
+        img = np.array([0.92, 0.94, 0.98]) + 0.04 * n1 - 0.05 * np.clip(n2, 0, 1) * np.array([1, 0.6, 0])
+    elif kind == "road":
+        img = np.array([0.33, 0.33, 0.35]) + 0.05 * n1 + 0.02 * n2 + rng.normal(0, 0.015, (size, size, 1))
+    elif kind == "wall":
+        base = np.array(rng.choice([[0.86, 0.8, 0.7], [0.8, 0.66, 0.62], [0.72, 0.76, 0.8]]))
+        img = base + 0.03 * n1 + 0.015 * n2
+    elif kind == "floor":
+        img = np.array([0.5, 0.33, 0.18]) + 0.06 * n1 + 0.03 * _smooth_noise(rng, size, 3)[:, :, None]
+    else:
+        raise ValueError(f"unknown background {kind!r}")
+    return np.clip(img + jitter * 0.5, 0, 1)
+
+
+def _pattern(kind: str, u: np.ndarray, v: np.ndarray, r: np.ndarray, period: float) -> np.ndarray:
+    """Binary fill pattern in object coordinates (u, v), r = distance to the object centre."""
+    h = period / 2
+    if kind == "hstripes":
+        return np.floor(v / h) % 2 == 0
+    if kind == "vstripes":
+        return np.floor(u / h) % 2 == 0
+    if kind == "diagonal":
+        return np.floor((u + v) / (h * 1.2)) % 2 == 0
+    if kind == "antidiagonal":
+        return np.floor((u - v) / (h * 1.2)) % 2 == 0
+    if kind == "checker":
+        return (np.floor(u / h) + np.floor(v / h)) % 2 == 0
+    if kind == "diamonds":
+        q = h * 1.1
+        return (np.floor((u + v) / q) + np.floor((u - v) / q)) % 2 == 0
+    if kind == "dots":
+        du, dv = (u % period) - h, (v % period) - h
+        return du * du + dv * dv < (0.32 * period) ** 2
+    if kind == "rings":
+        return np.floor(r / h) % 2 == 0
+    if kind == "grid":
+        return ((u % period) < 0.34 * period) | ((v % period) < 0.34 * period)
+    if kind == "zigzag":
+        tri = np.abs((u / period) % 1.0 - 0.5) * period
+        return np.floor((v + tri) / h) % 2 == 0
+    if kind == "crosses":
+        du, dv = np.abs((u % period) - h), np.abs((v % period) - h)
+        arm, half = 0.13 * period, 0.42 * period
+        return ((du < arm) & (dv < half)) | ((dv < arm) & (du < half))
+    if kind == "triangles":
+        return (u % period) > (v % period) * 1.0
+    raise ValueError(f"unknown pattern {kind!r}")
+
+
+def _random_colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours with a clear luminance contrast, so the pattern stays visible."""
+    lum = np.array([0.299, 0.587, 0.114])
+    while True:
+        a, b = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        if abs(a @ lum - b @ lum) > 0.35:
+            return a, b
+
+
+def draw_object(rng: np.random.Generator, img: np.ndarray, cls: int, cx: float, cy: float,
+                area: float) -> tuple[float, float, float, float]:
+    """Paint one object into img (float [H, W, 3]) and return its bounding box."""
+    size = img.shape[0]
+    aspect = math.exp(rng.uniform(-0.4, 0.4))
+    side = math.sqrt(area) * size
+    half_w, half_h = side * aspect / 2, side / aspect / 2
+    shape = rng.choice(("ellipse", "rectangle", "blob"))
+    angle = rng.uniform(0, math.pi)               # silhouette rotation
+    tilt = math.radians(rng.uniform(-10, 10))     # pattern rotation: small, orientation is class
+    reach = math.hypot(half_w, half_h) + 1
+    x0, x1 = max(0, int(cx - reach)), min(size, int(cx + reach) + 1)
+    y0, y1 = max(0, int(cy - reach)), min(size, int(cy + reach) + 1)
+    if x1 <= x0 or y1 <= y0:
+        return (cx, cy, cx, cy)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
+    dx, dy = xx - cx, yy - cy
+    ca, sa = math.cos(angle), math.sin(angle)
+    su, sv = (dx * ca + dy * sa) / half_w, (-dx * sa + dy * ca) / half_h
+    if shape == "ellipse":
+        mask = su * su + sv * sv <= 1
+    elif shape == "rectangle":
+        mask = (np.abs(su) <= 0.9) & (np.abs(sv) <= 0.9)
+    else:
+        theta = np.arctan2(sv, su)
+        wobble = 1 + 0.18 * np.sin(3 * theta + rng.uniform(0, 6.3)) + 0.1 * np.sin(5 * theta + rng.uniform(0, 6.3))
+        mask = np.hypot(su, sv) <= wobble * 0.95
+    if not mask.any():
+        mask[min(mask.shape[0] - 1, int(cy) - y0), min(mask.shape[1] - 1, int(cx) - x0)] = True
+    ct, st = math.cos(tilt), math.sin(tilt)
+    period = rng.uniform(7.0, 9.0) * size / RENDER_SIZE
+    off = rng.uniform(0, period, 2)
+    u = dx * ct + dy * st + off[0]
+    v = -dx * st + dy * ct + off[1]
+    fill = _pattern(CLASSES[cls].pattern, u, v, np.hypot(dx, dy), period)
+    c1, c2 = _random_colour_pair(rng)
+    colour = np.where(fill[..., None], c1, c2)
+    region = img[y0:y1, x0:x1]
+    region[mask] = colour[mask]
+    ys, xs = np.nonzero(mask)
+    return (float(x0 + xs.min()), float(y0 + ys.min()), float(x0 + xs.max() + 1), float(y0 + ys.max() + 1))
+
+
+def render_scene(rng: np.random.Generator, cfg: WorldConfig, n_objects: int | None = None,
+                 classes: Sequence[int] | None = None, areas: Sequence[float] | None = None,
+                 size: int = RENDER_SIZE) -> Scene:
+    """One scene. `n_objects`, `classes` and `areas` pin what they name (pretraining curricula)."""
+    if rng.random() < cfg.p_split:
+        upper, lower = SPLIT_SCENES[rng.integers(len(SPLIT_SCENES))]
+        horizon = rng.uniform(0.35, 0.65) * size
+        wave = horizon + 3 * np.sin(np.linspace(0, rng.uniform(2, 6), size) + rng.uniform(0, 6))
+        below = np.arange(size)[:, None] > wave[None, :]
+        img = np.where(below[..., None], render_background(rng, lower, size), render_background(rng, upper, size))
+        regions = {upper: (0.0, horizon), lower: (horizon, float(size))}
+        backgrounds = [upper, lower]
+        fractions = [horizon / size, 1 - horizon / size]
+    else:
+        kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+        img = render_background(rng, kind, size)
+        regions = {kind: (0.0, float(size))}
+        backgrounds, fractions = [kind], [1.0]
+    if n_objects is None:
+        n_objects = int(rng.choice(len(cfg.n_objects_p), p=cfg.n_objects_p)) + 1
+    chosen: list[int] = []
+    for k in range(n_objects):
+        if classes is not None:
+            cls = int(classes[k])
+        elif chosen and rng.random() < cfg.p_partner:
+            partners = [CLASS_NAMES.index(p) for c in chosen for p in PARTNERS[CLASS_NAMES[c]]]
+            cls = int(rng.choice(partners))
+        else:
+            local = [i for i, c in enumerate(CLASSES) if set(c.habitats) & set(backgrounds)]
+            cls = int(rng.choice(local)) if local and rng.random() < cfg.p_habitat else int(rng.integers(len(CLASSES)))
+        chosen.append(cls)
+    if areas is None:
+        areas = np.exp(rng.uniform(math.log(cfg.min_area), math.log(cfg.max_area), n_objects))
+    objects = []
+    # Large first, so small objects are drawn on top and stay visible.
+    for k in np.argsort(-np.asarray(areas)):
+        cls, area = chosen[k], float(areas[k])
+        homes = [b for b in CLASSES[cls].habitats if b in regions]
+        y_lo, y_hi = regions[homes[0]] if homes else (0.0, float(size))
+        side = math.sqrt(area) * size
+        margin = min(side / 2, size / 2 - 1)
+        cx = rng.uniform(margin, size - margin)
+        cy = float(np.clip(rng.uniform(y_lo, y_hi), margin, size - margin))
+        box = draw_object(rng, img, cls, cx, cy, area)
+        box_area = (box[2] - box[0]) * (box[3] - box[1]) / (size * size)
+        objects.append(SceneObject(cls, box, box_area))
+    image = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return Scene(image, objects, backgrounds, fractions)
+
+
+# ============================================================================================
+# Captions
+# ============================================================================================
+
+def _name(rng: np.random.Generator, cls: int, p_synonym: float = 0.3) -> str:
+    c = CLASSES[cls]
+    if c.synonyms and rng.random() < p_synonym:
+        return str(rng.choice(c.synonyms))
+    return c.name
+
+
+def _bg_name(rng: np.random.Generator, bg: str, p_synonym: float = 0.3) -> str:
+    syn = BACKGROUND_SYNONYMS[bg]
+    return str(rng.choice(syn)) if syn and rng.random() < p_synonym else bg
+
+
+def _plural(word: str) -> str:
+    if word in ("sheep", "cattle", "aircraft"):
+        return word
+    if word.endswith(("s", "x", "ch", "sh")):
+        return word + "es"
+    return word + "s"
+
+
+def web_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, set[str]]:
+    """A caption a web page might carry, and the concepts it names (class and background
+    names). It mostly names the most prominent object: the bias real CLIP learns."""
+    ranked = scene.by_prominence()
+    r = rng.random()
+    bg = scene.backgrounds[-1] if len(scene.backgrounds) == 1 or rng.random() < 0.5 else scene.backgrounds[0]
+    if r < 0.72 or len(ranked) == 1 and r < 0.9:
+        obj = ranked[0]
+        name = _name(rng, obj.cls)
+        templates = ("a photo of a {o}.", "a {o}.", "{o}", "a {o} on the {b}.", "a picture of a {o}.",
+                     "my {o} in the {b}", "a close-up of a {o}.", "a {o} and the {b}.")
+        t = str(rng.choice(templates))
+        concepts = {obj.name} | ({bg} if "{b}" in t else set())
+        return t.format(o=name, b=_bg_name(rng, bg)), concepts
+    if r < 0.9 and len(ranked) > 1:
+        a, b = ranked[0], ranked[1]
+        t = str(rng.choice(("a {o} and a {p}.", "a {o} next to a {p}", "a photo of a {o} with a {p}.")))
+        return t.format(o=_name(rng, a.cls), p=_name(rng, b.cls)), {a.name, b.name}
+    t = str(rng.choice(("a photo of the {b}.", "the {b}", "a view of the {b}.")))
+    return t.format(b=_bg_name(rng, bg)), {bg}
+
+
+# How often a BLIP-style caption names an object, by the object's area: small objects are
+# often missed, large ones almost never.
+def _p_mention(area: float) -> float:
+    return float(np.clip(0.45 + 0.22 * math.log(area / SMALL_AREA), 0.04, 0.95))
+
+
+def blip_captions(rng: np.random.Generator, scene: Scene, re_pass: bool = False,
+                  found: Sequence[str] = ()) -> list[str]:
+    """6 captions with the slot roles of the paper's files: 0, 1 object description, 2 place,
+    3 object list, 4 "this is a photo of", 5 background. `re_pass` makes the re-captions,
+    partly conditioned on classes already found ("excluding car")."""
+    ranked = scene.by_prominence()
+    present = {o.cls for o in ranked}
+    caps = []
+    for slot in range(6):
+        named = []
+        for o in ranked:
+            if o.cls not in [n for n in named] and rng.random() < _p_mention(o.area):
+                named.append(o.cls)
+        if rng.random() < 0.06:  # hallucination, biased to partners of what is there
+            pool = [CLASS_NAMES.index(p) for c in present for p in PARTNERS[CLASS_NAMES[c]]] or list(range(len(CLASSES)))
+            named.append(int(rng.choice(pool)))
+        names = [_name(rng, c) for c in named]
+        bg = _bg_name(rng, scene.backgrounds[-1] if rng.random() < 0.6 else scene.backgrounds[0])
+        if slot == 2:
+            caps.append(str(rng.choice(("this photo was taken on a sunny day outside",
+                                         f"the photo was taken near the {bg}",
+                                         f"this picture was taken at a {bg} in the countryside"))))
+            continue
+        if slot == 5:
+            extra = f", excluding {found[0]}" if re_pass and found and rng.random() < 0.5 else ""
+            caps.append(f"the background of this image{extra} is the {bg}")
+            continue
+        if not names:
+            caps.append(str(rng.choice((f"a view of the {bg}", f"an empty {bg}", "a blurry photo",
+                                        f"the {bg} on a bright day"))))
+            continue
+        if slot == 3:
+            items = [f"a {n}" for n in names]
+            if rng.random() < 0.15:  # repetition loop
+                items = (items * 6)[:10]
+            q = f"Question: what objects are present in this image, excluding {found[0]}? Answer: " \
+                if re_pass and found and rng.random() < 0.4 else ""
+            caps.append(q + ", ".join(items))
+            continue
+        if len(names) > 1 and rng.random() < 0.3:
+            first = f"two {_plural(names[0])}"
+        else:
+            first = f"a {names[0]}"
+        rest = " and ".join(f"a {n}" for n in names[1:])
+        body = first + (f" and {rest}" if rest else "")
+        if slot == 4:
+            caps.append(f"this is a photo of {body} on the {bg}")
+        else:
+            caps.append(str(rng.choice((f"{body} on the {bg}", f"{body} in front of the {bg}", body))))
+    return caps
+
+
+# ============================================================================================
+# build: the world on disk in the VOC2007 layout
+# ============================================================================================
+
+def synonyms_dictionary() -> dict[str, list[str]]:
+    """Classes first, then backgrounds: the format of the paper's dictionaries."""
+    out = {c.name: [c.name, *c.synonyms] for c in CLASSES}
+    out.update({b: [b, *BACKGROUND_SYNONYMS[b]] for b in BACKGROUNDS})
+    return out
+
+
+def _voc_xml(image_id: str, scene: Scene) -> str:
+    objs = "".join(
+        f"  <object>\n    <name>{o.name}</name>\n    <difficult>0</difficult>\n    <bndbox>\n"
+        f"      <xmin>{o.box[0]:.0f}</xmin>\n      <ymin>{o.box[1]:.0f}</ymin>\n"
+        f"      <xmax>{o.box[2]:.0f}</xmax>\n      <ymax>{o.box[3]:.0f}</ymax>\n    </bndbox>\n  </object>\n"
+        for o in scene.objects)
+    h, w = scene.image.shape[:2]
+    return (f"<annotation>\n  <folder>VOC2007</folder>\n  <filename>{image_id}.jpg</filename>\n"
+            f"  <size>\n    <width>{w}</width>\n    <height>{h}</height>\n    <depth>3</depth>\n  </size>\n"
+            f"  <backgrounds>{' '.join(scene.backgrounds)}</backgrounds>\n{objs}</annotation>\n")
+
+
+def _scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    # One stream per image: the same seed gives the same bytes whatever the order or workers.
+    return np.random.default_rng([seed, {"trainval": 1, "test": 2}[split], index])
+
+
+def _jpeg_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=92, subsampling=0)
+    return buf.getvalue()
+
+
+def build(out: str | os.PathLike, cfg: WorldConfig, progress: bool = True) -> Path:
+    """Write the world: VOC2007 layout, captions.json / re_captions.json (training split),
+    synonyms.json, world.json and labels_{trainval,test}.csv (eval.py --labels format).
+    Returns the folder."""
+    from tqdm import tqdm
+
+    base = Path(out)
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    captions, re_captions = {}, {}
+    labels = {"trainval": {}, "test": {}}
+    n_total = cfg.train + cfg.test
+    bar = tqdm(total=n_total, desc="rendering", unit="img", disable=not progress, file=sys.stderr)
+    for split, count, offset in (("trainval", cfg.train, 0), ("test", cfg.test, cfg.train)):
+        for k in range(count):
+            image_id = f"{offset + k + 1:06d}"
+            rng = _scene_rng(cfg.seed, split, k)
+            scene = render_scene(rng, cfg)
+            (base / "JPEGImages" / f"{image_id}.jpg").write_bytes(_jpeg_bytes(scene.image))
+            (base / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(image_id, scene))
+            labels[split][image_id] = scene.classes
+            if split == "trainval":
+                first = blip_captions(rng, scene)
+                found = [CLASS_NAMES[c] for c in sorted(scene.classes)
+                         if any(CLASS_NAMES[c] in cap for cap in first)]
+                captions[f"{image_id}."] = first
+                re_captions[f"{image_id}."] = blip_captions(rng, scene, re_pass=True, found=found)
+            bar.update()
+    bar.close()
+    main = base / "ImageSets" / "Main"
+    for split, table in labels.items():
+        (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in table))
+        for c, name in enumerate(CLASS_NAMES):
+            (main / f"{name}_{split}.txt").write_text(
+                "".join(f"{i} {1 if c in cl else -1:2d}\n" for i, cl in table.items()))
+        # the same labels in the eval.py --labels format
+        (base / f"labels_{split}.csv").write_text(
+            "image_id," + ",".join(CLASS_NAMES) + "\n" + "".join(
+                i + "," + ",".join("1" if c in cl else "-1" for c in range(len(CLASSES))) + "\n"
+                for i, cl in table.items()))
+    (base / "captions.json").write_text(json.dumps(captions))
+    (base / "re_captions.json").write_text(json.dumps(re_captions))
+    (base / "synonyms.json").write_text(json.dumps(synonyms_dictionary(), indent=1))
+    world = {"name": "synthetic", "classes": list(CLASS_NAMES), "backgrounds": list(BACKGROUNDS),
+             "patterns": {c.name: c.pattern for c in CLASSES}, "render_size": RENDER_SIZE,
+             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    (base / "world.json").write_text(json.dumps(world, indent=1))
+    return base
+
+
+# ============================================================================================
+# The tiny CLIP: gate, pretraining
+# ============================================================================================
+
+TINY_CLIP = "synthclip-vit-t8"
+TINY_CLIP_WEIGHTS = ROOT / "assets" / "synthclip.safetensors"
+
+
+def render_pool(seed: int, count: int, cfg: WorldConfig, single: bool, size: int,
+                desc: str) -> tuple["torch.Tensor", list[Scene]]:
+    """`count` scenes at model resolution (uint8 [count, 3, size, size]) and their metadata.
+    `single`: one dominant object (4-40% of the image) per scene: the curriculum's start."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    rng = np.random.default_rng([seed, 7, int(single)])
+    images = torch.empty((count, 3, size, size), dtype=torch.uint8)
+    scenes = []
+    for k in tqdm(range(count), desc=desc, unit="img", file=sys.stderr, mininterval=5):
+        if single:
+            area = float(np.exp(rng.uniform(math.log(0.04), math.log(0.4))))
+            scene = render_scene(rng, cfg, n_objects=1, areas=[area])
+        else:
+            scene = render_scene(rng, cfg)
+        img = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float()
+        images[k] = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True,
+                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        scene.image = None  # keep the metadata only
+        scenes.append(scene)
+    return images, scenes
+
+
+def _normalise(images: "torch.Tensor") -> "torch.Tensor":
+    from bacgcn import preprocess
+    return preprocess(images, images.shape[-1])
+
+
+def gate(minutes: float = 5.0, seed: int = 0, batch: int = 128, out: str | None = None) -> dict:
+    """Can the tiny CLIP's vision tower learn the classes at all? Plain cross-entropy on single
+    objects, held-out top-1 every 50 steps, for `minutes` of wall time (target: >= 80%)."""
+    import torch
+
+    import bacgcn
+
+    torch.manual_seed(seed)
+    cfg = WorldConfig()
+    size = bacgcn.model_config(TINY_CLIP)["vision_cfg"]["image_size"]
+    train_x, train_s = render_pool(seed, 8000, cfg, True, size, "gate pool")
+    test_x, test_s = render_pool(seed + 1000, 600, cfg, True, size, "gate held-out")
+    train_y = torch.tensor([s.objects[0].cls for s in train_s])
+    test_y = torch.tensor([s.objects[0].cls for s in test_s])
+    visual = bacgcn.create_clip(TINY_CLIP).visual.train()
+    head = torch.nn.Linear(visual.output_dim, len(CLASSES))
+    params = list(visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    curve, start, step = [], time.time(), 0
+    test_in = _normalise(test_x)
+    while time.time() - start < minutes * 60:
+        idx = torch.randint(len(train_x), (batch,))
+        loss = torch.nn.functional.cross_entropy(head(visual(_normalise(train_x[idx]))), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            with torch.no_grad():
+                visual.eval()
+                acc = (head(visual(test_in)).argmax(1) == test_y).float().mean().item() * 100
+                visual.train()
+            curve.append({"step": step, "seconds": round(time.time() - start, 1), "loss": round(loss.item(), 4),
+                          "top1": round(acc, 1)})
+            print(f"gate step {step}: loss {loss.item():.3f}, held-out top-1 {acc:.1f}% "
+                  f"({time.time() - start:.0f} s)", flush=True)
+    result = {"steps": step, "minutes": minutes, "final_top1": curve[-1]["top1"] if curve else None, "curve": curve}
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    steps: int = 3000            # ~55 min on 2 CPU cores
+    batch: int = 128
+    lr: float = 1e-3             # vision tower (and the projections)
+    text_lr_mult: float = 0.3    # the text tower learns slower: guards against prompt collapse
+    weight_decay: float = 0.05
+    warmup: int = 100
+    logit_scale: float = 25.0    # fixed (not learned): a learned scale let the pilot collapse
+    patch_loss: float = 0.5      # weight of the patch-level (max over patches) contrastive term
+    single_frac: float = 0.25    # first fraction of steps: single dominant objects only
+    single_mix: float = 0.3      # afterwards: share of single-object scenes in a batch
+    pool_single: int = 8000
+    pool_mixed: int = 24000
+    eval_every: int = 250
+
+
+def _multi_positive_loss(logits: "torch.Tensor", positive: "torch.Tensor") -> "torch.Tensor":
+    """Cross-entropy against the uniform distribution over every positive (both directions
+    when `logits` is square): a caption true of several images in the batch is true of all."""
+    import torch
+
+    pos = positive.float()
+    i2t = -(torch.log_softmax(logits, 1) * pos).sum(1) / pos.sum(1).clamp_min(1)
+    loss = i2t.mean()
+    if logits.shape[0] == logits.shape[1]:
+        t2i = -(torch.log_softmax(logits, 0) * pos).sum(0) / pos.sum(0).clamp_min(1)
+        loss = (loss + t2i.mean()) / 2
+    return loss
+
+
+def zero_shot_single(backbone, tokenizer, images: "torch.Tensor", labels: "torch.Tensor") -> tuple[float, float]:
+    """(top-1 % on single-object images with the global embedding, max cosine between two
+    different class prompt embeddings: near 1 means the text tower collapsed)."""
+    import torch
+
+    with torch.no_grad():
+        text = backbone.class_embeddings(CLASS_NAMES, tokenizer)
+        feats = torch.cat([backbone.encode_image(_normalise(images[i:i + 256]))["g"]
+                           for i in range(0, len(images), 256)])
+        top1 = ((feats @ text.t()).argmax(1) == labels).float().mean().item() * 100
+        cos = text @ text.t()
+        cos.fill_diagonal_(-1)
+    return top1, cos.max().item()
+
+
+def pretrain(out: str | os.PathLike, cfg: PretrainConfig, log=print) -> dict:
+    """Contrastive pretraining of the tiny CLIP on web captions of the world."""
+    import torch
+
+    import bacgcn
+
+    torch.manual_seed(cfg.seed)
+    world = WorldConfig()
+    size = bacgcn.model_config(TINY_CLIP)["vision_cfg"]["image_size"]
+    single_x, single_s = render_pool(cfg.seed, cfg.pool_single, world, True, size, "single-object pool")
+    mixed_x, mixed_s = render_pool(cfg.seed, cfg.pool_mixed, world, False, size, "scene pool")
+    eval_x, eval_s = render_pool(cfg.seed + 1000, 600, world, True, size, "held-out")
+    eval_y = torch.tensor([s.objects[0].cls for s in eval_s])
+    clip = bacgcn.create_clip(TINY_CLIP).train()
+    clip.logit_scale.requires_grad_(False)
+    backbone = bacgcn.CLIPBackbone(clip)
+    tokenizer = bacgcn.tokenizer_for(TINY_CLIP)
+    text_params = [p for n, p in clip.named_parameters() if not n.startswith("visual.") and p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": list(clip.visual.parameters()), "lr": cfg.lr},
+        {"params": text_params, "lr": cfg.lr * cfg.text_lr_mult},
+    ], weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    rng = np.random.default_rng([cfg.seed, 11])
+    history, start = [], time.time()
+    loss_avg = None
+    for step in range(1, cfg.steps + 1):
+        frac = min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * frac
+        n_single = cfg.batch if step <= cfg.single_frac * cfg.steps else int(cfg.batch * cfg.single_mix)
+        idx_s = rng.integers(len(single_x), size=n_single)
+        idx_m = rng.integers(len(mixed_x), size=cfg.batch - n_single)
+        images = torch.cat([single_x[idx_s], mixed_x[idx_m]])
+        scenes = [single_s[i] for i in idx_s] + [mixed_s[i] for i in idx_m]
+        caps = [web_caption(rng, s) for s in scenes]
+        concepts = [{o.name for o in s.objects} | set(s.backgrounds) for s in scenes]
+        positive = torch.tensor([[c[1] <= have for c in caps] for have in concepts])
+        feats = backbone.encode_image(_normalise(images))
+        text = backbone.encode_text(tokenizer([c[0] for c in caps]))
+        loss = _multi_positive_loss(cfg.logit_scale * feats["g"] @ text.t(), positive)
+        if cfg.patch_loss > 0:
+            patch_sim = torch.einsum("bnd,td->btn", feats["patches"], text).amax(-1)
+            loss = loss + cfg.patch_loss * _multi_positive_loss(cfg.logit_scale * patch_sim, positive)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            clip.eval()
+            top1, cos = zero_shot_single(backbone, tokenizer, eval_x, eval_y)
+            clip.train()
+            row = {"step": step, "seconds": round(time.time() - start), "loss": round(loss_avg, 4),
+                   "zeroshot_top1_single": round(top1, 1), "max_prompt_cosine": round(cos, 4)}
+            history.append(row)
+            log(f"pretrain step {step}/{cfg.steps}: loss {loss_avg:.3f}, zero-shot top-1 {top1:.1f}%, "
+                f"max prompt cosine {cos:.3f} ({row['seconds']} s)")
+    save_clip(clip, out, {"pretrain": json.dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__}),
+                          "history": json.dumps(history)})
+    return {"history": history, "seconds": round(time.time() - start)}
+
+
+def save_clip(clip, out: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """fp16 safetensors (the file is loaded into fp32 with strict=True by bacgcn.create_clip)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").half().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+             for k, v in clip.state_dict().items()}
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(state, str(tmp), metadata={"model": TINY_CLIP, **metadata})
+    os.replace(tmp, out)
+
+
+# ============================================================================================
+# zeroshot: the CLIP baseline BAC-GCN must beat, on the world's test split
+# ============================================================================================
+
+def encode_split(backbone, dataset, batch: int = 256, progress: bool = True) -> dict[str, "torch.Tensor"]:
+    """Global and patch embeddings of every image of a data.MultiLabelImages split."""
+    import torch
+    from tqdm import tqdm
+
+    import data as data_mod
+    from bacgcn import preprocess
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=data_mod.collate_images)
+    report = data_mod.SkipReport()
+    out = {"g": [], "patches": [], "index": []}
+    with torch.no_grad():
+        for b in tqdm(loader, desc="encoding", unit="batch", disable=not progress, file=sys.stderr):
+            report.update(b)
+            if not b["id"]:
+                continue
+            feats = backbone.encode_image(preprocess(b["image"], backbone.image_size))
+            out["g"].append(feats["g"])
+            out["patches"].append(feats["patches"])
+            out["index"].append(b["index"])
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def patch_hit_rates(patches: "torch.Tensor", text: "torch.Tensor", boxes: list[list[tuple[int, tuple]]],
+                    grid: int, image_size: int) -> tuple[float, float, int]:
+    """(% of (image, class) where the patch most similar to the class prompt lies inside that
+    class's box, % where it lies inside the other object's box, count). `boxes[i]` holds the
+    two (class, box) of image i in render pixels."""
+    hits = controls = total = 0
+    cell = image_size / grid
+    for p, objs in zip(patches, boxes):
+        for k, (cls, _) in enumerate(objs):
+            best = int((p @ text[cls]).argmax())
+            cx, cy = (best % grid + 0.5) * cell, (best // grid + 0.5) * cell
+            inside = [b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for _, b in objs]
+            hits += inside[k]
+            controls += inside[1 - k]
+            total += 1
+    return 100.0 * hits / max(total, 1), 100.0 * controls / max(total, 1), total
+
+
+def zeroshot(data_dir: str | os.PathLike, weights: str | os.PathLike = TINY_CLIP_WEIGHTS,
+             scores_csv: str | None = None, progress: bool = True, patch_readout: str = "self_attention") -> dict:
+    """CLIP zero-shot with the global image embedding on the test split (prompt ensemble)."""
+
+    import bacgcn
+    import data as data_mod
+    from metrics import mean_ap, size_split_map
+
+    dataset = data_mod.load_dataset("synthetic", data_dir, "test")
+    classes = dataset.class_names
+    backbone = bacgcn.CLIPBackbone(bacgcn.create_clip(TINY_CLIP, weights), patch_readout)
+    text = backbone.class_embeddings(classes, bacgcn.tokenizer_for(TINY_CLIP))
+    feats = encode_split(backbone, dataset, progress=progress)
+    index = feats["index"].numpy()
+    scores = (feats["g"] @ text.t()).numpy()
+    labels = dataset.label_matrix()[index]
+    ids = [dataset.samples[i].id for i in index]
+    areas = data_mod.largest_instance_area(data_dir, ids, classes)
+    report = {"mAP": mean_ap(scores, labels), **size_split_map(scores, labels, areas, SMALL_AREA, LARGE_AREA)}
+    # top-1 on single-object images whose object covers >= 4% of the image
+    single = [(i, int(np.argmax(labels[i]))) for i in range(len(ids))
+              if (labels[i] == 1).sum() == 1 and areas[i].max() >= 0.04
+              and len(data_mod.read_voc_annotation(Path(data_dir) / "Annotations" / f"{ids[i]}.xml").objects) == 1]
+    report["top1_single"] = 100.0 * float(np.mean([scores[i].argmax() == c for i, c in single])) if single else float("nan")
+    # patch_hit on images with exactly two objects of different classes, each >= 4%
+    pairs, boxes = [], []
+    col = {c: k for k, c in enumerate(classes)}
+    for i, image_id in enumerate(ids):
+        ann = data_mod.read_voc_annotation(Path(data_dir) / "Annotations" / f"{image_id}.xml")
+        objs = ann.objects
+        area = lambda o: (o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) / (ann.width * ann.height)  # noqa: E731
+        if len(objs) == 2 and objs[0].name != objs[1].name and min(area(o) for o in objs) >= 0.04:
+            pairs.append(i)
+            scale = backbone.image_size / ann.width
+            boxes.append([(col[o.name], tuple(v * scale for v in o.box)) for o in objs])
+    grid = int(round(feats["patches"].shape[1] ** 0.5))
+    hit, control, n_pairs = patch_hit_rates(feats["patches"][pairs], text, boxes, grid, backbone.image_size)
+    report.update({"patch_hit": hit, "patch_hit_control": control, "num_images": len(ids),
+                   "num_single": len(single), "num_pair_checks": n_pairs})
+    if scores_csv:
+        data_mod.write_scores_csv(scores_csv, ids, classes, scores)
+    return report
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="synthetic.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="write the world (VOC2007 layout + captions)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=WorldConfig.seed)
+    p.add_argument("--train", type=int, default=WorldConfig.train)
+    p.add_argument("--test", type=int, default=WorldConfig.test)
+    p = sub.add_parser("gate", help="cross-entropy gate of the tiny CLIP's vision tower")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the curve here")
+    p = sub.add_parser("pretrain", help="contrastive pretraining of the tiny CLIP on web captions")
+    p.add_argument("--out", default=str(TINY_CLIP_WEIGHTS))
+    for f in PretrainConfig.__dataclass_fields__.values():
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("--json", help="write the training history here")
+    p = sub.add_parser("zeroshot", help="CLIP zero-shot baseline on the test split")
+    p.add_argument("--data", required=True, help="world folder (synthetic.py build --out)")
+    p.add_argument("--json", required=True)
+    p.add_argument("--scores", help="also write per-image class scores (eval.py --scores format)")
+    p.add_argument("--weights", default=str(TINY_CLIP_WEIGHTS))
+    p.add_argument("--patch-readout", default="self_attention", help="self_attention | value (see bacgcn.py)")
+    args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.command == "build":
+        cfg = WorldConfig(seed=args.seed, train=args.train, test=args.test)
+        t = time.time()
+        base = build(args.out, cfg)
+        print(f"wrote {cfg.train} train + {cfg.test} test images to {base} in {time.time() - t:.0f} s")
+    elif args.command == "gate":
+        result = gate(args.minutes, args.seed, out=args.json)
+        print(f"gate: held-out top-1 {result['final_top1']}% after {result['steps']} steps")
+    elif args.command == "pretrain":
+        cfg = PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__})
+        result = pretrain(args.out, cfg, log=lambda m: print(m, flush=True))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out} after {result['seconds']} s")
+    elif args.command == "zeroshot":
+        report = zeroshot(args.data, args.weights, args.scores, patch_readout=args.patch_readout)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""Train BAC-GCN.
+
+  python train.py                                   # the proving ground, end to end, on the CPU
+  python train.py --preset=voc2007-vitb16 --data-root=VOCdevkit --clip-weights=ViT-B-16.pt \
+      --captions=DIR                                # real data (also voc2012, coco2014, nuswide)
+  python train.py --key=value ...                   # any field of bacgcn.BACGCNConfig
+
+Stages (DESIGN.md): captions -> pseudo labels and graph; frozen CLIP features, cached once per
+image; Similarity Kernel + CLIP-GCN trained on the soft pseudo labels; ReSO inline from epoch
+`reso_epoch`; evaluation on the test split against CLIP zero-shot. Writes ckpt.safetensors,
+metrics.jsonl and report.json to the run folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import bacgcn
+import data
+from metrics import evaluate, size_split_map
+
+ROOT = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Data and features
+# --------------------------------------------------------------------------------------------
+
+# Names the text encoder should read instead of a dataset's run-together spelling.
+PROMPT_SPELLING = {"tvmonitor": "tv monitor", "diningtable": "dining table", "pottedplant": "potted plant",
+                   "motorbike": "motorbike", "tv": "television"}
+DEFAULT_SPLITS = {"synthetic": ("trainval", "test"), "voc2007": ("trainval", "test"),
+                  "voc2012": ("train", "val"), "coco2014": ("train", "val"), "nuswide": ("train", "test")}
+
+
+def resolve_paths(cfg: bacgcn.BACGCNConfig) -> bacgcn.BACGCNConfig:
+    """Fill the defaults that depend on the dataset; build the proving ground if absent."""
+    updates = {}
+    if cfg.dataset == "synthetic":
+        root = Path(cfg.data_root or ROOT / "runs" / f"world-seed{cfg.seed}")
+        if not (root / "world.json").is_file():
+            import synthetic
+            log(f"building the proving ground in {root} (once)")
+            synthetic.build(root, synthetic.WorldConfig(seed=cfg.seed))
+        updates["data_root"] = str(root)
+        updates["captions"] = cfg.captions or str(root)
+    elif not cfg.data_root or not cfg.captions:
+        raise ValueError(f"{cfg.dataset} needs --data-root and --captions")
+    train, test = DEFAULT_SPLITS[cfg.dataset]
+    updates["train_split"] = cfg.train_split or train
+    updates["test_split"] = cfg.test_split or test
+    weights = Path(cfg.clip_weights)
+    if not weights.is_absolute() and not weights.is_file() and (ROOT / weights).is_file():
+        updates["clip_weights"] = str(ROOT / weights)
+    return cfg.replace(**updates)
+
+
+@dataclass
+class Split:
+    ids: list[str]
+    feats: dict[str, torch.Tensor]     # patches [n, N, E], g, gH, gHc [n, E], attn [n, N] (bf16, CPU)
+    dataset: data.MultiLabelImages     # for labels and (ReSO) the original images
+
+
+def image_transform(size: int):
+    """uint8 [3, H, W] -> uint8 [3, size, size] (antialiased), in the loader workers."""
+    from torchvision.transforms.v2 import functional as TF
+
+    def resize(img: torch.Tensor) -> torch.Tensor:
+        if img.shape[-2:] == (size, size):
+            return img
+        return TF.resize(img, [size, size], antialias=True)
+    return resize
+
+
+def feature_spec(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone, dataset: data.MultiLabelImages,
+                 kind: str) -> dict:
+    import hashlib
+    return {"kind": kind, "clip_model": cfg.clip_model, "weights": data.file_digest(cfg.clip_weights),
+            "image_size": backbone.image_size, "patch_readout": cfg.patch_readout, "h_fraction": cfg.h_fraction,
+            "dataset": dataset.name, "root": str(Path(cfg.data_root).resolve()),
+            "ids": hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()}
+
+
+def cached_features(cfg, backbone, dataset, device) -> Split:
+    cache = data.FeatureCache(cfg.cache_dir, feature_spec(cfg, backbone, dataset, "images"))
+    if cache.complete:
+        log(f"{dataset.name}: feature cache hit ({cache.dir})")
+        ids, feats = cache.load()
+    else:
+        log(f"{dataset.name}: encoding {len(dataset)} images once into {cache.dir}")
+        dataset.transform = image_transform(backbone.image_size)
+        t0 = time.time()
+        ids, feats = cache.build(dataset, lambda x: _encode(backbone, x, cfg), batch_size=64,
+                                 workers=cfg.workers, device=device, desc=f"caching {dataset.name}",
+                                 pin_memory=device.startswith("cuda"))
+        log(f"{dataset.name}: {len(ids)} images in {time.time() - t0:.0f} s "
+            f"({len(ids) / max(time.time() - t0, 1e-9):.0f} img/s)")
+        dataset.transform = None
+    return Split(ids, feats, dataset)
+
+
+def _encode(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+    x = bacgcn.preprocess(images, backbone.image_size)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and cfg.amp):
+        return backbone.features(x, cfg.h_fraction)
+
+
+# --------------------------------------------------------------------------------------------
+# ReSO: crops of small pseudo-positive regions
+# --------------------------------------------------------------------------------------------
+
+def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """Small regions worth a crop: [(image row, class, (r0, c0, r1, c1) patch box incl.)].
+
+    For each pseudo-positive class o of an image, the similarity map S[:, o] is min-max
+    normalised over the patches; the region is {patch: S_hat > tau}; it is kept when it covers
+    less than eps of the image (the object is small). At most `reso_max_crops` per image,
+    smallest first.
+    """
+    n = sim.shape[1]
+    grid = int(round(math.sqrt(n)))
+    lo, hi = sim.amin(1, keepdim=True), sim.amax(1, keepdim=True)
+    norm = (sim - lo) / (hi - lo).clamp_min(1e-12)
+    region = norm > cfg.reso_tau                            # [B, N, C]
+    cover = region.float().mean(1)                          # [B, C]
+    out = []
+    for b, c in (positives & (cover < cfg.reso_eps) & (cover > 0)).nonzero().tolist():
+        cells = region[b, :, c].nonzero()[:, 0]
+        rows, cols = cells // grid, cells % grid
+        out.append((b, c, (int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())), float(cover[b, c])))
+    out.sort(key=lambda t: (t[0], t[3]))
+    kept, per_image = [], {}
+    for b, c, box, _ in out:
+        if per_image.get(b, 0) < cfg.reso_max_crops:
+            per_image[b] = per_image.get(b, 0) + 1
+            kept.append((b, c, box))
+    return kept
+
+
+def crop_box(patch_box: tuple[int, int, int, int], grid: int, width: int, height: int,
+             margin: float) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1) of a patch-grid box grown by `margin` of its size on each
+    side, made square (objects keep their aspect when upscaled) and clipped to the image."""
+    r0, c0, r1, c1 = patch_box
+    x0, x1 = c0 / grid * width, (c1 + 1) / grid * width
+    y0, y1 = r0 / grid * height, (r1 + 1) / grid * height
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = min(side, width, height)
+    x0 = min(max(cx - side / 2, 0), width - side)
+    y0 = min(max(cy - side / 2, 0), height - side)
+    return int(round(x0)), int(round(y0)), int(round(x0 + side)), int(round(y0 + side))
+
+
+class CropImages(torch.utils.data.Dataset):
+    """Crops of original images, upscaled to the encoder's input size."""
+
+    def __init__(self, dataset: data.MultiLabelImages, crops: list[tuple[int, tuple]], size: int, grid: int,
+                 margin: float):
+        self.dataset, self.crops, self.size, self.grid, self.margin = dataset, crops, size, grid, margin
+        self.name = f"{dataset.name} ReSO crops"
+        self.ids = [f"{dataset.samples[i].id}:{box}" for i, box in crops]
+
+    def __len__(self):
+        return len(self.crops)
+
+    def __getitem__(self, k):
+        from torchvision.transforms.v2 import functional as TF
+
+        index, patch_box = self.crops[k]
+        item = self.dataset[index]
+        if item is None:
+            return None
+        img = item["image"]
+        x0, y0, x1, y1 = crop_box(patch_box, self.grid, img.shape[2], img.shape[1], self.margin)
+        img = TF.resize(img[:, y0:y1, x0:x1], [self.size, self.size], antialias=True)
+        return {"image": img, "labels": item["labels"], "id": self.ids[k], "index": k}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def batch_feats(feats: dict[str, torch.Tensor], idx: torch.Tensor, device: str, dtype) -> dict[str, torch.Tensor]:
+    return {k: feats[k][idx].to(device, non_blocking=True).to(dtype) for k in ("patches", "g", "gH", "gHc")}
+
+
+def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, weight: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE (or asymmetric loss) against soft targets; `mask` 0 drops an entry, `weight` scales rows."""
+    logits = logits.float()
+    if cfg.loss == "bce":
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    else:  # asymmetric loss (Ridnik et al.), soft targets: focusing only on the negative part
+        p = torch.sigmoid(logits)
+        loss = -(targets * F.logsigmoid(logits)
+                 + (1 - targets) * p.pow(cfg.asl_gamma_neg) * F.logsigmoid(-logits))
+    if mask is not None:
+        loss = loss * mask
+    if weight is not None:
+        loss = loss * weight[:, None]
+    denom = mask.sum() if mask is not None else torch.tensor(float(loss.numel()))
+    return loss.sum() / denom.clamp_min(1)
+
+
+@torch.no_grad()
+def predict(model, feats, device, dtype, batch: int = 256) -> np.ndarray:
+    """Logits [n, O] of every cached image."""
+    model.eval()
+    logits = []
+    n = feats["g"].shape[0]
+    for i in range(0, n, batch):
+        idx = torch.arange(i, min(i + batch, n))
+        logits.append(model(batch_feats(feats, idx, device, dtype))["logits"].float().cpu())
+    model.train()
+    return torch.cat(logits).numpy()
+
+
+def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, difficult: str = "ignore") -> dict:
+    """mAP, CF1, OF1 (threshold: logit 0), per-class AP; on the proving ground also the size
+    rule's mAP_small / mAP_large."""
+    labels = split.dataset.label_matrix()
+    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
+    labels = labels[[row[i] for i in split.ids]]
+    scores = logits[:, :num_classes]
+    report = evaluate(scores, labels, split.dataset.class_names, difficult, threshold=0.0)
+    out = {"mAP": report["mAP"], "CF1": report["CF1"], "OF1": report["OF1"], "AP": report["AP"]}
+    if cfg.dataset == "synthetic":
+        import synthetic
+        areas = data.largest_instance_area(cfg.data_root, split.ids, split.dataset.class_names)
+        out.update(size_split_map(scores, labels, areas, synthetic.SMALL_AREA, synthetic.LARGE_AREA))
+    return out
+
+
+def run(cfg: bacgcn.BACGCNConfig, preset: str = "", quiet_progress: bool = False) -> dict:
+    t_start = time.time()
+    cfg = resolve_paths(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out_dir = Path(cfg.out or ROOT / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(out=str(out_dir))
+
+    # 1. datasets, pseudo labels, graph
+    train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
+    test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
+    classes = train_ds.class_names
+    if cfg.dataset == "synthetic":
+        syn_path = Path(cfg.synonyms) if cfg.synonyms else Path(cfg.captions) / "synonyms.json"
+    else:
+        syn_path = data.dictionary_path(cfg.dataset, cfg.synonyms or None)
+    dictionary = data.SynonymDictionary.from_json(syn_path, len(classes))
+    captions = data.read_captions(cfg.captions)
+    pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
+                                ids=train_ds.ids)
+    no_caption = int((pseudo.num_captions == 0).sum())
+    if no_caption:
+        log(f"warning: {no_caption} training images have no caption (all-zero pseudo labels)")
+    num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
+    categories = pseudo.categories[:num_cat]
+    m, n = data.cooccurrence(pseudo.hard(cfg.min_votes)[:, :num_cat])
+    log(f"pseudo labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "
+        f"{pseudo.hard(cfg.min_votes)[:, :len(classes)].sum(1).mean():.2f} classes per image")
+
+    # 2. frozen CLIP and cached features
+    clip = bacgcn.create_clip(cfg.clip_model, cfg.clip_weights)
+    if cfg.image_size:
+        bacgcn.set_image_size(clip, cfg.image_size)
+    clip = clip.to(device)
+    backbone = bacgcn.CLIPBackbone(clip, cfg.patch_readout).eval()
+    tokenizer = bacgcn.tokenizer_for(cfg.clip_model)
+    # The dictionary's own spelling reads better in a prompt than the dataset's ("dining table")
+    prompt_names = [PROMPT_SPELLING.get(c, c) for c in dictionary.categories[:num_cat]]
+    prompts = backbone.class_embeddings(prompt_names, tokenizer, device=device).cpu()
+    train = cached_features(cfg, backbone, train_ds, device)
+    test = cached_features(cfg, backbone, test_ds, device)
+    if device.startswith("cuda"):  # page-locked, so the per-batch non_blocking copies overlap compute
+        for split in (train, test):
+            split.feats = {k: v.pin_memory() for k, v in split.feats.items()}
+    pseudo_row = {i: k for k, i in enumerate(pseudo.ids)}
+    take = [pseudo_row[i] for i in train.ids]
+    targets = torch.from_numpy(pseudo.scores[take, :num_cat]).float()
+    hard = torch.from_numpy(pseudo.hard(cfg.min_votes)[take, :num_cat]) > 0
+
+    # 3. model
+    adjacency = bacgcn.build_adjacency(torch.from_numpy(m).float(), torch.from_numpy(n).float(), len(classes), cfg)
+    logit_scale = float(clip.logit_scale.exp().item())
+    model = bacgcn.BACGCN(cfg, prompts, len(classes), adjacency, logit_scale).to(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") and cfg.amp else torch.float32
+    zeroshot_logits = predict(model, test.feats, device, dtype)
+    zeroshot = evaluate_split(cfg, zeroshot_logits, test, len(classes))
+    log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
+    step_fn = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+    prompt_params = [model.kernel.prompts]
+    other = [p for name, p in model.named_parameters() if name != "kernel.prompts"]
+    opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr},
+                             {"params": prompt_params, "lr": cfg.lr * cfg.prompt_lr_mult}],
+                            weight_decay=cfg.weight_decay)
+    base_lr = [g["lr"] for g in opt.param_groups]
+    steps_per_epoch = math.ceil(len(train.ids) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    # 4. loop, with ReSO inline
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_file = open(metrics_path, "w")
+    crop_feats = crop_targets = crop_masks = crop_class = None
+    step, t_train = 0, time.time()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        if cfg.use_reso and epoch == cfg.reso_epoch:
+            crop_feats, crop_targets, crop_masks, crop_class = build_reso_crops(
+                cfg, model, backbone, train, hard, targets, len(classes), device, dtype)
+            log(f"epoch {epoch + 1}: ReSO found {0 if crop_class is None else len(crop_class)} small regions to crop")
+        order = torch.randperm(len(train.ids), generator=gen)
+        batches = [("image", order[i:i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
+        if crop_class is not None and len(crop_class):
+            corder = torch.randperm(len(crop_class), generator=gen)
+            batches += [("crop", corder[i:i + cfg.batch_size]) for i in range(0, len(corder), cfg.batch_size)]
+            random.Random(cfg.seed + epoch).shuffle(batches)
+        running, count = torch.zeros(()), 0
+        for kind, idx in batches:
+            lr_scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            for g, lr in zip(opt.param_groups, base_lr):
+                g["lr"] = lr * lr_scale
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                if kind == "image":
+                    out = step_fn(batch_feats(train.feats, idx, device, dtype))
+                    loss = multilabel_loss(out["logits"], targets[idx].to(device), cfg)
+                else:
+                    out = step_fn(batch_feats(crop_feats, idx, device, dtype))
+                    logits = out["logits"].float()
+                    cls = crop_class[idx].to(device)
+                    p_own = torch.sigmoid(logits.gather(1, cls[:, None]))[:, 0].detach()
+                    weight = 1 + (1 - p_own).pow(cfg.reso_gamma)   # harder crops weigh more
+                    loss = multilabel_loss(logits, crop_targets[idx].to(device), cfg, weight,
+                                           crop_masks[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.detach().cpu()
+            count += 1
+            step += 1
+            if step % cfg.log_every == 0:
+                value = (running / count).item()     # .item() only at log intervals
+                metrics_file.write(json.dumps({"step": step, "epoch": epoch, "loss": value,
+                                               "lr": opt.param_groups[0]["lr"]}) + "\n")
+                metrics_file.flush()
+        epoch_loss = (running / max(count, 1)).item()
+        metrics_file.write(json.dumps({"epoch": epoch, "epoch_loss": epoch_loss,
+                                       "crops": 0 if crop_class is None else len(crop_class)}) + "\n")
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {count} steps"
+            + (f", {len(crop_class)} ReSO crops" if crop_class is not None else ""))
+    train_s = time.time() - t_train
+
+    # 5. evaluation, checkpoint, report
+    logits = predict(model, test.feats, device, dtype)
+    result = evaluate_split(cfg, logits, test, len(classes))
+    metrics_file.write(json.dumps({"test": {k: v for k, v in result.items() if k != "AP"}}) + "\n")
+    metrics_file.close()
+    report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
+    report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
+                   "zeroshot": {k: zeroshot[k] for k in ("mAP", "mAP_small", "mAP_large", "CF1", "OF1") if k in zeroshot},
+                   "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
+                   "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
+    save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, classes, categories, m, n, report, preset)
+    text = json.dumps(json_safe(report), indent=1) + "\n"
+    data._atomic_write(out_dir / "report.json", lambda tmp: tmp.write_text(text))
+    return report
+
+
+def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, targets: torch.Tensor,
+                     num_classes: int, device: str, dtype):
+    """Find small pseudo-positive regions with the current similarity maps, crop them from the
+    original images, encode each crop once (cached), and return their training tensors."""
+    found = []
+    model.eval()
+    with torch.no_grad():   # batch by batch: all similarity maps of COCO would not fit in memory
+        for start in range(0, len(train.ids), 256):
+            idx = torch.arange(start, min(start + 256, len(train.ids)))
+            sim = model(batch_feats(train.feats, idx, device, dtype))["sim"].float().cpu()
+            found += [(start + b, c, box) for b, c, box in
+                      reso_regions(sim[:, :, :num_classes], hard[idx, :num_classes], cfg)]
+    model.train()
+    if not found:
+        return None, None, None, None
+    grid = int(round(math.sqrt(train.feats["patches"].shape[1])))
+    row = {s.id: k for k, s in enumerate(train.dataset.samples)}
+    crops = [(row[train.ids[b]], box) for b, _, box in found]
+    crop_ds = CropImages(train.dataset, crops, backbone.image_size, grid, cfg.reso_margin)
+    spec = feature_spec(cfg, backbone, train.dataset, "reso-crops")
+    spec.update({"crops": [[train.ids[b], c, list(box)] for b, c, box in found], "margin": cfg.reso_margin})
+    cache = data.FeatureCache(cfg.cache_dir, spec)
+    if cache.complete:
+        ids, feats = cache.load()
+    else:
+        ids, feats = cache.build(crop_ds, lambda x: _encode(backbone, x, cfg), batch_size=64, workers=cfg.workers,
+                                 device=device, desc="ReSO crops")
+    kept = {i: k for k, i in enumerate(crop_ds.ids)}
+    order = [kept[i] for i in ids]
+    parents = torch.tensor([found[k][0] for k in order])
+    cls = torch.tensor([found[k][1] for k in order])
+    # Crop targets: its class is present; what the captions never named in the parent is absent
+    # in the crop too; the parent's other positives may or may not be inside: not trained.
+    crop_targets = torch.zeros(len(order), targets.shape[1])
+    crop_targets[torch.arange(len(order)), cls] = 1.0
+    crop_masks = (targets[parents] <= 0.05).float()
+    crop_masks[torch.arange(len(order)), cls] = 1.0
+    return feats, crop_targets, crop_masks, cls
+
+
+def json_safe(obj):
+    """NaN (a size band with too few positives) becomes null: report.json stays valid JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors["graph.M"] = torch.from_numpy(np.asarray(m, dtype=np.float32))
+    tensors["graph.N"] = torch.from_numpy(np.asarray(n, dtype=np.float32))
+    meta = {"format": "bacgcn-1", "config": cfg.to_json(), "classes": json.dumps(list(classes)),
+            "categories": json.dumps(list(categories)), "metrics": json.dumps(json_safe(report)), "commit": git_commit(),
+            "preset": preset}
+    data._atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def print_table(report: dict) -> None:
+    cols = [k for k in ("mAP", "mAP_small", "mAP_large") if k in report]
+    print("\n" + f"{'':<16}" + "".join(f"{c:>11}" for c in cols))
+    for name, row in (("CLIP zero-shot", report["zeroshot"]), ("BAC-GCN", report)):
+        print(f"{name:<16}" + "".join(f"{row[c]:>11.2f}" if row.get(c) is not None else f"{'n/a':>11}" for c in cols))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, preset = bacgcn.parse_overrides(sys.argv[1:] if argv is None else argv)
+        report = run(cfg, preset)
+    except (ValueError, FileNotFoundError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(report)
+    print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
