@@ -296,7 +296,7 @@ class CLIPBackbone(nn.Module):
         w, b = attn.in_proj_weight, attn.in_proj_bias
         return F.linear(block.ln_1(x), w, b).chunk(3, dim=-1)
 
-    def encode_image(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def encode_image(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: preprocessed images [B, 3, S, S]. Returns g, patches (both L2-normalised), attn."""
         v = self.visual
         h = v._embeds(x)

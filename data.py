@@ -36,6 +36,18 @@ class DataError(ValueError):
         self.path = str(path)
 
 
+def read_json(path: str | os.PathLike, what: str):
+    """Parsed JSON, or a one-line DataError naming the file (missing, or not JSON)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, f"{what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise DataError(path, f"not valid JSON{where}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Class lists
 # --------------------------------------------------------------------------------------------
@@ -227,12 +239,7 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
     pycocotools is not needed. Ids are file-name stems ("COCO_val2014_000000000042").
     """
     path = Path(annotation_file)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(path, "annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    raw = read_json(path, "annotation file")
     try:
         cats = sorted((c for c in raw["categories"] if c["name"] not in _NON_CLASS_CATEGORIES),
                       key=lambda c: c["id"])
@@ -397,11 +404,10 @@ class SkipReport:
 def synthetic_classes(root: str | os.PathLike) -> list[str]:
     """Class names of a proving-ground world (its world.json, written by synthetic.py build)."""
     path = Path(root) / "world.json"
+    raw = read_json(path, "world description (is this a world written by `synthetic.py build`?)")
     try:
-        return list(json.loads(path.read_text())["classes"])
-    except FileNotFoundError:
-        raise DataError(path, "not found: is this a world written by `synthetic.py build`?") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return list(raw["classes"])
+    except (KeyError, TypeError) as e:
         raise DataError(path, f"malformed world description ({e})") from None
 
 
@@ -561,12 +567,7 @@ class SynonymDictionary:
     @classmethod
     def from_json(cls, path: str | os.PathLike, num_classes: int) -> "SynonymDictionary":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(path, "synonym dictionary not found") from None
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+        raw = read_json(path, "synonym dictionary")
         if not isinstance(raw, dict) or not all(
             isinstance(v, list) and all(isinstance(s, str) for s in v) for v in raw.values()
         ):
@@ -630,10 +631,7 @@ def read_captions(directory: str | os.PathLike) -> dict[str, list[str]]:
     for path in (main, directory / "re_captions.json"):
         if not path.is_file():
             continue
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+        raw = read_json(path, "captions file")
         if not isinstance(raw, dict):
             raise DataError(path, "expected an object {image_id: [caption, ...]}")
         for key, caps in raw.items():

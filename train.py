@@ -180,11 +180,12 @@ def crop_box(patch_box: tuple[int, int, int, int], grid: int, width: int, height
 class CropImages(torch.utils.data.Dataset):
     """Crops of original images, upscaled to the encoder's input size."""
 
-    def __init__(self, dataset: data.MultiLabelImages, crops: list[tuple[int, tuple]], size: int, grid: int,
+    def __init__(self, dataset: data.MultiLabelImages, crops: list[tuple[int, int, tuple]], size: int, grid: int,
                  margin: float):
+        """`crops`: (dataset index, class, patch box) each."""
         self.dataset, self.crops, self.size, self.grid, self.margin = dataset, crops, size, grid, margin
-        self.name = f"{dataset.name} ReSO crops"
-        self.ids = [f"{dataset.samples[i].id}:{box}" for i, box in crops]
+        self.name = f"{dataset.name} crops"
+        self.ids = [f"{dataset.samples[i].id}:{c}:{','.join(map(str, box))}" for i, c, box in crops]
 
     def __len__(self):
         return len(self.crops)
@@ -192,7 +193,7 @@ class CropImages(torch.utils.data.Dataset):
     def __getitem__(self, k):
         from torchvision.transforms.v2 import functional as TF
 
-        index, patch_box = self.crops[k]
+        index, _, patch_box = self.crops[k]
         item = self.dataset[index]
         if item is None:
             return None
@@ -398,43 +399,59 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", quiet_progress: bool = False
     return report
 
 
-def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, targets: torch.Tensor,
-                     num_classes: int, device: str, dtype):
-    """Find small pseudo-positive regions with the current similarity maps, crop them from the
-    original images, encode each crop once (cached), and return their training tensors."""
+def find_small_regions(cfg, model, split: Split, candidates, num_classes: int, device: str, dtype) -> list:
+    """reso_regions over a whole split, batch by batch (all similarity maps of COCO would not fit
+    in memory). `candidates(idx, sim)` -> bool [b, C]: which classes of those images to consider."""
     found = []
     model.eval()
-    with torch.no_grad():   # batch by batch: all similarity maps of COCO would not fit in memory
-        for start in range(0, len(train.ids), 256):
-            idx = torch.arange(start, min(start + 256, len(train.ids)))
-            sim = model(batch_feats(train.feats, idx, device, dtype))["sim"].float().cpu()
-            found += [(start + b, c, box) for b, c, box in
-                      reso_regions(sim[:, :, :num_classes], hard[idx, :num_classes], cfg)]
+    with torch.no_grad():
+        for start in range(0, len(split.ids), 256):
+            idx = torch.arange(start, min(start + 256, len(split.ids)))
+            sim = model(batch_feats(split.feats, idx, device, dtype))["sim"][:, :, :num_classes].float().cpu()
+            found += [(start + b, c, box) for b, c, box in reso_regions(sim, candidates(idx, sim), cfg)]
     model.train()
-    if not found:
-        return None, None, None, None
-    grid = int(round(math.sqrt(train.feats["patches"].shape[1])))
-    row = {s.id: k for k, s in enumerate(train.dataset.samples)}
-    crops = [(row[train.ids[b]], box) for b, _, box in found]
-    crop_ds = CropImages(train.dataset, crops, backbone.image_size, grid, cfg.reso_margin)
-    spec = feature_spec(cfg, backbone, train.dataset, "reso-crops")
-    spec.update({"crops": [[train.ids[b], c, list(box)] for b, c, box in found], "margin": cfg.reso_margin})
+    return found
+
+
+def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> dict[str, torch.Tensor]:
+    """Features of the crops `found` [(row, class, patch box)], in that order, each encoded once
+    (cached under the crops' list)."""
+    grid = int(round(math.sqrt(split.feats["patches"].shape[1])))
+    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
+    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
+                         backbone.image_size, grid, cfg.reso_margin)
+    spec = feature_spec(cfg, backbone, split.dataset, kind)
+    spec.update({"crops": crop_ds.ids, "margin": cfg.reso_margin})
     cache = data.FeatureCache(cfg.cache_dir, spec)
     if cache.complete:
         ids, feats = cache.load()
     else:
         ids, feats = cache.build(crop_ds, lambda x: _encode(backbone, x, cfg), batch_size=64, workers=cfg.workers,
-                                 device=device, desc="ReSO crops")
-    kept = {i: k for k, i in enumerate(crop_ds.ids)}
-    order = [kept[i] for i in ids]
-    parents = torch.tensor([found[k][0] for k in order])
-    cls = torch.tensor([found[k][1] for k in order])
+                                 device=device, desc=kind)
+    if len(ids) != len(crop_ds.ids):   # an unreadable image: keep the crops that were encoded
+        keep = {i: k for k, i in enumerate(ids)}
+        feats = {k: torch.stack([v[keep[i]] if i in keep else torch.zeros_like(v[0]) for i in crop_ds.ids])
+                 for k, v in feats.items()}
+    return feats
+
+
+def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, targets: torch.Tensor,
+                     num_classes: int, device: str, dtype):
+    """Find small pseudo-positive regions with the current similarity maps, crop them from the
+    original images, encode each crop once (cached), and return their training tensors."""
+    found = find_small_regions(cfg, model, train, lambda idx, sim: hard[idx, :num_classes], num_classes,
+                               device, dtype)
+    if not found:
+        return None, None, None, None
+    feats = encode_crops(cfg, backbone, train, found, "reso-crops", device)
+    parents = torch.tensor([b for b, _, _ in found])
+    cls = torch.tensor([c for _, c, _ in found])
     # Crop targets: its class is present; what the captions never named in the parent is absent
     # in the crop too; the parent's other positives may or may not be inside: not trained.
-    crop_targets = torch.zeros(len(order), targets.shape[1])
-    crop_targets[torch.arange(len(order)), cls] = 1.0
+    crop_targets = torch.zeros(len(found), targets.shape[1])
+    crop_targets[torch.arange(len(found)), cls] = 1.0
     crop_masks = (targets[parents] <= 0.05).float()
-    crop_masks[torch.arange(len(order)), cls] = 1.0
+    crop_masks[torch.arange(len(found)), cls] = 1.0
     return feats, crop_targets, crop_masks, cls
 
 

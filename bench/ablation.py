@@ -32,10 +32,8 @@ COLUMNS = ("mAP", "mAP_small", "mAP_large")
 def ablation(seed: int, overrides: list[str]) -> dict:
     base, _ = bacgcn.parse_overrides([f"--seed={seed}", *overrides])
     rows = []
-    for name, switches in ROWS:
-        cfg = base.replace(**switches, out=str(ROOT / "runs" / f"ablation-seed{seed}" / name.split()[1].lower()
-                                             .replace("(", "") + ("-reso" if switches["use_reso"] else "")
-                                             + ("-bg" if switches["use_backgrounds"] else "")))
+    for k, (name, switches) in enumerate(ROWS, start=1):
+        cfg = base.replace(**switches, out=str(ROOT / "runs" / f"ablation-seed{seed}" / f"row{k + 1}"))
         print(f"== seed {seed}: {name}", flush=True)
         report = train.run(cfg, "synthetic-tiny")
         if not rows:

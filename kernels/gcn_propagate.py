@@ -98,18 +98,24 @@ def _activate_grad(z, ACT: tl.constexpr, SLOPE: tl.constexpr):
 
 
 @triton.jit
-def _spmm_rows(X, INDPTR, INDICES, VALUES, row, offs_b, offs_d, mask, stride_xb, stride_xv, stride_xd,
-               BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 [BLOCK_B, BLOCK_D] tile of sum_j A[row, j] * X[b, j, d]."""
+def _row_preactivation(X, INDPTR, INDICES, VALUES, BIAS, B, D, stride_xb, stride_xv, stride_xd,
+                       HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of z = A x + bias for one graph row: (row, offs_b, offs_d, mask, z)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_b = (tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B))[:, None]
+    offs_d = (tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+    mask = (offs_b < B) & (offs_d < D)
     start = tl.load(INDPTR + row).to(tl.int64)
     end = tl.load(INDPTR + row + 1).to(tl.int64)
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    z = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     base = X + offs_b * stride_xb + offs_d * stride_xd
     for e in range(start, end):
         j = tl.load(INDICES + e).to(tl.int64)
         v = tl.load(VALUES + e).to(tl.float32)
-        acc += v * tl.load(base + j * stride_xv, mask=mask, other=0.0).to(tl.float32)
-    return acc
+        z += v * tl.load(base + j * stride_xv, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(BIAS + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    return row, offs_b, offs_d, mask, z
 
 
 @triton.jit
@@ -121,14 +127,8 @@ def _gcn_fwd_kernel(
     ACT: tl.constexpr, SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs_b = (tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B))[:, None]
-    offs_d = (tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
-    mask = (offs_b < B) & (offs_d < D)
-    z = _spmm_rows(X, INDPTR, INDICES, VALUES, row, offs_b, offs_d, mask, stride_xb, stride_xv, stride_xd,
-                   BLOCK_B, BLOCK_D)
-    if HAS_BIAS:
-        z += tl.load(BIAS + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    row, offs_b, offs_d, mask, z = _row_preactivation(X, INDPTR, INDICES, VALUES, BIAS, B, D, stride_xb, stride_xv,
+                                                      stride_xd, HAS_BIAS, BLOCK_B, BLOCK_D)
     y = _activate(z, ACT, SLOPE)
     out = offs_b * stride_yb + row * stride_yv + offs_d * stride_yd
     if HAS_RES:
@@ -145,14 +145,8 @@ def _gcn_act_bwd_kernel(
     ACT: tl.constexpr, SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs_b = (tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B))[:, None]
-    offs_d = (tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
-    mask = (offs_b < B) & (offs_d < D)
-    z = _spmm_rows(X, INDPTR, INDICES, VALUES, row, offs_b, offs_d, mask, stride_xb, stride_xv, stride_xd,
-                   BLOCK_B, BLOCK_D)
-    if HAS_BIAS:
-        z += tl.load(BIAS + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    row, offs_b, offs_d, mask, z = _row_preactivation(X, INDPTR, INDICES, VALUES, BIAS, B, D, stride_xb, stride_xv,
+                                                      stride_xd, HAS_BIAS, BLOCK_B, BLOCK_D)
     out = offs_b * stride_yb + row * stride_yv + offs_d * stride_yd
     dy = tl.load(DY + out, mask=mask, other=0.0).to(tl.float32)
     tl.store(GZ + out, (dy * _activate_grad(z, ACT, SLOPE)).to(GZ.dtype.element_ty), mask=mask)

@@ -58,6 +58,29 @@ def similarity_pool_ref(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _patch_products(p_base, q_base, stride_pn, stride_pd, stride_qo, stride_qd, offs_n, offs_o, mask_n, mask_o,
+                    D, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_O] tile of <patches[b, n], q[o]> for n, o in the tile, over all D."""
+    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        p = tl.load(p_base + offs_n[:, None] * stride_pn + offs_d[None, :] * stride_pd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        q = tl.load(q_base + offs_o[None, :] * stride_qo + offs_d[:, None] * stride_qd,
+                    mask=mask_o[None, :] & mask_d[:, None], other=0.0)
+        if UPCAST:  # the interpreter computes bf16 products wrongly unless they are fp32
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        if IEEE:  # fp32 inputs: full precision, not tf32
+            acc = tl.dot(p, q, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, q, acc)
+    return acc
+
+
+@triton.jit
 def _similarity_pool_fwd_kernel(
     P, W, SIM, LOCAL, IDX, WGT,
     N, O, D, inv_t,
@@ -78,21 +101,8 @@ def _similarity_pool_fwd_kernel(
     p_base = P + b * stride_pb
 
     # 1. sim tile [BLOCK_N, BLOCK_O], fp32 accumulation.
-    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        p = tl.load(p_base + offs_n[:, None] * stride_pn + offs_d[None, :] * stride_pd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(W + offs_o[None, :] * stride_wo + offs_d[:, None] * stride_wd,
-                    mask=mask_o[None, :] & mask_d[:, None], other=0.0)
-        if UPCAST:  # the interpreter computes bf16 products wrongly unless they are fp32
-            p = p.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE:  # fp32 inputs: full precision, not tf32
-            acc = tl.dot(p, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p, w, acc)
+    acc = _patch_products(p_base, W, stride_pn, stride_pd, stride_wo, stride_wd, offs_n, offs_o, mask_n, mask_o,
+                          D, BLOCK_N, BLOCK_O, BLOCK_D, UPCAST, IEEE)
     tl.store(SIM + b * stride_sb + offs_n[:, None] * stride_sn + offs_o[None, :] * stride_so,
              acc.to(SIM.dtype.element_ty), mask=mask_n[:, None] & mask_o[None, :])
 
@@ -157,21 +167,8 @@ def _similarity_pool_bwd_kernel(
     mask_no = mask_n[:, None] & mask_o[None, :]
 
     # pd[n, o] = <patches[b, n], dlocal[b, o]>: d loss / d pooling weight, for every patch.
-    pd = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        p = tl.load(P + b * stride_pb + offs_n[:, None] * stride_pn + offs_d[None, :] * stride_pd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        g = tl.load(DLOCAL + b * stride_lb + offs_o[None, :] * stride_lo + offs_d[:, None] * stride_ld,
-                    mask=mask_o[None, :] & mask_d[:, None], other=0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-            g = g.to(tl.float32)
-        if IEEE:
-            pd = tl.dot(p, g, pd, input_precision="ieee")
-        else:
-            pd = tl.dot(p, g, pd)
+    pd = _patch_products(P + b * stride_pb, DLOCAL + b * stride_lb, stride_pn, stride_pd, stride_lo, stride_ld,
+                         offs_n, offs_o, mask_n, mask_o, D, BLOCK_N, BLOCK_O, BLOCK_D, UPCAST, IEEE)
 
     # Dense pooling weights from the forward's selection.
     pool = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)

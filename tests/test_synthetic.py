@@ -73,7 +73,7 @@ def test_caption_noise_statistics():
         for o in scene.objects:
             band = "small" if o.area < S.SMALL_AREA else "large" if o.area >= S.LARGE_AREA else None
             if band:
-                said = any(any(n in cap for n in dictionary[S.CLASSES[o.cls]]) for cap in (caps[0], caps[1], caps[4]))
+                said = any(n in caps[0] for n in dictionary[S.CLASSES[o.cls]])     # one object-description slot
                 mentioned[band][0] += said
                 mentioned[band][1] += 1
         present = {S.CLASS_NAMES[c] for c in scene.classes}
@@ -83,7 +83,8 @@ def test_caption_noise_statistics():
             hallucinated += any(c.name in cap.split() for c in S.CLASSES if c.name not in present)
     small = mentioned["small"][0] / mentioned["small"][1]
     large = mentioned["large"][0] / mentioned["large"][1]
-    assert large > 0.9 and small < 0.75 and large - small > 0.25      # small objects often missed
+    # per caption, _p_mention: ~0.95 for large objects, 0.04-0.45 for small ones
+    assert large > 0.85 and small < 0.5 and large - small > 0.4      # small objects often missed
     assert 0.005 < hallucinated / total < 0.08                         # occasional hallucination
     assert loops > 0                                                    # repetition loops happen
 
