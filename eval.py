@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from data import DataError, _atomic_write, read_table_csv
-from metrics import DIFFICULT_MODES, evaluate
+from metrics import DIFFICULT_MODES, evaluate, json_safe
 
 
 def evaluate_csv(scores_path: str, labels_path: str, difficult: str = "ignore",
@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
         out.update({k: v for k, v in report.items() if k not in out})
+        out = json_safe(out)
         _atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(out, indent=2) + "\n"))
     return 0
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import bacgcn
 import data
-from metrics import evaluate, size_split_map
+from metrics import evaluate, json_safe, size_split_map
 
 ROOT = Path(__file__).resolve().parent
 
@@ -453,17 +453,6 @@ def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, tar
     crop_masks = (targets[parents] <= 0.05).float()
     crop_masks[torch.arange(len(found)), cls] = 1.0
     return feats, crop_targets, crop_masks, cls
-
-
-def json_safe(obj):
-    """NaN (a size band with too few positives) becomes null: report.json stays valid JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import bacgcn  # noqa: E402
 import train  # noqa: E402
+from metrics import json_safe  # noqa: E402
 
 ROWS = (
     ("+ similarity kernel local logits", dict(use_local=True, use_gcn=False, use_backgrounds=False, use_reso=False)),
@@ -39,7 +40,7 @@ def ablation(seed: int, overrides: list[str]) -> dict:
         if not rows:
             rows.append({"name": "zero-shot global", **{c: report["zeroshot"].get(c) for c in COLUMNS}})
         rows.append({"name": name, **{c: report.get(c) for c in COLUMNS}})
-    return {"seed": seed, "rows": train.json_safe(rows)}
+    return {"seed": seed, "rows": json_safe(rows)}
 
 
 def print_table(result: dict) -> None:
