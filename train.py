@@ -52,7 +52,7 @@ def git_commit() -> str:
 
 # Names the text encoder should read instead of a dataset's run-together spelling.
 PROMPT_SPELLING = {"tvmonitor": "tv monitor", "diningtable": "dining table", "pottedplant": "potted plant",
-                   "motorbike": "motorbike", "tv": "television"}
+                   "tv": "television"}
 DEFAULT_SPLITS = {"synthetic": ("trainval", "test"), "voc2007": ("trainval", "test"),
                   "voc2012": ("train", "val"), "coco2014": ("train", "val"), "nuswide": ("train", "test")}
 

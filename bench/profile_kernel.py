@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,17 +37,10 @@ import kernels  # noqa: E402
 from kernels.gcn_propagate import gcn_propagate_ref  # noqa: E402
 from kernels.similarity_pool import similarity_pool_ref  # noqa: E402
 from tests.kernel_cases import CPU_DTYPES, assert_close, normalised, random_csr  # noqa: E402
+from train import git_commit  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("forward", "backward", "forward+backward")
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +194,7 @@ def write_rows(path, device: str, bandwidth: float | None, rows: list[dict]) -> 
     import triton
 
     meta = {"device": device, "copy_bandwidth_gb_s": bandwidth, "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(), "commit": commit(),
+            "triton": triton.__version__, "python": platform.python_version(), "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
