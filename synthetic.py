@@ -348,7 +348,7 @@ def web_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, set[str]]:
     ranked = scene.by_prominence()
     r = rng.random()
     bg = scene.backgrounds[-1] if len(scene.backgrounds) == 1 or rng.random() < 0.5 else scene.backgrounds[0]
-    if r < 0.72 or len(ranked) == 1 and r < 0.9:
+    if r < 0.72 or (len(ranked) == 1 and r < 0.9):
         obj = ranked[0]
         name = _name(rng, obj.cls)
         templates = ("a photo of a {o}.", "a {o}.", "{o}", "a {o} on the {b}.", "a picture of a {o}.",
@@ -381,7 +381,7 @@ def blip_captions(rng: np.random.Generator, scene: Scene, re_pass: bool = False,
     for slot in range(6):
         named = []
         for o in ranked:
-            if o.cls not in [n for n in named] and rng.random() < _p_mention(o.area):
+            if o.cls not in named and rng.random() < _p_mention(o.area):
                 named.append(o.cls)
         if rng.random() < 0.06:  # hallucination, biased to partners of what is there
             pool = [CLASS_NAMES.index(p) for c in present for p in PARTNERS[CLASS_NAMES[c]]] or list(range(len(CLASSES)))
