@@ -58,6 +58,15 @@ def similarity_pool_ref(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _tile(N, O, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr):
+    """This program's image b (int64 for pointer math), its patch and prompt offsets and masks."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    return b, offs_n, offs_o, offs_n < N, offs_o < O
+
+
+@triton.jit
 def _patch_products(p_base, q_base, stride_pn, stride_pd, stride_qo, stride_qd, offs_n, offs_o, mask_n, mask_o,
                     D, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -92,12 +101,7 @@ def _similarity_pool_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    ob = tl.program_id(1).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_n = offs_n < N
-    mask_o = offs_o < O
+    b, offs_n, offs_o, mask_n, mask_o = _tile(N, O, BLOCK_N, BLOCK_O)
     p_base = P + b * stride_pb
 
     # 1. sim tile [BLOCK_N, BLOCK_O], fp32 accumulation.
@@ -158,12 +162,7 @@ def _similarity_pool_bwd_kernel(
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DSIM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    ob = tl.program_id(1).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_n = offs_n < N
-    mask_o = offs_o < O
+    b, offs_n, offs_o, mask_n, mask_o = _tile(N, O, BLOCK_N, BLOCK_O)
     mask_no = mask_n[:, None] & mask_o[None, :]
 
     # pd[n, o] = <patches[b, n], dlocal[b, o]>: d loss / d pooling weight, for every patch.
