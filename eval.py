@@ -53,9 +53,14 @@ def print_report(report: dict, file=None) -> None:
           f"(top-3: CF1 {report['CF1_top3']:.2f}  OF1 {report['OF1_top3']:.2f})  "
           f"{report['num_images']} images, difficult={report['difficult']}, threshold={report['threshold']}",
           file=file)
-    width = max(len(c) for c in report["AP"])
-    for c, ap in report["AP"].items():
-        print(f"  {c:<{width}}  {'   n/a' if ap is None else f'{ap:6.2f}'}", file=file)
+    print_class_ap(report["AP"], file)
+
+
+def print_class_ap(ap: dict, file=None) -> None:
+    """One line per class: its AP, or n/a for a class without a positive."""
+    width = max(len(c) for c in ap)
+    for c, value in ap.items():
+        print(f"  {c:<{width}}  {'   n/a' if value is None else f'{value:6.2f}'}", file=file or sys.stdout)
 
 
 def read_checkpoint(path: str):
@@ -138,14 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.checkpoint:
             report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult)
-            report.update({"num_images": report["num_images"], "threshold": 0.0})
+            report["threshold"] = 0.0
             print(f"{report['dataset']}/{report['split']}: mAP {report['mAP']:.2f}  CF1 {report['CF1']:.2f}  "
                   f"OF1 {report['OF1']:.2f}" + "".join(f"  {k} {report[k]:.2f}" for k in ("mAP_small", "mAP_large")
                                                    if k in report) + f"  ({report['num_images']} images, "
                   f"difficult={args.difficult}, threshold: logit 0)")
-            width = max(len(c) for c in report["AP"])
-            for c, ap in report["AP"].items():
-                print(f"  {c:<{width}}  {'   n/a' if ap is None else f'{ap:6.2f}'}")
+            print_class_ap(report["AP"])
         else:
             report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
             print_report(report)
