@@ -13,7 +13,7 @@ PIP := .venv/bin/pip
 	touch $@
 
 .venv/.test-installed: .venv/.installed
-	$(PIP) install pytest scikit-learn
+	$(PIP) install pytest scikit-learn ruff
 	touch $@
 
 .PHONY: setup run test
@@ -23,5 +23,7 @@ run: .venv/.installed
 	@test -f train.py || { echo "make run: the trainer (train.py) is not implemented yet; see README, Status"; exit 2; }
 	$(PY) train.py
 
+# The linter first (settings in pyproject.toml): a lint error fails the run before the tests start.
 test: .venv/.test-installed
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,8 @@ def validate(cfg: BACGCNConfig) -> None:
         (cfg.loss in LOSSES, f"loss must be one of {LOSSES}"),
         (cfg.gcn_activation in ("relu", "leaky_relu", "gelu"), "gcn_activation must be relu, leaky_relu or gelu"),
         (cfg.topk >= 1, "topk must be >= 1"), (cfg.temperature > 0, "temperature must be > 0"),
-        (0 < cfg.h_fraction < 1, "h_fraction must be in (0, 1)"), (0 <= cfg.reweight_p <= 1, "reweight_p must be in [0, 1]"),
+        (0 < cfg.h_fraction < 1, "h_fraction must be in (0, 1)"),
+        (0 <= cfg.reweight_p <= 1, "reweight_p must be in [0, 1]"),
         (cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1"),
         (0 < cfg.reso_eps <= 1 and 0 <= cfg.reso_tau < 1, "reso_eps must be in (0, 1], reso_tau in [0, 1)"),
     ]
@@ -208,6 +210,20 @@ def set_image_size(model, size: int) -> None:
     v.image_size = (size, size)
 
 
+# open_clip 3.3 logs through the module-level `logging` calls, i.e. the root logger: that is the
+# logger its records come from, so the filter sits there (its level stays untouched).
+OPEN_CLIP_LOGGER = logging.getLogger()
+
+
+class _RandomInitWarningFilter(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" record: every
+    model here is created empty and loaded (strict) right after. Nothing else is filtered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_open_clip = f"{os.sep}open_clip{os.sep}" in record.pathname
+        return not (from_open_clip and record.getMessage().startswith("No pretrained weights loaded"))
+
+
 def create_clip(model_name: str, weights: str | os.PathLike | None = None):
     """An open_clip CLIP, random-init or loaded with strict=True from a local file.
 
@@ -217,18 +233,15 @@ def create_clip(model_name: str, weights: str | os.PathLike | None = None):
     """
     import open_clip
 
-    import logging
-
     register_local_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown CLIP architecture {model_name!r} (OpenAI ViT-B/16 weights: ViT-B-16-quickgelu)")
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    root_logger.setLevel(logging.ERROR)    # open_clip warns "no pretrained weights" before we load ours
+    drop = _RandomInitWarningFilter()
+    OPEN_CLIP_LOGGER.addFilter(drop)
     try:
         model = open_clip.create_model(model_name, pretrained=None)
     finally:
-        root_logger.setLevel(level)
+        OPEN_CLIP_LOGGER.removeFilter(drop)
     if weights is not None:
         state = read_state_dict(weights)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -768,8 +769,10 @@ def conditional_probability(m: np.ndarray, n: np.ndarray) -> np.ndarray:
 # Files: scores CSV, graph
 # ============================================================================================
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder and rename, so a crash leaves no half file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder and rename, so a crash leaves no half file.
+    The one writer of every file the project produces."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -778,6 +781,24 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def json_safe(obj):
+    """NaN (an undefined AP, e.g. a size band with too few positives) becomes None, so reports
+    stay valid JSON (json.dumps would write a bare NaN)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
+    """`obj` as strict JSON (NaN -> null), written atomically."""
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_scores_csv(path: str | os.PathLike, ids: Sequence[str], columns: Sequence[str],
@@ -789,7 +810,7 @@ def write_scores_csv(path: str | os.PathLike, ids: Sequence[str], columns: Seque
             w.writerow(["image_id", *columns])
             for image_id, row in zip(ids, scores):
                 w.writerow([image_id, *(f"{v:.10g}" for v in row)])
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def read_table_csv(path: str | os.PathLike, what: str = "scores") -> tuple[list[str], list[str], np.ndarray]:
@@ -831,7 +852,7 @@ def write_graph(path: str | os.PathLike, labels: PseudoLabels, min_votes: int = 
     tensors = {"M": torch.from_numpy(m.astype(np.float32)), "N": torch.from_numpy(n.astype(np.float32))}
     meta = {"categories": json.dumps(labels.categories), "num_classes": str(labels.num_classes),
             "min_votes": str(min_votes), "num_images": str(len(labels.ids))}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_graph(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str], int]:
@@ -848,63 +869,6 @@ def read_graph(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[st
         return m, n, json.loads(meta["categories"]), int(meta["num_classes"])
     except (KeyError, ValueError, OSError) as e:
         raise DataError(path, f"not a graph file written by data.py ({e})") from None
-
-
-# ============================================================================================
-# CLI
-# ============================================================================================
-
-def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
-    if args.dataset == "synthetic":
-        # A world carries its classes and dictionary beside its captions.
-        class_names = synthetic_classes(args.captions)
-        synonyms = Path(args.synonyms) if args.synonyms else Path(args.captions) / "synonyms.json"
-    else:
-        class_names = CLASS_NAMES[args.dataset]
-        synonyms = dictionary_path(args.dataset, args.synonyms)
-    dictionary = SynonymDictionary.from_json(synonyms, len(class_names))
-    captions = read_captions(args.captions)
-    config = CaptionFilterConfig(min_votes=args.min_votes, context_weight=args.context_weight)
-    labels = pseudo_labels(captions, dictionary, class_names, config, progress=not args.quiet)
-    write_scores_csv(args.out, labels.ids, labels.categories, labels.scores)
-    hard = labels.hard(args.min_votes)
-    per_image = hard[:, :len(class_names)].sum(1)
-    print(f"{len(labels.ids)} images, {int(labels.num_captions.sum())} captions, dictionary {dictionary.source}")
-    print(f"hard labels (>= {args.min_votes} votes): {per_image.mean():.2f} classes per image, "
-          f"{int((per_image == 0).sum())} images with no class")
-    print(f"wrote {args.out}")
-    if args.graph:
-        write_graph(args.graph, labels, args.min_votes)
-        print(f"wrote {args.graph}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pseudo-labels", help="captions -> soft pseudo labels CSV (+ co-occurrence graph)")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--captions", required=True, help="folder with captions.json (+ re_captions.json)")
-    p.add_argument("--out", required=True, help="scores CSV to write")
-    p.add_argument("--synonyms", default=None,
-                   help="dictionary JSON, or 'paper' for the paper's own (default: the project's, assets/synonyms/)")
-    p.add_argument("--graph", default=None, help="also write co-occurrence counts (safetensors)")
-    p.add_argument("--min-votes", type=int, default=CaptionFilterConfig.min_votes,
-                   help="captions needed for a hard label (graph and summary)")
-    p.add_argument("--context-weight", type=float, default=CaptionFilterConfig.context_weight,
-                   help="tie-break weight of the caption-context model (0: plain vote fraction)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "pseudo-labels":
-            _cmd_pseudo_labels(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ============================================================================================
@@ -963,17 +927,12 @@ class FeatureCache:
 
     def build(self, dataset, encode: Callable, batch_size: int = 64, workers: int = 0,
               device: str = "cpu", desc: str = "caching features", pin_memory: bool = False) -> tuple[list[str], dict]:
-        """Encode every image of `dataset` (a MultiLabelImages yielding fixed-size uint8
-        images) with `encode(uint8 batch on device) -> {name: [b, ...] tensor}` and store it.
-        Skipped images are reported and left out."""
+        """Encode every image of `dataset` with `encode` (see `encode_images`) and store the
+        outputs in bf16 shards. Skipped images are reported and left out."""
         import torch
         from safetensors.torch import save_file
-        from tqdm import tqdm
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                             collate_fn=collate_images, pin_memory=pin_memory)
-        report = SkipReport()
         ids: list[str] = []
         buffer: dict[str, list] = {}
         shards: list[str] = []
@@ -983,27 +942,97 @@ class FeatureCache:
                 return
             name = f"shard-{len(shards):05d}.safetensors"
             tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
-            _atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp)))
+            atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp)))
             shards.append(name)
             buffer.clear()
 
-        bar = tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, mininterval=2)
-        with torch.no_grad():
-            for batch in loader:
-                report.update(batch)
-                bar.update(batch["skipped"] + len(batch["id"]))
-                if not batch["id"]:
-                    continue
-                out = encode(batch["image"].to(device, non_blocking=True))
-                for k, v in out.items():
-                    buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
-                ids.extend(batch["id"])
-                if sum(len(x) for x in next(iter(buffer.values()))) >= self.SHARD:
-                    flush()
+        for batch_ids, _, out in encode_images(dataset, encode, batch_size, workers, device, desc, pin_memory):
+            for k, v in out.items():
+                buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
+            ids.extend(batch_ids)
+            if sum(len(x) for x in next(iter(buffer.values()))) >= self.SHARD:
+                flush()
         flush()
-        bar.close()
-        if report.skipped:
-            print(f"{dataset.name}: {report.summary()}", file=sys.stderr)
         meta = {"ids": ids, "shards": shards, "spec": self.spec}
-        _atomic_write(self.dir / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+        atomic_write(self.dir / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
         return self.load()
+
+
+def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
+                  desc: str = "encoding", pin_memory: bool = False, progress: bool = True):
+    """The one encode loop: yields (ids, dataset indices, `encode(uint8 batch on device)`) per
+    batch of a MultiLabelImages yielding fixed-size uint8 images, under no_grad, with a progress
+    bar in images; skipped images are counted and summarised in one line at the end."""
+    import torch
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_images, pin_memory=pin_memory)
+    report = SkipReport()
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, mininterval=2, disable=not progress)
+    with torch.no_grad():
+        for batch in loader:
+            report.update(batch)
+            bar.update(batch["skipped"] + len(batch["id"]))
+            if batch["id"]:
+                yield batch["id"], batch["index"], encode(batch["image"].to(device, non_blocking=True))
+    bar.close()
+    if report.skipped:
+        print(f"{dataset.name}: {report.summary()}", file=sys.stderr)
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
+    if args.dataset == "synthetic":
+        # A world carries its classes and dictionary beside its captions.
+        class_names = synthetic_classes(args.captions)
+        synonyms = Path(args.synonyms) if args.synonyms else Path(args.captions) / "synonyms.json"
+    else:
+        class_names = CLASS_NAMES[args.dataset]
+        synonyms = dictionary_path(args.dataset, args.synonyms)
+    dictionary = SynonymDictionary.from_json(synonyms, len(class_names))
+    captions = read_captions(args.captions)
+    config = CaptionFilterConfig(min_votes=args.min_votes, context_weight=args.context_weight)
+    labels = pseudo_labels(captions, dictionary, class_names, config, progress=not args.quiet)
+    write_scores_csv(args.out, labels.ids, labels.categories, labels.scores)
+    hard = labels.hard(args.min_votes)
+    per_image = hard[:, :len(class_names)].sum(1)
+    print(f"{len(labels.ids)} images, {int(labels.num_captions.sum())} captions, dictionary {dictionary.source}")
+    print(f"hard labels (>= {args.min_votes} votes): {per_image.mean():.2f} classes per image, "
+          f"{int((per_image == 0).sum())} images with no class")
+    print(f"wrote {args.out}")
+    if args.graph:
+        write_graph(args.graph, labels, args.min_votes)
+        print(f"wrote {args.graph}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pseudo-labels", help="captions -> soft pseudo labels CSV (+ co-occurrence graph)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--captions", required=True, help="folder with captions.json (+ re_captions.json)")
+    p.add_argument("--out", required=True, help="scores CSV to write")
+    p.add_argument("--synonyms", default=None,
+                   help="dictionary JSON, or 'paper' for the paper's own (default: the project's, assets/synonyms/)")
+    p.add_argument("--graph", default=None, help="also write co-occurrence counts (safetensors)")
+    p.add_argument("--min-votes", type=int, default=CaptionFilterConfig.min_votes,
+                   help="captions needed for a hard label (graph and summary)")
+    p.add_argument("--context-weight", type=float, default=CaptionFilterConfig.context_weight,
+                   help="tie-break weight of the caption-context model (0: plain vote fraction)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pseudo-labels":
+            _cmd_pseudo_labels(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from data import DataError, _atomic_write, read_table_csv
-from metrics import DIFFICULT_MODES, evaluate, json_safe
+from data import DataError, read_table_csv, write_json
+from metrics import DIFFICULT_MODES, evaluate
 
 
 def evaluate_csv(scores_path: str, labels_path: str, difficult: str = "ignore",
@@ -63,64 +62,32 @@ def print_class_ap(ap: dict, file=None) -> None:
         print(f"  {c:<{width}}  {'   n/a' if value is None else f'{value:6.2f}'}", file=file or sys.stdout)
 
 
-def read_checkpoint(path: str):
-    """(config, classes, categories, tensors, metadata) of a train.py checkpoint."""
-    from safetensors import SafetensorError, safe_open
-
-    import bacgcn
-
-    if not Path(path).is_file():
-        raise DataError(path, "checkpoint not found")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise DataError(path, f"not a safetensors checkpoint ({e})") from None
-    if meta.get("format") != "bacgcn-1":
-        raise DataError(path, "not a checkpoint written by train.py (no bacgcn metadata)")
-    cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
-    return cfg, json.loads(meta["classes"]), json.loads(meta["categories"]), tensors, meta
-
-
 def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
                         difficult: str = "ignore") -> dict:
     """Rebuild the model from the checkpoint alone and evaluate it on a split."""
     import torch
 
-    import bacgcn
-    import data as data_mod
-    import train
+    import pipeline
+    from data import load_dataset
 
-    cfg, classes, categories, tensors, meta = read_checkpoint(path)
+    cfg, classes, categories, tensors, meta = pipeline.read_checkpoint(path)
     cfg = cfg.replace(data_root=data_root or cfg.data_root, test_split=split or cfg.test_split,
                       device=cfg.device if cfg.device and (cfg.device == "cpu" or torch.cuda.is_available()) else "")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = data_mod.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
+    device = pipeline.resolve_device(cfg.device)
+    dataset = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
     if dataset.class_names != classes:
         raise DataError(path, f"trained on {len(classes)} classes of {cfg.dataset} ({', '.join(classes[:3])}, ...), "
                               f"the data at {cfg.data_root} has {len(dataset.class_names)} "
                               f"({', '.join(dataset.class_names[:3])}, ...)")
     try:
-        clip = bacgcn.create_clip(cfg.clip_model, cfg.clip_weights)
+        backbone = pipeline.build_backbone(cfg, device)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(path, f"its CLIP cannot be rebuilt: {e}") from None
-    if cfg.image_size:
-        bacgcn.set_image_size(clip, cfg.image_size)
-    backbone = bacgcn.CLIPBackbone(clip.to(device), cfg.patch_readout).eval()
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    adjacency = bacgcn.build_adjacency(tensors["graph.M"], tensors["graph.N"], len(classes), cfg)
-    prompts = torch.zeros_like(state["kernel.prompts"])
-    model = bacgcn.BACGCN(cfg, prompts, len(classes), adjacency, float(state["logit_scale"]))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise DataError(path, f"weights do not fit the recorded config ({str(e).splitlines()[0]})") from None
-    model.to(device)
-    test = train.cached_features(cfg, backbone, dataset, device)
-    dtype = torch.bfloat16 if device.startswith("cuda") and cfg.amp else torch.float32
-    logits = train.predict(model, test.feats, device, dtype)
-    result = train.evaluate_split(cfg, logits, test, len(classes), difficult)
+    model = pipeline.model_from_checkpoint(path, cfg, classes, tensors).to(device)
+    test = pipeline.cached_features(cfg, backbone, dataset, device)
+    dtype = pipeline.compute_dtype(device, cfg.amp)
+    logits = pipeline.predict(model, test.feats, device, dtype)
+    result = pipeline.evaluate_split(cfg, logits, test, len(classes), difficult)
     result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
                    "split": cfg.test_split, "checkpoint": str(path), "trained": json.loads(meta["metrics"])})
     return result
@@ -158,8 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
         out.update({k: v for k, v in report.items() if k not in out})
-        out = json_safe(out)
-        _atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(out, indent=2) + "\n"))
+        write_json(args.json, out, indent=2)
     return 0
 
 

@@ -16,8 +16,6 @@ Everything is vectorised over classes with numpy; no Python loop over images.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 DIFFICULT_MODES = ("ignore", "positive", "negative")
@@ -178,15 +176,3 @@ def size_split_map(scores: np.ndarray, labels: np.ndarray, largest_area: np.ndar
         lab = np.where(labels == 1, np.where(keep, 1, 0), labels)[:, use]
         out[name] = float(np.nanmean(average_precision(scores[:, use], lab, "ignore")) * 100.0)
     return out
-
-
-def json_safe(obj):
-    """NaN (an undefined AP, e.g. a size band with too few positives) becomes None, so reports
-    stay valid JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj

@@ -5,10 +5,11 @@
       --captions=DIR                                # real data (also voc2012, coco2014, nuswide)
   python train.py --key=value ...                   # any field of bacgcn.BACGCNConfig
 
-Stages (DESIGN.md): captions -> pseudo labels and graph; frozen CLIP features, cached once per
-image; Similarity Kernel + CLIP-GCN trained on the soft pseudo labels; ReSO inline from epoch
-`reso_epoch`; evaluation on the test split against CLIP zero-shot. Writes ckpt.safetensors,
-metrics.jsonl and report.json to the run folder.
+Stages: (1) captions -> pseudo labels and the co-occurrence graph; (2) frozen CLIP features,
+cached once per image; (3) the model, which starts at CLIP zero-shot; (4) the Similarity Kernel
+and CLIP-GCN trained on the soft pseudo labels, ReSO inline from epoch `reso_epoch`; (5)
+evaluation on the test split against CLIP zero-shot. Writes ckpt.safetensors, metrics.jsonl
+and report.json to the run folder.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,30 +29,15 @@ import torch.nn.functional as F
 
 import bacgcn
 import data
-from metrics import evaluate, json_safe, size_split_map
+import pipeline
+from pipeline import Split, log
 
 ROOT = Path(__file__).resolve().parent
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-# --------------------------------------------------------------------------------------------
-# Data and features
-# --------------------------------------------------------------------------------------------
 
 # Names the text encoder should read instead of a dataset's run-together spelling.
 PROMPT_SPELLING = {"tvmonitor": "tv monitor", "diningtable": "dining table", "pottedplant": "potted plant",
                    "tv": "television"}
+REPORT_KEYS = ("mAP", "mAP_small", "mAP_large", "CF1", "OF1")   # the zero-shot summary of report.json
 DEFAULT_SPLITS = {"synthetic": ("trainval", "test"), "voc2007": ("trainval", "test"),
                   "voc2012": ("train", "val"), "coco2014": ("train", "val"), "nuswide": ("train", "test")}
 
@@ -79,59 +64,55 @@ def resolve_paths(cfg: bacgcn.BACGCNConfig) -> bacgcn.BACGCNConfig:
     return cfg.replace(**updates)
 
 
+# --------------------------------------------------------------------------------------------
+# 1. Pseudo labels and graph
+# --------------------------------------------------------------------------------------------
+
 @dataclass
-class Split:
-    ids: list[str]
-    feats: dict[str, torch.Tensor]     # patches [n, N, E], g, gH, gHc [n, E], attn [n, N] (bf16, CPU)
-    dataset: data.MultiLabelImages     # for labels and (ReSO) the original images
+class CaptionLabels:
+    """What the captions say about the training images, over the O categories trained."""
+    classes: list[str]
+    categories: list[str]        # the C classes, then the backgrounds when they are used
+    prompt_names: list[str]      # what the text encoder reads for each category
+    pseudo: data.PseudoLabels
+    m: np.ndarray                # co-occurrence counts of the hard labels [O, O]
+    n: np.ndarray                # label counts [O]
+
+    def targets_for(self, ids: Sequence[str], min_votes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft targets, hard labels) [len(ids), O], rows in the order of `ids`."""
+        row = {i: k for k, i in enumerate(self.pseudo.ids)}
+        take = [row[i] for i in ids]
+        o = len(self.categories)
+        targets = torch.from_numpy(self.pseudo.scores[take, :o]).float()
+        hard = torch.from_numpy(self.pseudo.hard(min_votes)[take, :o]) > 0
+        return targets, hard
 
 
-def image_transform(size: int):
-    """uint8 [3, H, W] -> uint8 [3, size, size] (antialiased), in the loader workers."""
-    from torchvision.transforms.v2 import functional as TF
-
-    def resize(img: torch.Tensor) -> torch.Tensor:
-        if img.shape[-2:] == (size, size):
-            return img
-        return TF.resize(img, [size, size], antialias=True)
-    return resize
-
-
-def feature_spec(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone, dataset: data.MultiLabelImages,
-                 kind: str) -> dict:
-    import hashlib
-    return {"kind": kind, "clip_model": cfg.clip_model, "weights": data.file_digest(cfg.clip_weights),
-            "image_size": backbone.image_size, "patch_readout": cfg.patch_readout, "h_fraction": cfg.h_fraction,
-            "dataset": dataset.name, "root": str(Path(cfg.data_root).resolve()),
-            "ids": hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()}
-
-
-def cached_features(cfg, backbone, dataset, device) -> Split:
-    cache = data.FeatureCache(cfg.cache_dir, feature_spec(cfg, backbone, dataset, "images"))
-    if cache.complete:
-        log(f"{dataset.name}: feature cache hit ({cache.dir})")
-        ids, feats = cache.load()
+def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
+    classes = train_ds.class_names
+    if cfg.dataset == "synthetic":
+        syn_path = Path(cfg.synonyms) if cfg.synonyms else Path(cfg.captions) / "synonyms.json"
     else:
-        log(f"{dataset.name}: encoding {len(dataset)} images once into {cache.dir}")
-        dataset.transform = image_transform(backbone.image_size)
-        t0 = time.time()
-        ids, feats = cache.build(dataset, lambda x: _encode(backbone, x, cfg), batch_size=64,
-                                 workers=cfg.workers, device=device, desc=f"caching {dataset.name}",
-                                 pin_memory=device.startswith("cuda"))
-        log(f"{dataset.name}: {len(ids)} images in {time.time() - t0:.0f} s "
-            f"({len(ids) / max(time.time() - t0, 1e-9):.0f} img/s)")
-        dataset.transform = None
-    return Split(ids, feats, dataset)
-
-
-def _encode(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
-    x = bacgcn.preprocess(images, backbone.image_size)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and cfg.amp):
-        return backbone.features(x, cfg.h_fraction)
+        syn_path = data.dictionary_path(cfg.dataset, cfg.synonyms or None)
+    dictionary = data.SynonymDictionary.from_json(syn_path, len(classes))
+    captions = data.read_captions(cfg.captions)
+    pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
+                                ids=train_ds.ids)
+    no_caption = int((pseudo.num_captions == 0).sum())
+    if no_caption:
+        log(f"warning: {no_caption} training images have no caption (all-zero pseudo labels)")
+    num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
+    hard = pseudo.hard(cfg.min_votes)
+    m, n = data.cooccurrence(hard[:, :num_cat])
+    log(f"pseudo labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "
+        f"{hard[:, :len(classes)].sum(1).mean():.2f} classes per image")
+    # The dictionary's own spelling reads better in a prompt than the dataset's ("dining table")
+    prompt_names = [PROMPT_SPELLING.get(c, c) for c in dictionary.categories[:num_cat]]
+    return CaptionLabels(classes, pseudo.categories[:num_cat], prompt_names, pseudo, m, n)
 
 
 # --------------------------------------------------------------------------------------------
-# ReSO: crops of small pseudo-positive regions
+# ReSO: crops of small pseudo-positive regions (used by stage 4)
 # --------------------------------------------------------------------------------------------
 
 def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[int, int, tuple[int, int, int, int]]]:
@@ -204,12 +185,8 @@ class CropImages(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------------------------
-# Training
+# 4. Training: loss, ReSO crops, the epoch loop
 # --------------------------------------------------------------------------------------------
-
-def batch_feats(feats: dict[str, torch.Tensor], idx: torch.Tensor, device: str, dtype) -> dict[str, torch.Tensor]:
-    return {k: feats[k][idx].to(device, non_blocking=True).to(dtype) for k in ("patches", "g", "gH", "gHc")}
-
 
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, weight: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,142 +206,126 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, weight: to
     return loss.sum() / denom.clamp_min(1)
 
 
-@torch.no_grad()
-def predict(model, feats, device, dtype, batch: int = 256) -> np.ndarray:
-    """Logits [n, O] of every cached image."""
+@dataclass
+class ResoCrops:
+    """The ReSO crops of a run, ready to train on: row k is crop k."""
+    feats: dict[str, torch.Tensor]   # cached features, as for images
+    targets: torch.Tensor            # [n, O] its class 1, the parent's uncaptioned categories 0
+    masks: torch.Tensor              # [n, O] 1 where an entry is trained
+    classes: torch.Tensor            # [n] the class each crop was cut for
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def find_small_regions(cfg, model, split: Split, candidates, num_classes: int, device: str, dtype) -> list:
+    """reso_regions over a whole split, batch by batch (all similarity maps of COCO would not fit
+    in memory). `candidates(idx, sim)` -> bool [b, C]: which classes of those images to consider."""
+    found = []
     model.eval()
-    logits = []
-    n = feats["g"].shape[0]
-    for i in range(0, n, batch):
-        idx = torch.arange(i, min(i + batch, n))
-        logits.append(model(batch_feats(feats, idx, device, dtype))["logits"].float().cpu())
+    with torch.no_grad():
+        for start in range(0, len(split.ids), pipeline.PREDICT_BATCH):
+            idx = torch.arange(start, min(start + pipeline.PREDICT_BATCH, len(split.ids)))
+            sim = model(pipeline.batch_feats(split.feats, idx, device, dtype))["sim"][:, :, :num_classes].float().cpu()
+            found += [(start + b, c, box) for b, c, box in reso_regions(sim, candidates(idx, sim), cfg)]
     model.train()
-    return torch.cat(logits).numpy()
+    return found
 
 
-def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, difficult: str = "ignore") -> dict:
-    """mAP, CF1, OF1 (threshold: logit 0), per-class AP; on the proving ground also the size
-    rule's mAP_small / mAP_large."""
-    labels = split.dataset.label_matrix()
+def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> dict[str, torch.Tensor]:
+    """Features of the crops `found` [(row, class, patch box)], in that order, each encoded once
+    (cached under the crops' list)."""
+    grid = int(round(math.sqrt(split.feats["patches"].shape[1])))
     row = {s.id: k for k, s in enumerate(split.dataset.samples)}
-    labels = labels[[row[i] for i in split.ids]]
-    scores = logits[:, :num_classes]
-    report = evaluate(scores, labels, split.dataset.class_names, difficult, threshold=0.0)
-    out = {"mAP": report["mAP"], "CF1": report["CF1"], "OF1": report["OF1"], "AP": report["AP"]}
-    if cfg.dataset == "synthetic":
-        import synthetic
-        areas = data.largest_instance_area(cfg.data_root, split.ids, split.dataset.class_names)
-        out.update(size_split_map(scores, labels, areas, synthetic.SMALL_AREA, synthetic.LARGE_AREA))
-    return out
+    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
+                         backbone.image_size, grid, cfg.reso_margin)
+    spec = pipeline.feature_spec(cfg, backbone, split.dataset, kind)
+    spec.update({"crops": crop_ds.ids, "margin": cfg.reso_margin})
+    ids, feats = pipeline.load_or_encode(cfg, backbone, crop_ds, spec, device, kind)
+    if len(ids) != len(crop_ds.ids):   # an unreadable image: keep the crops that were encoded
+        keep = {i: k for k, i in enumerate(ids)}
+        feats = {k: torch.stack([v[keep[i]] if i in keep else torch.zeros_like(v[0]) for i in crop_ds.ids])
+                 for k, v in feats.items()}
+    return feats
 
 
-def run(cfg: bacgcn.BACGCNConfig, preset: str = "", quiet_progress: bool = False) -> dict:
-    t_start = time.time()
-    cfg = resolve_paths(cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    out_dir = Path(cfg.out or ROOT / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.replace(out=str(out_dir))
+def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, targets: torch.Tensor,
+                     num_classes: int, device: str, dtype) -> ResoCrops | None:
+    """Find small pseudo-positive regions with the current similarity maps, crop them from the
+    original images, encode each crop once (cached), and return their training tensors."""
+    found = find_small_regions(cfg, model, train, lambda idx, sim: hard[idx, :num_classes], num_classes,
+                               device, dtype)
+    if not found:
+        return None
+    feats = encode_crops(cfg, backbone, train, found, "reso-crops", device)
+    parents = torch.tensor([b for b, _, _ in found])
+    cls = torch.tensor([c for _, c, _ in found])
+    # Crop targets: its class is present; what the captions never named in the parent is absent
+    # in the crop too; the parent's other positives may or may not be inside: not trained.
+    crop_targets = torch.zeros(len(found), targets.shape[1])
+    crop_targets[torch.arange(len(found)), cls] = 1.0
+    crop_masks = (targets[parents] <= 0.05).float()
+    crop_masks[torch.arange(len(found)), cls] = 1.0
+    return ResoCrops(feats, crop_targets, crop_masks, cls)
 
-    # 1. datasets, pseudo labels, graph
-    train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
-    test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
-    classes = train_ds.class_names
-    if cfg.dataset == "synthetic":
-        syn_path = Path(cfg.synonyms) if cfg.synonyms else Path(cfg.captions) / "synonyms.json"
-    else:
-        syn_path = data.dictionary_path(cfg.dataset, cfg.synonyms or None)
-    dictionary = data.SynonymDictionary.from_json(syn_path, len(classes))
-    captions = data.read_captions(cfg.captions)
-    pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
-                                ids=train_ds.ids)
-    no_caption = int((pseudo.num_captions == 0).sum())
-    if no_caption:
-        log(f"warning: {no_caption} training images have no caption (all-zero pseudo labels)")
-    num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
-    categories = pseudo.categories[:num_cat]
-    m, n = data.cooccurrence(pseudo.hard(cfg.min_votes)[:, :num_cat])
-    log(f"pseudo labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "
-        f"{pseudo.hard(cfg.min_votes)[:, :len(classes)].sum(1).mean():.2f} classes per image")
 
-    # 2. frozen CLIP and cached features
-    clip = bacgcn.create_clip(cfg.clip_model, cfg.clip_weights)
-    if cfg.image_size:
-        bacgcn.set_image_size(clip, cfg.image_size)
-    clip = clip.to(device)
-    backbone = bacgcn.CLIPBackbone(clip, cfg.patch_readout).eval()
-    tokenizer = bacgcn.tokenizer_for(cfg.clip_model)
-    # The dictionary's own spelling reads better in a prompt than the dataset's ("dining table")
-    prompt_names = [PROMPT_SPELLING.get(c, c) for c in dictionary.categories[:num_cat]]
-    prompts = backbone.class_embeddings(prompt_names, tokenizer, device=device).cpu()
-    train = cached_features(cfg, backbone, train_ds, device)
-    test = cached_features(cfg, backbone, test_ds, device)
-    if device.startswith("cuda"):  # page-locked, so the per-batch non_blocking copies overlap compute
-        for split in (train, test):
-            split.feats = {k: v.pin_memory() for k, v in split.feats.items()}
-    pseudo_row = {i: k for k, i in enumerate(pseudo.ids)}
-    take = [pseudo_row[i] for i in train.ids]
-    targets = torch.from_numpy(pseudo.scores[take, :num_cat]).float()
-    hard = torch.from_numpy(pseudo.hard(cfg.min_votes)[take, :num_cat]) > 0
-
-    # 3. model
-    adjacency = bacgcn.build_adjacency(torch.from_numpy(m).float(), torch.from_numpy(n).float(), len(classes), cfg)
-    logit_scale = float(clip.logit_scale.exp().item())
-    model = bacgcn.BACGCN(cfg, prompts, len(classes), adjacency, logit_scale).to(device)
-    dtype = torch.bfloat16 if device.startswith("cuda") and cfg.amp else torch.float32
-    zeroshot_logits = predict(model, test.feats, device, dtype)
-    zeroshot = evaluate_split(cfg, zeroshot_logits, test, len(classes))
-    log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
-    step_fn = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+def make_optimizer(cfg, model) -> torch.optim.Optimizer:
+    """AdamW; the prompts start at CLIP's text embeddings and move `prompt_lr_mult` slower."""
     prompt_params = [model.kernel.prompts]
     other = [p for name, p in model.named_parameters() if name != "kernel.prompts"]
-    opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr},
-                             {"params": prompt_params, "lr": cfg.lr * cfg.prompt_lr_mult}],
-                            weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW([{"params": other, "lr": cfg.lr},
+                              {"params": prompt_params, "lr": cfg.lr * cfg.prompt_lr_mult}],
+                             weight_decay=cfg.weight_decay)
+
+
+def epoch_batches(cfg, num_images: int, crops: ResoCrops | None, gen: torch.Generator,
+                  epoch: int) -> list[tuple[str, torch.Tensor]]:
+    """This epoch's ("image" | "crop", row indices) batches in a seeded random order."""
+    order = torch.randperm(num_images, generator=gen)
+    batches = [("image", order[i:i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
+    if crops is not None and len(crops):
+        corder = torch.randperm(len(crops), generator=gen)
+        batches += [("crop", corder[i:i + cfg.batch_size]) for i in range(0, len(corder), cfg.batch_size)]
+        random.Random(cfg.seed + epoch).shuffle(batches)
+    return batches
+
+
+def batch_loss(cfg, step_fn, kind: str, idx: torch.Tensor, train: Split, targets: torch.Tensor,
+               crops: ResoCrops | None, device: str, dtype) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        if kind == "image":
+            out = step_fn(pipeline.batch_feats(train.feats, idx, device, dtype))
+            return multilabel_loss(out["logits"], targets[idx].to(device), cfg)
+        out = step_fn(pipeline.batch_feats(crops.feats, idx, device, dtype))
+        logits = out["logits"].float()
+        cls = crops.classes[idx].to(device)
+        p_own = torch.sigmoid(logits.gather(1, cls[:, None]))[:, 0].detach()
+        weight = 1 + (1 - p_own).pow(cfg.reso_gamma)   # harder crops weigh more
+        return multilabel_loss(logits, crops.targets[idx].to(device), cfg, weight, crops.masks[idx].to(device))
+
+
+def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard: torch.Tensor, num_classes: int,
+                 device: str, dtype, metrics_file) -> None:
+    """The training loop: every epoch over the cached images, plus the ReSO crops from
+    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`."""
+    step_fn = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+    opt = make_optimizer(cfg, model)
     base_lr = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(train.ids) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-
-    # 4. loop, with ReSO inline
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_file = open(metrics_path, "w")
-    crop_feats = crop_targets = crop_masks = crop_class = None
-    step, t_train = 0, time.time()
+    crops: ResoCrops | None = None
+    step = 0
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.epochs):
         if cfg.use_reso and epoch == cfg.reso_epoch:
-            crop_feats, crop_targets, crop_masks, crop_class = build_reso_crops(
-                cfg, model, backbone, train, hard, targets, len(classes), device, dtype)
-            log(f"epoch {epoch + 1}: ReSO found {0 if crop_class is None else len(crop_class)} small regions to crop")
-        order = torch.randperm(len(train.ids), generator=gen)
-        batches = [("image", order[i:i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)]
-        if crop_class is not None and len(crop_class):
-            corder = torch.randperm(len(crop_class), generator=gen)
-            batches += [("crop", corder[i:i + cfg.batch_size]) for i in range(0, len(corder), cfg.batch_size)]
-            random.Random(cfg.seed + epoch).shuffle(batches)
+            crops = build_reso_crops(cfg, model, backbone, train, hard, targets, num_classes, device, dtype)
+            log(f"epoch {epoch + 1}: ReSO found {0 if crops is None else len(crops)} small regions to crop")
         running, count = torch.zeros(()), 0
-        for kind, idx in batches:
-            lr_scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        for kind, idx in epoch_batches(cfg, len(train.ids), crops, gen, epoch):
             for g, lr in zip(opt.param_groups, base_lr):
-                g["lr"] = lr * lr_scale
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                if kind == "image":
-                    out = step_fn(batch_feats(train.feats, idx, device, dtype))
-                    loss = multilabel_loss(out["logits"], targets[idx].to(device), cfg)
-                else:
-                    out = step_fn(batch_feats(crop_feats, idx, device, dtype))
-                    logits = out["logits"].float()
-                    cls = crop_class[idx].to(device)
-                    p_own = torch.sigmoid(logits.gather(1, cls[:, None]))[:, 0].detach()
-                    weight = 1 + (1 - p_own).pow(cfg.reso_gamma)   # harder crops weigh more
-                    loss = multilabel_loss(logits, crop_targets[idx].to(device), cfg, weight,
-                                           crop_masks[idx].to(device))
+                g["lr"] = lr * pipeline.warmup_cosine(step, warmup, total)
+            loss = batch_loss(cfg, step_fn, kind, idx, train, targets, crops, device, dtype)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -378,93 +339,70 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", quiet_progress: bool = False
                 metrics_file.flush()
         epoch_loss = (running / max(count, 1)).item()
         metrics_file.write(json.dumps({"epoch": epoch, "epoch_loss": epoch_loss,
-                                       "crops": 0 if crop_class is None else len(crop_class)}) + "\n")
+                                       "crops": 0 if crops is None else len(crops)}) + "\n")
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {count} steps"
-            + (f", {len(crop_class)} ReSO crops" if crop_class is not None else ""))
-    train_s = time.time() - t_train
+            + (f", {len(crops)} ReSO crops" if crops is not None else ""))
 
-    # 5. evaluation, checkpoint, report
-    logits = predict(model, test.feats, device, dtype)
-    result = evaluate_split(cfg, logits, test, len(classes))
-    metrics_file.write(json.dumps({"test": {k: v for k, v in result.items() if k != "AP"}}) + "\n")
-    metrics_file.close()
+
+# --------------------------------------------------------------------------------------------
+# The run: stages 1-5
+# --------------------------------------------------------------------------------------------
+
+def start_run(cfg: bacgcn.BACGCNConfig, preset: str) -> tuple[bacgcn.BACGCNConfig, str]:
+    """Paths, device, seeds, threads and the run folder: (completed config, device)."""
+    cfg = resolve_paths(cfg)
+    device = pipeline.resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out_dir = Path(cfg.out or ROOT / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return cfg.replace(out=str(out_dir)), device
+
+
+def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
+    t_start = time.time()
+    cfg, device = start_run(cfg, preset)
+    out_dir = Path(cfg.out)
+    train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
+    test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
+    labels = caption_labels(cfg, train_ds)                                         # 1
+    num_classes = len(labels.classes)
+
+    backbone = pipeline.build_backbone(cfg, device)                                 # 2
+    prompts = backbone.class_embeddings(labels.prompt_names, bacgcn.tokenizer_for(cfg.clip_model),
+                                        device=device).cpu()
+    train = pipeline.cached_features(cfg, backbone, train_ds, device)
+    test = pipeline.cached_features(cfg, backbone, test_ds, device)
+    if device.startswith("cuda"):  # page-locked, so the per-batch non_blocking copies overlap compute
+        for split in (train, test):
+            split.feats = {k: v.pin_memory() for k, v in split.feats.items()}
+    targets, hard = labels.targets_for(train.ids, cfg.min_votes)
+
+    logit_scale = float(backbone.clip.logit_scale.exp().item())                    # 3
+    model = pipeline.build_model(cfg, prompts, num_classes, labels.m, labels.n, logit_scale).to(device)
+    dtype = pipeline.compute_dtype(device, cfg.amp)
+    zeroshot = pipeline.evaluate_split(cfg, pipeline.predict(model, test.feats, device, dtype), test, num_classes)
+    log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
+
+    with open(out_dir / "metrics.jsonl", "w") as metrics_file:
+        t_train = time.time()                                                       # 4
+        train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file)
+        train_s = time.time() - t_train
+        logits = pipeline.predict(model, test.feats, device, dtype)                 # 5
+        result = pipeline.evaluate_split(cfg, logits, test, num_classes)
+        metrics_file.write(json.dumps({"test": {k: v for k, v in result.items() if k != "AP"}}) + "\n")
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
-                   "zeroshot": {k: zeroshot[k] for k in ("mAP", "mAP_small", "mAP_large", "CF1", "OF1") if k in zeroshot},
+                   "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
                    "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
-    save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, classes, categories, m, n, report, preset)
-    text = json.dumps(json_safe(report), indent=1) + "\n"
-    data._atomic_write(out_dir / "report.json", lambda tmp: tmp.write_text(text))
+    pipeline.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
+                             labels.m, labels.n, report, preset)
+    data.write_json(out_dir / "report.json", report)
     return report
-
-
-def find_small_regions(cfg, model, split: Split, candidates, num_classes: int, device: str, dtype) -> list:
-    """reso_regions over a whole split, batch by batch (all similarity maps of COCO would not fit
-    in memory). `candidates(idx, sim)` -> bool [b, C]: which classes of those images to consider."""
-    found = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(split.ids), 256):
-            idx = torch.arange(start, min(start + 256, len(split.ids)))
-            sim = model(batch_feats(split.feats, idx, device, dtype))["sim"][:, :, :num_classes].float().cpu()
-            found += [(start + b, c, box) for b, c, box in reso_regions(sim, candidates(idx, sim), cfg)]
-    model.train()
-    return found
-
-
-def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> dict[str, torch.Tensor]:
-    """Features of the crops `found` [(row, class, patch box)], in that order, each encoded once
-    (cached under the crops' list)."""
-    grid = int(round(math.sqrt(split.feats["patches"].shape[1])))
-    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
-    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
-                         backbone.image_size, grid, cfg.reso_margin)
-    spec = feature_spec(cfg, backbone, split.dataset, kind)
-    spec.update({"crops": crop_ds.ids, "margin": cfg.reso_margin})
-    cache = data.FeatureCache(cfg.cache_dir, spec)
-    if cache.complete:
-        ids, feats = cache.load()
-    else:
-        ids, feats = cache.build(crop_ds, lambda x: _encode(backbone, x, cfg), batch_size=64, workers=cfg.workers,
-                                 device=device, desc=kind)
-    if len(ids) != len(crop_ds.ids):   # an unreadable image: keep the crops that were encoded
-        keep = {i: k for k, i in enumerate(ids)}
-        feats = {k: torch.stack([v[keep[i]] if i in keep else torch.zeros_like(v[0]) for i in crop_ds.ids])
-                 for k, v in feats.items()}
-    return feats
-
-
-def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, targets: torch.Tensor,
-                     num_classes: int, device: str, dtype):
-    """Find small pseudo-positive regions with the current similarity maps, crop them from the
-    original images, encode each crop once (cached), and return their training tensors."""
-    found = find_small_regions(cfg, model, train, lambda idx, sim: hard[idx, :num_classes], num_classes,
-                               device, dtype)
-    if not found:
-        return None, None, None, None
-    feats = encode_crops(cfg, backbone, train, found, "reso-crops", device)
-    parents = torch.tensor([b for b, _, _ in found])
-    cls = torch.tensor([c for _, c, _ in found])
-    # Crop targets: its class is present; what the captions never named in the parent is absent
-    # in the crop too; the parent's other positives may or may not be inside: not trained.
-    crop_targets = torch.zeros(len(found), targets.shape[1])
-    crop_targets[torch.arange(len(found)), cls] = 1.0
-    crop_masks = (targets[parents] <= 0.05).float()
-    crop_masks[torch.arange(len(found)), cls] = 1.0
-    return feats, crop_targets, crop_masks, cls
-
-
-def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors["graph.M"] = torch.from_numpy(np.asarray(m, dtype=np.float32))
-    tensors["graph.N"] = torch.from_numpy(np.asarray(n, dtype=np.float32))
-    meta = {"format": "bacgcn-1", "config": cfg.to_json(), "classes": json.dumps(list(classes)),
-            "categories": json.dumps(list(categories)), "metrics": json.dumps(json_safe(report)), "commit": git_commit(),
-            "preset": preset}
-    data._atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def print_table(report: dict) -> None:

@@ -10,7 +10,6 @@ The world of seed S is built under runs/ if absent; extra --key=value options go
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import bacgcn  # noqa: E402
 import train  # noqa: E402
-from metrics import json_safe  # noqa: E402
+from data import json_safe, write_json  # noqa: E402
 
 ROWS = (
     ("+ similarity kernel local logits", dict(use_local=True, use_gcn=False, use_backgrounds=False, use_reso=False)),
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     result = ablation(args.seed, overrides)
     print_table(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -16,7 +16,6 @@ times the references on the CPU (eager vs compile), and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,10 +33,11 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
+from data import write_json  # noqa: E402
 from kernels.gcn_propagate import gcn_propagate_ref  # noqa: E402
 from kernels.similarity_pool import similarity_pool_ref  # noqa: E402
+from pipeline import git_commit  # noqa: E402
 from tests.kernel_cases import CPU_DTYPES, assert_close, normalised, random_csr  # noqa: E402
-from train import git_commit  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("forward", "backward", "forward+backward")
@@ -147,7 +147,8 @@ def profile_gpu(args) -> None:
     if not args.quick:
         cases += [gcn_case(256, 105, 512, 0.15, dtype, device, "gelu")]
     rows = []
-    header = f"{'case':<62} {'mode':<17} {'eager':>8} {'compile':>8} {'triton':>8} {'x eager':>8} {'x comp':>7} {'GB/s':>7} {'%copy':>6} {'MiB':>7}"
+    header = (f"{'case':<62} {'mode':<17} {'eager':>8} {'compile':>8} {'triton':>8} {'x eager':>8} {'x comp':>7} "
+              f"{'GB/s':>7} {'%copy':>6} {'MiB':>7}")
     print(header)
     for case in cases:
         t0 = time.perf_counter()
@@ -196,9 +197,7 @@ def write_rows(path, device: str, bandwidth: float | None, rows: list[dict]) -> 
     meta = {"device": device, "copy_bandwidth_gb_s": bandwidth, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d")}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    write_json(path, {**meta, "rows": rows})
     print(f"wrote {len(rows)} rows to {path}")
 
 
@@ -256,7 +255,8 @@ def profile_cpu(args) -> None:
                 samples.append((time.perf_counter() - t) * 1e3)
             return statistics.median(samples)
 
-        times = {p: time_modes(measure, fn, case["inputs"]) for p, fn in (("eager", case["eager"]), ("compile", compiled))}
+        providers = (("eager", case["eager"]), ("compile", compiled))
+        times = {p: time_modes(measure, fn, case["inputs"]) for p, fn in providers}
         for mode in MODES:
             t = {p: times[p][mode] for p in times}
             print(f"{case['name']:<62} {mode:<17} {t['eager']:9.2f} {t['compile']:11.2f} "

@@ -1,10 +1,33 @@
-"""Shared by the kernel files: when to launch Triton, and dtype helpers."""
+"""Shared by the kernel files: Triton itself (or its stand-in), when to launch it, helpers."""
 from __future__ import annotations
 
 import os
 
 import torch
 from torch.library import custom_op, triton_op
+
+
+class _TritonMissing:
+    """Stands in for `triton` and `triton.language` where Triton is not installed (macOS, a CPU
+    wheel of torch): the kernel files still import, because `@triton.jit` returns the function
+    unchanged and `tl.constexpr` annotations evaluate, and every op runs its pure-torch
+    reference, since `use_triton` is then always False."""
+
+    @staticmethod
+    def jit(fn=None, **_options):
+        return fn if fn is not None else (lambda f: f)
+
+    def __getattr__(self, name: str):
+        return None
+
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    triton = tl = _TritonMissing()
+    HAS_TRITON = False
 
 
 def interpret_mode() -> bool:
@@ -15,6 +38,8 @@ def interpret_mode() -> bool:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Dispatch rule of every op: Triton on CUDA tensors (or in the interpreter), the pure-torch
     reference otherwise, so CPU training needs no Triton at all."""
+    if not HAS_TRITON:
+        return False
     if interpret_mode():
         return True
     return all(t.is_cuda for t in tensors)
@@ -31,6 +56,6 @@ def register_op(name: str):
     kernel needs real data, which tracing (fake tensors) does not have: there it is an opaque
     `custom_op`, and each file registers the output shapes with `register_fake`.
     """
-    if interpret_mode():
+    if interpret_mode() or not HAS_TRITON:
         return custom_op(name, mutates_args=())
     return triton_op(name, mutates_args=())

@@ -25,11 +25,9 @@ pure-torch `gcn_propagate_ref` otherwise.
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import wrap_triton
 
-from kernels._common import interpret_mode, next_pow2, register_op, use_triton
+from kernels._common import interpret_mode, next_pow2, register_op, tl, triton, use_triton
 
 ACTIVATIONS = (None, "relu", "leaky_relu", "gelu")
 LEAKY_SLOPE = 0.2

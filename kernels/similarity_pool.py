@@ -24,12 +24,9 @@ pure-torch `similarity_pool_ref` otherwise.
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import wrap_triton
 
-from kernels._common import interpret_mode, next_pow2, register_op, use_triton
-
+from kernels._common import interpret_mode, next_pow2, register_op, tl, triton, use_triton
 
 # --------------------------------------------------------------------------------------------
 # Reference (pure torch): the CPU path and the ground truth of the tests

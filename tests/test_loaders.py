@@ -9,7 +9,8 @@ import data
 
 VOC_XML = """<annotation><filename>{id}.jpg</filename><size><width>64</width><height>48</height></size>
 {objects}</annotation>"""
-VOC_OBJ = "<object><name>{name}</name><difficult>{d}</difficult><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>"
+VOC_OBJ = ("<object><name>{name}</name><difficult>{d}</difficult>"
+           "<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>")
 
 
 def _jpeg(path, seed=0, size=(48, 64)):
@@ -49,7 +50,8 @@ def test_voc_real_sample(shared_data):
     assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 375, 500)
     ann = data.read_voc_annotation(shared_data / "real_sample/voc/Annotations/2011_000006.xml")
     assert len(ann.objects) == 4 and not any(o.difficult for o in ann.objects)
-    assert ann.objects[2].box == pytest.approx((254.38461538461536, 115.38461538461539, 369.38461538461536, 292.38461538461536))
+    assert ann.objects[2].box == pytest.approx((254.38461538461536, 115.38461538461539,
+                                                369.38461538461536, 292.38461538461536))
 
 
 def test_coco_real_sample(shared_data):
@@ -86,7 +88,8 @@ def test_voc_malformed_files(tmp_path):
     (base / "Annotations" / "000001.xml").write_text("<annotation><object><name>dog</name>")
     with pytest.raises(data.DataError, match=r"000001\.xml: not valid XML"):
         data.load_voc(tmp_path, 2007, "trainval")
-    (base / "Annotations" / "000001.xml").write_text(VOC_XML.format(id="000001", objects=VOC_OBJ.format(name="unicorn", d=0)))
+    unicorn = VOC_XML.format(id="000001", objects=VOC_OBJ.format(name="unicorn", d=0))
+    (base / "Annotations" / "000001.xml").write_text(unicorn)
     with pytest.raises(data.DataError, match=r"000001\.xml: unknown class 'unicorn'"):
         data.load_voc(tmp_path, 2007, "trainval")
     with pytest.raises(data.DataError, match=r"test\.txt: split file not found"):

@@ -7,9 +7,10 @@ import torch
 import bacgcn
 import data
 import eval as eval_cli
+import pipeline
 import synthetic as S
+import tinyclip
 import train
-
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -85,7 +86,7 @@ def test_vitb16_loads_in_each_format_and_encodes_real_photos(vitb16_files, fmt, 
         assert (loaded[k] - state[k]).abs().max() <= tol * state[k].abs().max()
     backbone = bacgcn.CLIPBackbone(model)
     samples = data.load_voc(shared_data / "real_sample" / "voc", 2011, None)
-    images = torch.stack([train.image_transform(224)(data.decode_image(s.path)) for s in samples])
+    images = torch.stack([pipeline.image_transform(224)(data.decode_image(s.path)) for s in samples])
     with torch.no_grad():
         feats = backbone.features(bacgcn.preprocess(images, backbone.image_size), h_fraction=0.25)
     assert feats["patches"].shape == (3, 196, 512) and feats["g"].shape == (3, 512)
@@ -95,7 +96,7 @@ def test_vitb16_loads_in_each_format_and_encodes_real_photos(vitb16_files, fmt, 
 
 def test_wrong_weights_name_the_architecture(tmp_path):
     tiny = bacgcn.create_clip(S.TINY_CLIP)
-    S.save_clip(tiny, tmp_path / "tiny.safetensors", {})
+    tinyclip.save_clip(tiny, tmp_path / "tiny.safetensors", {})
     with pytest.raises(ValueError, match=r"tiny\.safetensors: not a ViT-B-16-quickgelu checkpoint") as e:
         bacgcn.create_clip("ViT-B-16-quickgelu", tmp_path / "tiny.safetensors")
     assert "\n" not in str(e.value)
@@ -125,7 +126,8 @@ def tiny_features():
     images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes])
     with torch.no_grad():
         feats = backbone.features(bacgcn.preprocess(images, backbone.image_size), 0.25)
-        prompts = backbone.class_embeddings(list(S.CLASS_NAMES) + list(S.BACKGROUNDS), bacgcn.tokenizer_for(S.TINY_CLIP))
+        names = list(S.CLASS_NAMES) + list(S.BACKGROUNDS)
+        prompts = backbone.class_embeddings(names, bacgcn.tokenizer_for(S.TINY_CLIP))
     return clip, feats, prompts
 
 
@@ -215,7 +217,7 @@ def test_smoke_run_and_eval_reproduce(tmp_path, capsys):
     world = tmp_path / "world"
     S.build(world, S.WorldConfig(seed=2, train=80, test=50), progress=False)
     torch.manual_seed(0)
-    S.save_clip(bacgcn.create_clip(S.TINY_CLIP), tmp_path / "clip.safetensors", {})
+    tinyclip.save_clip(bacgcn.create_clip(S.TINY_CLIP), tmp_path / "clip.safetensors", {})
     out = tmp_path / "run"
     code = train.main([f"--data-root={world}", f"--clip-weights={tmp_path / 'clip.safetensors'}", "--epochs=2",
                        "--reso-epoch=1", "--reso-eps=0.5", f"--out={out}", f"--cache-dir={tmp_path / 'cache'}",
