@@ -36,6 +36,8 @@ PROMPT_TEMPLATES = (
 )
 # Ways the last block can read out per-patch embeddings.
 PATCH_READOUTS = ("self_attention", "value")
+# Ways to read g^H and g^Hc (CLIPBackbone.features).
+SUBSET_READOUTS = ("reencode", "last_block")
 LOSSES = ("bce", "asl")
 
 
@@ -59,6 +61,7 @@ class BACGCNConfig:
     image_size: int = 0                 # 0 = the model's own; ViT-B/16 at 448 interpolates position embeddings
     patch_readout: str = "self_attention"  # last block: self_attention (residual + MLP kept) | value (MaskCLIP)
     h_fraction: float = 0.25            # share of patches in the most-attended set H (fixed count)
+    subset_readout: str = "reencode"    # g^H, g^Hc: reencode (subset through every block) | last_block (one pass)
     # Similarity Kernel (stage 3)
     topk: int = 8                       # Top-K patches pooled per category
     temperature: float = 0.05           # T of the softmax over the Top-K similarities
@@ -171,6 +174,7 @@ def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tu
 def validate(cfg: BACGCNConfig) -> None:
     checks = [
         (cfg.patch_readout in PATCH_READOUTS, f"patch_readout must be one of {PATCH_READOUTS}"),
+        (cfg.subset_readout in SUBSET_READOUTS, f"subset_readout must be one of {SUBSET_READOUTS}"),
         (cfg.loss in LOSSES, f"loss must be one of {LOSSES}"),
         (cfg.gcn_activation in ("relu", "leaky_relu", "gelu"), "gcn_activation must be relu, leaky_relu or gelu"),
         (cfg.topk >= 1, "topk must be >= 1"), (cfg.temperature > 0, "temperature must be > 0"),
@@ -311,6 +315,12 @@ class CLIPBackbone(nn.Module):
 
     def encode_image(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: preprocessed images [B, 3, S, S]. Returns g, patches (both L2-normalised), attn."""
+        out = self._encode(x)
+        return {k: out[k] for k in ("g", "patches", "attn")}
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """encode_image's outputs plus what a one-pass subset read-out reuses: the last block's
+        input `h` [B, T, W] and its q, k, v."""
         v = self.visual
         h = v._embeds(x)
         blocks = v.transformer.resblocks
@@ -336,7 +346,8 @@ class CLIPBackbone(nn.Module):
         else:  # "value": the attention output alone (MaskCLIP)
             p = own
         patches = v.ln_post(p[:, 1:]) @ v.proj
-        return {"g": F.normalize(g, dim=-1), "patches": F.normalize(patches, dim=-1), "attn": attn}
+        return {"g": F.normalize(g, dim=-1), "patches": F.normalize(patches, dim=-1), "attn": attn,
+                "h": h, "q": q, "k": k, "v": val}
 
     def encode_subset(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Global embedding [B, E] of the image seen through a subset of its patches only:
@@ -349,21 +360,46 @@ class CLIPBackbone(nn.Module):
             h = blk(h)
         return F.normalize(v.ln_post(h[:, 0]) @ v.proj, dim=-1)
 
-    def features(self, x: torch.Tensor, h_fraction: float) -> dict[str, torch.Tensor]:
+    def cls_over_subset(self, enc: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """One-pass subset read-out: the [cls] token through the last block when its attention
+        sees only itself and the patches `keep` [B, K], from `_encode`'s h, q, k, v; the blocks
+        below are shared with the full image. With every patch kept it equals g."""
+        last = self.visual.transformer.resblocks[-1]
+        h, q = enc["h"], enc["q"]
+        bsz, _, width = h.shape
+        heads = last.attn.num_heads
+        tokens = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], dim=1)     # [cls] + kept patches
+        index = tokens[..., None].expand(-1, -1, width)
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(bsz, t.shape[1], heads, -1).transpose(1, 2)
+        a = F.scaled_dot_product_attention(split_heads(q[:, :1]), split_heads(enc["k"].gather(1, index)),
+                                           split_heads(enc["v"].gather(1, index)))
+        a = F.linear(a.transpose(1, 2).reshape(bsz, 1, width), last.attn.out_proj.weight, last.attn.out_proj.bias)
+        c = h[:, :1] + last.ls_1(a)
+        c = c + last.ls_2(last.mlp(last.ln_2(c)))
+        return F.normalize(self.visual.ln_post(c[:, 0]) @ self.visual.proj, dim=-1)
+
+    def features(self, x: torch.Tensor, h_fraction: float, subset_readout: str = "reencode") -> dict[str, torch.Tensor]:
         """Everything BAC-GCN caches per image: patches P, g, g^H, g^Hc and the attention map
         (min-max normalised). H is the `h_fraction` most-attended patches, a fixed count so a
-        batch stays dense; H^c is the rest."""
-        out = self.encode_image(x)
-        attn = out["attn"]
+        batch stays dense; H^c is the rest. `subset_readout`: "reencode" runs [cls] + each
+        subset through every block (2.2x the encoder's cost), "last_block" restricts only the
+        last block's [cls] attention to it (one pass)."""
+        enc = self._encode(x)
+        attn = enc["attn"]
         lo, hi = attn.amin(1, keepdim=True), attn.amax(1, keepdim=True)
         attn = (attn - lo) / (hi - lo).clamp_min(1e-12)
         n = attn.shape[1]
         n_h = min(n - 1, max(1, round(h_fraction * n)))
         order = torch.sort(attn, dim=1, descending=True, stable=True).indices
-        out["gH"] = self.encode_subset(x, order[:, :n_h])
-        out["gHc"] = self.encode_subset(x, order[:, n_h:])
-        out["attn"] = attn
-        return out
+        if subset_readout == "last_block":
+            g_h, g_hc = self.cls_over_subset(enc, order[:, :n_h]), self.cls_over_subset(enc, order[:, n_h:])
+        elif subset_readout == "reencode":
+            g_h, g_hc = self.encode_subset(x, order[:, :n_h]), self.encode_subset(x, order[:, n_h:])
+        else:
+            raise ValueError(f"subset_readout must be one of {SUBSET_READOUTS}, got {subset_readout!r}")
+        return {"g": enc["g"], "patches": enc["patches"], "attn": attn, "gH": g_h, "gHc": g_hc}
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_text(tokens), dim=-1)

@@ -91,6 +91,7 @@ def feature_spec(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone, datase
     import hashlib
     return {"kind": kind, "clip_model": cfg.clip_model, "weights": data.file_digest(cfg.clip_weights),
             "image_size": backbone.image_size, "patch_readout": cfg.patch_readout, "h_fraction": cfg.h_fraction,
+            "subset_readout": cfg.subset_readout,
             "dataset": dataset.name, "root": str(Path(cfg.data_root).resolve()),
             "ids": hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()}
 
@@ -99,7 +100,7 @@ def encode_features(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) ->
     """uint8 images on the device -> everything BAC-GCN caches per image."""
     x = bacgcn.preprocess(images, backbone.image_size)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and cfg.amp):
-        return backbone.features(x, cfg.h_fraction)
+        return backbone.features(x, cfg.h_fraction, cfg.subset_readout)
 
 
 def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -> tuple[list[str], dict]:

@@ -239,3 +239,24 @@ def test_smoke_run_and_eval_reproduce(tmp_path, capsys):
     assert eval_cli.main([str(out / "ckpt.safetensors"), "--data-root", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "world.json" in err
+
+
+def test_one_pass_subset_readout():
+    """last_block reads g^H / g^Hc from the shared encoder pass: with every patch kept it is g
+    itself, and its subsets differ from g and from each other, as re-encoding's do."""
+    torch.manual_seed(0)
+    backbone = bacgcn.CLIPBackbone(bacgcn.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS))
+    x = torch.randn(3, 3, backbone.image_size, backbone.image_size)
+    with torch.no_grad():
+        enc = backbone._encode(x)
+        n = enc["attn"].shape[1]
+        every = torch.arange(n).expand(3, n)
+        torch.testing.assert_close(backbone.cls_over_subset(enc, every), enc["g"], rtol=0, atol=1e-6)
+        one = backbone.features(x, 0.25, "last_block")
+        two = backbone.features(x, 0.25, "reencode")
+    for k in ("g", "patches", "attn"):
+        assert torch.equal(one[k], two[k])
+    assert one["gH"].shape == one["gHc"].shape == one["g"].shape
+    assert (one["gH"] - one["g"]).abs().max() > 1e-3 and (one["gH"] - one["gHc"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="subset_readout must be one of"):
+        backbone.features(x, 0.25, "twice")
