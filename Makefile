@@ -13,7 +13,7 @@ PIP := .venv/bin/pip
 	touch $@
 
 .venv/.test-installed: .venv/.installed
-	$(PIP) install pytest scikit-learn
+	$(PIP) install pytest scikit-learn hypothesis
 	touch $@
 
 .PHONY: setup run test
