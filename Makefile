@@ -13,7 +13,7 @@ PIP := .venv/bin/pip
 	touch $@
 
 .venv/.test-installed: .venv/.installed
-	$(PIP) install pytest scikit-learn ruff
+	$(PIP) install pytest scikit-learn ruff hypothesis
 	touch $@
 
 .PHONY: setup run test

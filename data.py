@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -47,6 +48,48 @@ def read_json(path: str | os.PathLike, what: str):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
         raise DataError(path, f"not valid JSON{where}") from None
+    except RecursionError:
+        raise DataError(path, "not valid JSON (nested too deeply)") from None
+
+
+def read_utf8(path: Path, kind: str) -> str:
+    """Text of a user's file, or a one-line DataError `not a UTF-8 <kind>` naming it.
+
+    A leading BOM is dropped: spreadsheets ("CSV UTF-8") and Windows editors write one, and
+    it would otherwise glue itself to the first header or id. NUL never occurs in text, so it
+    means UTF-16 without a BOM, or binary data.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not a UTF-8 {kind} (byte {e.start} does not decode; UTF-16 or binary?)") from None
+    if "\x00" in text:
+        raise DataError(path, f"not a UTF-8 {kind} (it holds NUL bytes; UTF-16 or binary?)")
+    return text
+
+
+def contained_path(root: str | os.PathLike, relative: str, source_file: str | os.PathLike) -> Path:
+    """`root / relative` for an image path read from `source_file` (a list or annotation file),
+    or a one-line DataError naming that file and the entry when the path is not inside `root`.
+
+    Annotation files come from elsewhere, so their paths are untrusted. The check is lexical:
+    backslashes count as separators (lists written on Windows), the path is normalised with
+    os.path.normpath, and it is refused when absolute (`/x`, `\\x`, `C:\\x`), when `..` climbs
+    out of `root`, or when it names `root` itself. Symlinks are deliberately not resolved:
+    datasets are often symlinked folders (`JPEGImages -> /mnt/...`), and a link placed inside
+    the dataset is its owner's choice, whereas a `..` in a downloaded file is not.
+    """
+    entry = relative.replace("\\", "/")
+    normal = os.path.normpath(entry) if entry else "."
+    if PureWindowsPath(entry).anchor:
+        problem = "is absolute, not inside"
+    elif normal == ".." or normal.startswith("../"):
+        problem = "leads outside"
+    elif normal == ".":
+        problem = "names no file inside"
+    else:
+        return Path(root) / normal
+    raise DataError(source_file, f"path {relative!r} {problem} {root}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +176,7 @@ def read_voc_annotation(path: str | os.PathLike) -> VOCAnnotation:
         root = ET.parse(path).getroot()
     except FileNotFoundError:
         raise DataError(path, "annotation file not found") from None
-    except ET.ParseError as e:
+    except (ET.ParseError, LookupError) as e:  # LookupError: an unknown encoding="..." declaration
         raise DataError(path, f"not valid XML ({e})") from None
     if root.tag != "annotation":
         raise DataError(path, f"root element is <{root.tag}>, expected <annotation>")
@@ -151,9 +194,9 @@ def read_voc_annotation(path: str | os.PathLike) -> VOCAnnotation:
             box = tuple(float(_xml_text(bb.find(k), "0") or 0) for k in ("xmin", "ymin", "xmax", "ymax")) \
                 if bb is not None else (0.0, 0.0, 0.0, 0.0)
             objects.append(VOCObject(name.lower(), int(float(difficult)) != 0, box))
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # OverflowError: a size or flag of "inf"
         raise DataError(path, f"malformed annotation ({e})") from None
-    return VOCAnnotation(_xml_text(root.find("filename"), path.stem + ".jpg"), width, height, objects)
+    return VOCAnnotation(_xml_text(root.find("filename")) or path.stem + ".jpg", width, height, objects)
 
 
 def voc_root(root: str | os.PathLike, year: int | str) -> Path:
@@ -168,7 +211,7 @@ def voc_root(root: str | os.PathLike, year: int | str) -> Path:
 def _read_id_list(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(path, "split file not found")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in read_utf8(path, "split file").splitlines() if line.strip()]
     if not ids:
         raise DataError(path, "split file lists no image")
     return ids
@@ -176,7 +219,7 @@ def _read_id_list(path: Path) -> list[str]:
 
 def _read_voc_class_file(path: Path, known: dict[str, int]) -> dict[str, int]:
     values: dict[str, int] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, "class file").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -201,11 +244,13 @@ def load_voc(root: str | os.PathLike, year: int | str = 2007, split: str | None 
     base = voc_root(root, year)
     main = base / "ImageSets" / "Main"
     if split is None:
-        ids = sorted(p.stem for p in (base / "Annotations").glob("*.xml"))
+        id_source = base / "Annotations"
+        ids = sorted(p.stem for p in id_source.glob("*.xml"))
         if not ids:
-            raise DataError(base / "Annotations", "no .xml annotation found")
+            raise DataError(id_source, "no .xml annotation found")
     else:
-        ids = _read_id_list(main / f"{split}.txt")
+        id_source = main / f"{split}.txt"
+        ids = _read_id_list(id_source)
     index = {i: k for k, i in enumerate(ids)}
     labels = np.full((len(ids), len(class_names)), -1, dtype=np.int8)
     class_files = [main / f"{c}_{split}.txt" for c in class_names] if split else []
@@ -214,19 +259,19 @@ def load_voc(root: str | os.PathLike, year: int | str = 2007, split: str | None 
             for image_id, v in _read_voc_class_file(f, index).items():
                 if image_id in index:
                     labels[index[image_id], c] = v
-        paths = [base / "JPEGImages" / f"{i}.jpg" for i in ids]
+        paths = [contained_path(base / "JPEGImages", f"{i}.jpg", id_source) for i in ids]
     else:
         cls = {c: k for k, c in enumerate(class_names)}
         paths = []
         for k, image_id in enumerate(ids):
-            xml = base / "Annotations" / f"{image_id}.xml"
+            xml = contained_path(base / "Annotations", f"{image_id}.xml", id_source)
             ann = read_voc_annotation(xml)
             for obj in ann.objects:
                 if obj.name not in cls:
                     raise DataError(xml, f"unknown class {obj.name!r} (expected one of the {len(cls)} VOC classes)")
                 c = cls[obj.name]
                 labels[k, c] = max(labels[k, c], 0 if obj.difficult else 1)
-            paths.append(base / "JPEGImages" / ann.filename)
+            paths.append(contained_path(base / "JPEGImages", ann.filename, xml))
     return [Sample(i, p, labels[k]) for k, (i, p) in enumerate(zip(ids, paths))]
 
 
@@ -254,13 +299,16 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
                 raise ValueError(f"annotation {a.get('id')} names unknown image {a['image_id']}")
             row = labels.setdefault(a["image_id"], np.full(len(cats), -1, dtype=np.int8))
             row[column[a["category_id"]]] = 1
+        order = sorted(labels)
+        for i in order:
+            if not isinstance(images[i], str):
+                raise ValueError(f"image {i!r}: file_name {images[i]!r} is not a string")
     except (KeyError, TypeError) as e:
         raise DataError(path, f"not a COCO instances file (missing or bad field {e})") from None
     except ValueError as e:
         raise DataError(path, str(e)) from None
-    image_dir = Path(image_dir)
-    samples = [Sample(Path(images[i]).stem, image_dir / images[i], labels[i])
-               for i in sorted(labels)]
+    paths = {i: contained_path(image_dir, images[i], path) for i in order}
+    samples = [Sample(paths[i].stem, paths[i], labels[i]) for i in order]
     return samples, [c["name"] for c in cats]
 
 
@@ -280,32 +328,36 @@ def load_nuswide(root: str | os.PathLike, split: str = "train",
     concepts_file = root / "Concepts81.txt"
     if not concepts_file.is_file():
         raise DataError(concepts_file, "concept list not found")
-    concepts = [c.strip() for c in concepts_file.read_text().splitlines() if c.strip()]
+    concepts = [c.strip() for c in read_utf8(concepts_file, "concept list").splitlines() if c.strip()]
+    if not concepts:
+        raise DataError(concepts_file, "concept list names no concept")
     list_file = root / "ImageList" / f"{tag}Imagelist.txt"
     if not list_file.is_file():
         raise DataError(list_file, "image list not found")
-    rel = [line.strip().replace("\\", "/") for line in list_file.read_text().splitlines() if line.strip()]
-    labels = np.empty((len(rel), len(concepts)), dtype=np.int8)
+    image_dir = Path(image_dir) if image_dir is not None else root / "Flickr"
+    paths = [contained_path(image_dir, line.strip(), list_file)
+             for line in read_utf8(list_file, "image list").splitlines() if line.strip()]
+    if not paths:
+        raise DataError(list_file, "image list lists no image")
+    labels = np.empty((len(paths), len(concepts)), dtype=np.int8)
     for c, name in enumerate(concepts):
         f = root / "Groundtruth" / "TrainTestLabels" / f"Labels_{name}_{tag}.txt"
         if not f.is_file():
             raise DataError(f, "label file not found")
-        vals = f.read_text().split()
-        if len(vals) != len(rel):
-            raise DataError(f, f"has {len(vals)} labels, {list_file.name} lists {len(rel)} images")
+        vals = read_utf8(f, "label file").split()
+        if len(vals) != len(paths):
+            raise DataError(f, f"has {len(vals)} labels, {list_file.name} lists {len(paths)} images")
         if not set(vals) <= {"0", "1"}:
             raise DataError(f, f"labels must be 0 or 1, found {sorted(set(vals) - {'0', '1'})[:3]}")
         labels[:, c] = np.where(np.array(vals) == "1", 1, -1)
-    image_dir = Path(image_dir) if image_dir is not None else root / "Flickr"
     samples, missing = [], 0
-    for k, r in enumerate(rel):
-        p = image_dir / r
+    for k, p in enumerate(paths):
         if p.is_file():
-            samples.append(Sample(Path(r).stem, p, labels[k]))
+            samples.append(Sample(p.stem, p, labels[k]))
         else:
             missing += 1
     if missing:
-        warnings.warn(f"{list_file}: {missing} of {len(rel)} listed images are missing under {image_dir}; "
+        warnings.warn(f"{list_file}: {missing} of {len(paths)} listed images are missing under {image_dir}; "
                       f"evaluating on the {len(samples)} present", stacklevel=2)
     return samples, concepts, missing
 
@@ -814,12 +866,15 @@ def write_scores_csv(path: str | os.PathLike, ids: Sequence[str], columns: Seque
 
 
 def read_table_csv(path: str | os.PathLike, what: str = "scores") -> tuple[list[str], list[str], np.ndarray]:
-    """(ids, column names, float matrix) of a CSV with an `image_id` column."""
+    """(ids, column names, float matrix) of a UTF-8 CSV (BOM or not) with an `image_id` column."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"{what} file not found")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    reader = csv.reader(io.StringIO(read_utf8(path, "CSV"), newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as e:  # e.g. a field over the csv module's size limit
+        raise DataError(path, f"line {reader.line_num}: not readable as CSV ({e})") from None
     if not rows or "image_id" not in rows[0]:
         raise DataError(path, "no header with an 'image_id' column")
     header = rows[0]

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from data import DataError, read_table_csv, write_json
-from metrics import DIFFICULT_MODES, evaluate
+from metrics import DIFFICULT_MODES, evaluate, positive_counts
 
 
 def evaluate_csv(scores_path: str, labels_path: str, difficult: str = "ignore",
@@ -28,8 +28,15 @@ def evaluate_csv(scores_path: str, labels_path: str, difficult: str = "ignore",
     """Align the scores CSV to the labels CSV by image id and class name, then evaluate."""
     s_ids, s_cols, s = read_table_csv(scores_path, "scores")
     l_ids, classes, labels = read_table_csv(labels_path, "labels")
+    if not classes:
+        raise DataError(labels_path, "no class column besides image_id")
+    if not l_ids:
+        raise DataError(labels_path, "no image rows")
     if not np.isin(labels, (-1, 0, 1)).all():
         raise DataError(labels_path, "labels must be 1, 0 or -1")
+    # mAP averages over classes with a positive; with none it is undefined, not a result
+    if not positive_counts(labels, difficult).any():
+        raise DataError(labels_path, f"no class has a positive label (difficult={difficult}), so mAP is undefined")
     col = {c: k for k, c in enumerate(s_cols)}
     missing = [c for c in classes if c not in col]
     if missing:

@@ -38,6 +38,12 @@ def _targets_and_weights(labels: np.ndarray, difficult: str) -> tuple[np.ndarray
     return targets.astype(np.float64), weights
 
 
+def positive_counts(labels: np.ndarray, difficult: str = "ignore") -> np.ndarray:
+    """Positives per class under a difficult mode: a class's AP exists only where this is > 0."""
+    targets, weights = _targets_and_weights(labels, difficult)
+    return (targets * weights).sum(axis=0)
+
+
 def average_precision(scores: np.ndarray, labels: np.ndarray, difficult: str = "ignore") -> np.ndarray:
     """AP per class (column) of `scores` [n_images, n_classes] against {1,0,-1} `labels`.
 
