@@ -12,8 +12,10 @@ PIP := .venv/bin/pip
 	$(PIP) install --force-reinstall --no-deps pillow-simd || echo "pillow-simd not installed; using Pillow"
 	touch $@
 
-.venv/.test-installed: .venv/.installed
+.venv/.test-installed: .venv/.installed requirements-captions.txt
 	$(PIP) install pytest scikit-learn ruff hypothesis
+	# The captioning extra (transformers, ~150 MB installed, no torch of its own): tests/test_captioner.py.
+	$(PIP) install -r requirements-captions.txt
 	touch $@
 
 .PHONY: setup run test

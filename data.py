@@ -5,6 +5,8 @@ Data flows one way: files -> this module -> tensors. Nothing here imports the mo
 CLI:
   python data.py pseudo-labels --dataset voc2007 --captions DIR --out scores.csv \
       [--synonyms FILE.json|paper] [--graph graph.safetensors]
+  python data.py captions --dataset coco2014|...|folder --data-root ROOT [--split SPLIT] \
+      --model BLIP2_DIR --out DIR          # needs the optional extra: requirements-captions.txt
 """
 from __future__ import annotations
 
@@ -927,6 +929,283 @@ def read_graph(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[st
 
 
 # ============================================================================================
+# Captioning (optional extra: transformers): BLIP-2 captions for datasets published without them
+# ============================================================================================
+# Kept in this file rather than a module of its own: run as `python data.py`, this file is
+# __main__, and a module importing `data` would load a second copy whose DataError `main` misses.
+
+# The six BLIP-2 prompts, one per caption slot. The paper does not print them; they are read off
+# its released VOC captions, where BLIP-2 sometimes runs on into "Question: ... Answer: ..." loops
+# that repeat its own prompt. In captions.json slots 0, 1, 3 and 5 echo "What is in the photo?",
+# "What are shown in the photo?", "What objects are present in this image?" and "What is the
+# background of this image?". Slots 2 and 4 echo only in re_captions.json, as "Tell us about the
+# photo, excluding car?" and "Please explain this photo in detail, excluding car?"; their answers in
+# both files ("This is a photo of ...", "The photo was taken at ...") fit those requests.
+CAPTION_PROMPTS = (
+    "What is in the photo?",
+    "What are shown in the photo?",
+    "Tell us about the photo.",
+    "What objects are present in this image?",
+    "Please explain this photo in detail.",
+    "What is the background of this image?",
+)
+# The wrapping the echoes show (BLIP-2's OPT question-answering format).
+PROMPT_TEMPLATE = "Question: {} Answer:"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CAPTIONS_INSTALL = "pip install -r requirements-captions.txt"
+
+
+def recaption_prompts(found: Sequence[str]) -> list[str]:
+    """Second-pass prompts: each first-pass prompt, excluding the categories already found.
+
+    The echoes show the found names joined by spaces ("excluding aeroplane sky?"), which also
+    keeps the whole list inside one clause for the caption filter's echo removal. With nothing
+    found the plain prompt is asked (the released files then show a bare "excluding?").
+    """
+    if not found:
+        return [PROMPT_TEMPLATE.format(p) for p in CAPTION_PROMPTS]
+    names = " ".join(found)
+    return [PROMPT_TEMPLATE.format(f"{p.rstrip('?.')}, excluding {names}?") for p in CAPTION_PROMPTS]
+
+
+def found_categories(captions: Sequence[str], dictionary: SynonymDictionary, names: Sequence[str]) -> list[str]:
+    """Names of the categories (classes and backgrounds) that any of the captions names."""
+    found = set().union(*(dictionary.match(c) for c in captions))
+    return [names[c] for c in sorted(found)]
+
+
+def image_folder(root: str | os.PathLike) -> MultiLabelImages:
+    """Every JPEG/PNG under `root` (recursive), id = path relative to `root` without extension."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "image folder not found")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    samples, seen = [], {}
+    for p in paths:
+        image_id = p.relative_to(root).with_suffix("").as_posix()
+        if image_id in seen:
+            raise DataError(p, f"has the same id {image_id!r} as {seen[image_id].name}; ids drop the extension")
+        seen[image_id] = p
+        samples.append(Sample(image_id, p, np.zeros(0, dtype=np.int8)))
+    return MultiLabelImages(samples, [], name=f"folder {root}")
+
+
+class _BlipPreprocess:
+    """uint8 [3, H, W] -> the model's pixel values [3, h, w], run in the loader's workers."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, image):
+        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise DataError("transformers", f"not installed; captions need the optional extra: {CAPTIONS_INSTALL}") \
+            from None
+    return transformers
+
+
+def load_blip2(path: str | os.PathLike, device: str):
+    """(model, processor) of a local BLIP-2 folder (save_pretrained layout); never downloads.
+    bf16 on CUDA, fp32 on the CPU (bf16 is many times slower there)."""
+    import torch
+
+    transformers = _import_transformers()
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(path, "model folder not found")
+    if not (path / "config.json").is_file():
+        raise DataError(path, "no config.json here: not a model folder written by save_pretrained")
+    config = read_json(path / "config.json", "model config")
+    if not isinstance(config, dict) or config.get("model_type") != "blip-2":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise DataError(path, f"not a BLIP-2 model (model_type {kind!r}, expected 'blip-2')")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        processor = transformers.Blip2Processor.from_pretrained(path, local_files_only=True)
+        model = transformers.Blip2ForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(path, f"cannot load the BLIP-2 model ({first})") from None
+    # Prompts of a batch differ in length; a decoder-only model continues from the right end.
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return model.to(device).eval(), processor
+
+
+def _image_features(model, pixel_values):
+    """The language-model inputs of the images [B, queries, d] (vision tower + Q-Former + projection)."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    return getattr(out, "pooler_output", out)
+
+
+def _generate(model, tokenizer, features, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to `prompts`, one per row of `features`. Equal to BLIP-2's own `generate`
+    (the test checks it), but the image features come in precomputed, so that each image is
+    encoded once for its 12 prompts instead of 12 times."""
+    import torch
+
+    enc = tokenizer(list(prompts), padding=True, return_tensors="pt").to(features.device)
+    embeds = model.get_input_embeddings()(enc["input_ids"])
+    inputs = torch.cat([features.to(embeds.dtype), embeds], dim=1)
+    mask = torch.cat([enc["attention_mask"].new_ones(features.shape[:2]), enc["attention_mask"]], dim=1)
+    out = model.language_model.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, num_beams=1)
+    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def _caption_images(model, tokenizer, features, prompts: list[list[str]], max_new_tokens: int) -> list[list[str]]:
+    """prompts[i] asked about image i (features[i]); one generate call for the whole batch."""
+    import torch
+
+    counts = torch.tensor([len(p) for p in prompts], device=features.device)
+    answers = _generate(model, tokenizer, features.repeat_interleave(counts, dim=0),
+                        [p for ps in prompts for p in ps], max_new_tokens)
+    out, start = [], 0
+    for ps in prompts:
+        out.append(answers[start:start + len(ps)])
+        start += len(ps)
+    return out
+
+
+class CaptionProgress:
+    """Captions written so far, keyed like the paper's files ("000012."). `save` writes both passes
+    to one partial file atomically, so a killed run resumes from its last save and never holds a
+    re-caption without its captions; `finish` writes captions.json (+ re_captions.json)."""
+
+    def __init__(self, out: str | os.PathLike, recaption: bool):
+        self.out, self.recaption = Path(out), recaption
+        self.partial = self.out / "captions.partial.json"
+        self.files = {"captions": {}, "re_captions": {}}
+        for name, entries in self.files.items():
+            path = self.out / f"{name}.json"
+            if path.is_file():
+                entries.update(self._entries(path, read_json(path, "captions file")))
+        if self.partial.is_file():
+            raw = read_json(self.partial, "partial captions file")
+            for name, entries in self.files.items():
+                entries.update(self._entries(self.partial, raw.get(name, {}) if isinstance(raw, dict) else None))
+
+    @staticmethod
+    def _entries(path: Path, raw) -> dict[str, list[str]]:
+        if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+            raise DataError(path, "expected an object {image_id: [caption, ...]}; delete it or choose another --out")
+        return raw
+
+    def done(self, image_id: str) -> bool:
+        key = image_id + "."
+        return key in self.files["captions"] and (not self.recaption or key in self.files["re_captions"])
+
+    def add(self, image_id: str, captions: list[str], re_captions: list[str] | None) -> None:
+        self.files["captions"][image_id + "."] = captions
+        if re_captions is not None:
+            self.files["re_captions"][image_id + "."] = re_captions
+
+    def save(self) -> None:
+        atomic_write(self.partial, lambda tmp: tmp.write_text(json.dumps(self.files, ensure_ascii=False), "utf-8"))
+
+    def finish(self) -> list[Path]:
+        names = ["captions", "re_captions"] if self.recaption else ["captions"]
+        for name in names:
+            text = json.dumps(self.files[name], ensure_ascii=False, indent=0)
+            atomic_write(self.out / f"{name}.json", lambda tmp, text=text: tmp.write_text(text, "utf-8"))
+        self.partial.unlink(missing_ok=True)
+        return [self.out / f"{name}.json" for name in names]
+
+
+def caption_images(images: MultiLabelImages, model, processor, progress: CaptionProgress,
+                   dictionary: SynonymDictionary | None = None, batch_size: int = 16, workers: int = 0,
+                   max_new_tokens: int = 30, save_every: int = 20, quiet: bool = False) -> tuple[int, SkipReport]:
+    """Caption the images `progress` does not hold yet: the six prompts, then (with a dictionary)
+    the six re-caption prompts that exclude what the first six named. Saves every `save_every`
+    batches and when interrupted. Returns (images captioned, skip report)."""
+    import torch
+    from tqdm import tqdm
+
+    todo = MultiLabelImages([s for s in images.samples if not progress.done(s.id)], images.class_names,
+                            _BlipPreprocess(processor.image_processor), images.name)
+    names = [*images.class_names, *dictionary.categories[len(images.class_names):]] if dictionary else []
+    device, dtype = model.device, model.dtype
+    loader = torch.utils.data.DataLoader(todo, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_images, pin_memory=device.type == "cuda")
+    report, captioned = SkipReport(), 0
+    bar = tqdm(total=len(todo), desc="captioning", unit="img", file=sys.stderr, disable=quiet)
+    try:
+        with torch.inference_mode():
+            for n, batch in enumerate(loader, 1):
+                report.update(batch)
+                if batch["id"]:
+                    features = _image_features(model, batch["image"].to(device, dtype, non_blocking=True))
+                    first = [[PROMPT_TEMPLATE.format(p) for p in CAPTION_PROMPTS]] * len(batch["id"])
+                    caps = _caption_images(model, processor.tokenizer, features, first, max_new_tokens)
+                    recaps = [None] * len(caps)
+                    if dictionary is not None:
+                        second = [recaption_prompts(found_categories(c, dictionary, names)) for c in caps]
+                        recaps = _caption_images(model, processor.tokenizer, features, second, max_new_tokens)
+                    for image_id, c, r in zip(batch["id"], caps, recaps):
+                        progress.add(image_id, c, r)
+                    captioned += len(caps)
+                if n % save_every == 0:
+                    progress.save()
+                bar.update(batch["skipped"] + len(batch["id"]))
+    except BaseException:
+        progress.save()  # Ctrl-C or a failure mid-run keeps every finished batch
+        raise
+    finally:
+        bar.close()
+    return captioned, report
+
+
+def _caption_source(args: argparse.Namespace) -> tuple[MultiLabelImages, SynonymDictionary | None]:
+    """The images to caption and the dictionary that finds classes for re-captions (None: skip them)."""
+    if args.dataset == "folder":
+        images = image_folder(args.data_root)
+        if not args.synonyms:
+            return images, None
+        return images, SynonymDictionary.from_json(dictionary_path("folder", args.synonyms), 0)
+    if args.split not in SPLITS[args.dataset]:
+        given = f"got {args.split!r}" if args.split else "none given"
+        raise DataError("--split", f"{args.dataset} splits are {', '.join(SPLITS[args.dataset])}; {given}")
+    images = load_dataset(args.dataset, args.data_root, args.split)
+    if args.dataset == "synthetic" and not args.synonyms:
+        synonyms = Path(args.data_root) / "synonyms.json"
+    else:
+        synonyms = dictionary_path(args.dataset, args.synonyms)
+    return images, SynonymDictionary.from_json(synonyms, len(images.class_names))
+
+
+def _cmd_captions(args: argparse.Namespace) -> None:
+    _import_transformers()  # before any slow step: a missing extra is the likeliest first error
+    images, dictionary = _caption_source(args)
+    if not images.samples:
+        raise DataError(args.data_root, "no image to caption")
+    if dictionary is None:
+        print("folder without --synonyms: writing captions.json only (re-captions exclude the categories "
+              "a dictionary finds in the first captions)", file=sys.stderr)
+    progress = CaptionProgress(args.out, recaption=dictionary is not None)
+    left = sum(not progress.done(s.id) for s in images.samples)
+    if left:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"{images.name}: {len(images.samples) - left} of {len(images.samples)} images already captioned, "
+              f"{left} to go ({args.model} on {device})", file=sys.stderr)
+        model, processor = load_blip2(args.model, device)
+        _, report = caption_images(images, model, processor, progress, dictionary, args.batch_size,
+                                   args.workers, args.max_new_tokens, args.save_every, args.quiet)
+        print(f"{images.name}: {report.summary()}", file=sys.stderr)
+        if not progress.files["captions"]:
+            raise DataError(args.data_root, f"none of the {left} images could be read; nothing captioned")
+    for path in progress.finish():
+        print(f"wrote {path}")
+
+
+# ============================================================================================
 # Feature cache: the frozen encoder runs once per image
 # ============================================================================================
 
@@ -1064,6 +1343,13 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
         print(f"wrote {args.graph}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1079,10 +1365,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--context-weight", type=float, default=CaptionFilterConfig.context_weight,
                    help="tie-break weight of the caption-context model (0: plain vote fraction)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("captions", help="BLIP-2 captions + re-captions for a dataset or a folder of images "
+                                        f"(needs the optional extra: {CAPTIONS_INSTALL})")
+    p.add_argument("--dataset", required=True, choices=(*DATASETS, "folder"),
+                   help="a dataset load_dataset reads, or 'folder': every JPEG/PNG under --data-root")
+    p.add_argument("--data-root", required=True, help="dataset root, or the image folder")
+    p.add_argument("--split", default=None, help="split of the dataset (not for a folder)")
+    p.add_argument("--model", required=True, help="local BLIP-2 folder (e.g. blip2-opt-2.7b); never downloaded")
+    p.add_argument("--out", required=True, help="folder for captions.json and re_captions.json (resumes there)")
+    p.add_argument("--synonyms", default=None,
+                   help="dictionary JSON or 'paper' (default: the dataset's); a folder needs one for re-captions")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (each asks 6 + 6 prompts)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=30, help="longest answer, in tokens")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--save-every", type=_positive_int, default=20, help="batches between progress saves")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         if args.command == "pseudo-labels":
             _cmd_pseudo_labels(args)
+        elif args.command == "captions":
+            _cmd_captions(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,230 @@
+"""`python data.py captions` end to end on the CPU, with a tiny randomly initialised BLIP-2 built
+here (no download), on the real VOC photos of ../shared/data/real_sample."""
+import json
+import shutil
+import sys
+
+import pytest
+
+import data
+
+transformers = pytest.importorskip("transformers",
+                                   reason="captions need the optional extra (requirements-captions.txt)")
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.filterwarnings("ignore:skipping image:UserWarning")
+
+TINY_WORDS = """question answer what is in the photo are shown tell us about objects present this image please
+explain detail background of excluding a an and with on person people man car dog cat horse bicycle bus sky road
+grass tree wall building field ? , .""".split()
+
+
+def _tiny_tokenizer():
+    """A word-level tokenizer over a small vocabulary, OPT-style (</s> is BOS and EOS)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *TINY_WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", vocab["</s>"])])
+    tk.decoder = decoders.WordPiece()  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory):
+    tokenizer = _tiny_tokenizer()
+    processor = transformers.Blip2Processor(transformers.BlipImageProcessor(size={"height": 32, "width": 32}),
+                                            tokenizer, num_query_tokens=4)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    vocab = len(tokenizer)
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=vocab, max_position_embeddings=64),
+        text_config=transformers.OPTConfig(vocab_size=vocab, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=128,
+                                           word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        num_query_tokens=4, image_token_index=image_token)
+    torch.manual_seed(0)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # The default init is near zero, so greedy decoding would emit one token forever; wide
+        # weights make the answers depend on image and prompt, and words rather than <unk>/<pad>.
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5)
+        model.get_input_embeddings().weight[[0, 2, image_token]] = 0
+    out = tmp_path_factory.mktemp("blip2-tiny")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def photos(shared_data, tmp_path):
+    """The three real VOC JPEGs, one in a subfolder, plus a corrupt PNG."""
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    jpgs = sorted((shared_data / "real_sample" / "voc" / "JPEGImages").glob("*.jpg"))
+    assert len(jpgs) == 3
+    for k, p in enumerate(jpgs):
+        shutil.copy(p, folder / ("sub" if k == 2 else "") / p.name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+def _captions(args, out, model, *extra):
+    return data.main(["captions", *args, "--model", str(model), "--out", str(out), "--max-new-tokens", "6",
+                      "--workers", "0", "--quiet", *extra])
+
+
+def _count_generate(monkeypatch, fail_at=None, on_fail=None):
+    """Wrap data._generate: record every prompt; raise on call number `fail_at`."""
+    calls = []
+    real = data._generate
+
+    def generate(model, tokenizer, features, prompts, max_new_tokens):
+        calls.append(list(prompts))
+        if len(calls) == fail_at:
+            if on_fail is not None:
+                on_fail()
+            raise RuntimeError("interrupted by the test")
+        return real(model, tokenizer, features, prompts, max_new_tokens)
+
+    monkeypatch.setattr(data, "_generate", generate)
+    return calls
+
+
+def test_precomputed_features_give_blip2s_own_answers(blip2_dir, shared_data):
+    model, processor = data.load_blip2(blip2_dir, "cpu")
+    jpgs = sorted((shared_data / "real_sample" / "voc" / "JPEGImages").glob("*.jpg"))[:2]
+    images = [data.decode_image(p) for p in jpgs]
+    prompts = [[data.PROMPT_TEMPLATE.format(data.CAPTION_PROMPTS[0])], data.recaption_prompts(["person", "sky"])[2:4]]
+    pixels = torch.stack([data._BlipPreprocess(processor.image_processor)(im) for im in images])
+    with torch.inference_mode():
+        ours = data._caption_images(model, processor.tokenizer, data._image_features(model, pixels), prompts, 6)
+        flat = [(im, p) for im, ps in zip(images, prompts) for p in ps]
+        inputs = processor(images=[im for im, _ in flat], text=[p for _, p in flat], return_tensors="pt", padding=True)
+        ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    ref = processor.tokenizer.batch_decode(ref[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [a for answers in ours for a in answers] == [r.strip() for r in ref]
+    assert any(a for a in ref)
+
+
+def test_prompts_follow_the_released_files():
+    assert len(data.CAPTION_PROMPTS) == 6
+    assert data.recaption_prompts(["car"])[3] == \
+        "Question: What objects are present in this image, excluding car? Answer:"
+    assert data.recaption_prompts(["aeroplane", "sky"])[4] == \
+        "Question: Please explain this photo in detail, excluding aeroplane sky? Answer:"
+    assert data.recaption_prompts([])[0] == "Question: What is in the photo? Answer:"
+
+
+def test_folder_end_to_end(blip2_dir, photos, tmp_path, monkeypatch, capsys):
+    calls = _count_generate(monkeypatch)
+    out = tmp_path / "caps"
+    synonyms = data.dictionary_path("voc2007")
+    with pytest.warns(UserWarning, match="broken.png: cannot decode image"):
+        assert _captions(["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(synonyms),
+                          "--batch-size", "2"], out, blip2_dir) == 0
+    assert "4 images read, 1 skipped" in capsys.readouterr().err
+    raw = json.loads((out / "captions.json").read_text())
+    assert sorted(raw) == ["2011_000003.", "2011_000006.", "sub/2011_000025."]
+    assert set(json.loads((out / "re_captions.json").read_text())) == set(raw)
+    caps = data.read_captions(out)
+    assert all(len(c) == 12 for c in caps.values()) and not (out / "captions.partial.json").exists()
+    # Second-pass prompts exclude exactly what the project's filter finds in the first six captions.
+    dictionary = data.SynonymDictionary.from_json(synonyms, 0)
+    first = [a for call in calls[0::2] for a in call]
+    assert first == [data.PROMPT_TEMPLATE.format(p) for p in data.CAPTION_PROMPTS] * 3
+    expected = [p for image_id in raw for p in
+                data.recaption_prompts(data.found_categories(raw[image_id], dictionary, dictionary.categories))]
+    assert [p for call in calls[1::2] for p in call] == expected
+    assert any("excluding" in p for p in expected)
+    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(out),
+                      "--out", str(tmp_path / "scores.csv"), "--quiet"]) == 0
+    assert "3 images, 36 captions" in capsys.readouterr().out
+
+
+def test_folder_without_dictionary_writes_first_pass_only(blip2_dir, photos, tmp_path, capsys):
+    out = tmp_path / "caps"
+    assert _captions(["--dataset", "folder", "--data-root", str(photos)], out, blip2_dir) == 0
+    assert "captions.json only" in capsys.readouterr().err
+    assert not (out / "re_captions.json").exists()
+    assert all(len(c) == 6 for c in data.read_captions(out).values())
+
+
+def test_voc_layout(blip2_dir, shared_data, tmp_path, capsys):
+    root = tmp_path / "VOC2007"
+    for sub in ("Annotations", "JPEGImages"):
+        shutil.copytree(shared_data / "real_sample" / "voc" / sub, root / sub)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    ids = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids) + "\n")
+    out = tmp_path / "caps"
+    assert _captions(["--dataset", "voc2007", "--data-root", str(tmp_path), "--split", "trainval"], out, blip2_dir) == 0
+    assert sorted(json.loads((out / "re_captions.json").read_text())) == [i + "." for i in ids]
+    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(out),
+                      "--out", str(tmp_path / "scores.csv"), "--quiet"]) == 0
+    assert f"{len(ids)} images, {12 * len(ids)} captions" in capsys.readouterr().out
+
+
+def test_interrupted_run_resumes_without_captioning_twice(blip2_dir, photos, tmp_path, monkeypatch):
+    out = tmp_path / "caps"
+    args = ["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(data.dictionary_path("voc2007")),
+            "--batch-size", "1", "--save-every", "1"]
+    saved = {}
+
+    def check_periodic_save():
+        # Batch 1 (two calls: captions, re-captions) is on disk before batch 2 fails.
+        saved.update(json.loads((out / "captions.partial.json").read_text()))
+
+    _count_generate(monkeypatch, fail_at=3, on_fail=check_periodic_save)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _captions(args, out, blip2_dir)
+    assert list(saved["captions"]) == list(saved["re_captions"]) == ["2011_000003."]
+    assert not (out / "captions.json").exists()
+
+    calls = _count_generate(monkeypatch)
+    assert _captions(args, out, blip2_dir) == 0
+    assert len(calls) == 4 and all(len(c) == 6 for c in calls)   # 2 images left, 2 passes each
+    final = {name: json.loads((out / f"{name}.json").read_text()) for name in ("captions", "re_captions")}
+    assert sorted(final["captions"]) == sorted(final["re_captions"]) == \
+        ["2011_000003.", "2011_000006.", "sub/2011_000025."]
+    assert final["captions"]["2011_000003."] == saved["captions"]["2011_000003."]
+    assert not (out / "captions.partial.json").exists()
+
+    calls = _count_generate(monkeypatch)
+    assert _captions(args, out, blip2_dir) == 0 and calls == []
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_one_line_errors(blip2_dir, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    run = ["--dataset", "folder", "--data-root", str(folder)]
+    assert _captions(run, tmp_path / "o", blip2_dir) == 2
+    assert _error_line(capsys) == f"error: {folder}: no image to caption"
+    (folder / "a.jpg").write_bytes(b"junk")
+    assert _captions(run, tmp_path / "o", blip2_dir) == 2
+    assert _error_line(capsys) == f"error: {folder}: none of the 1 images could be read; nothing captioned"
+    missing = tmp_path / "no-model"
+    assert _captions(run, tmp_path / "o", missing) == 2
+    assert _error_line(capsys) == f"error: {missing}: model folder not found"
+    assert _captions(run, tmp_path / "o", folder) == 2
+    assert _error_line(capsys) == f"error: {folder}: no config.json here: not a model folder written by save_pretrained"
+    assert _captions(["--dataset", "voc2007", "--data-root", str(folder), "--split", "nope"], tmp_path / "o",
+                     blip2_dir) == 2
+    assert _error_line(capsys) == "error: --split: voc2007 splits are trainval, test, train, val; got 'nope'"
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert _captions(run, tmp_path / "o", blip2_dir) == 2
+    assert _error_line(capsys) == ("error: transformers: not installed; captions need the optional extra: "
+                                   "pip install -r requirements-captions.txt")
