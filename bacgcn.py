@@ -100,6 +100,7 @@ class BACGCNConfig:
     amp: bool = True                    # bf16 autocast on CUDA (the CPU always runs fp32)
     workers: int = 2                    # image decoding workers while caching features
     cache_dir: str = ".cache/features"
+    cache_memory_gb: float = 8.0        # cached features held in memory up to this size; larger ones stream from disk
     out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
     log_every: int = 50
 

@@ -408,6 +408,20 @@ class MultiLabelImages:
     def ids(self) -> list[str]:
         return [s.id for s in self.samples]
 
+    def files_stamp(self) -> str:
+        """Digest of every image file's size and modification time: part of a feature cache's
+        key, so an image changed on disk is encoded again instead of read from the stale cache."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for s in self.samples:
+            try:
+                st = os.stat(s.path)
+                digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(b"missing\n")
+        return digest.hexdigest()
+
     def label_matrix(self) -> np.ndarray:
         return np.stack([s.labels for s in self.samples]) if self.samples else \
             np.zeros((0, len(self.class_names)), dtype=np.int8)
@@ -1232,37 +1246,53 @@ class FeatureCache:
     """Per-image encoder outputs stored in bf16 safetensors shards under a key.
 
     The key hashes everything that changes the features (`spec`: encoder, weights digest, input
-    size, read-out, dataset, split, image ids), so a changed config never reads a stale cache.
-    A folder is complete once its `meta.json` exists (written last, atomically). This module
-    never imports the model: `encode` is handed in.
+    size, read-out, dataset, split, image ids and file stamps), so a changed config or a changed
+    image file never reads a stale cache. A folder is complete once its `meta.json` exists
+    (written last, atomically); `problem()` tells a damaged one (shard missing or truncated,
+    ids that do not match the rows). The build can be split into parts (one per process of a
+    distributed job), each writing its own shards, and `merge` lists them in part order. This
+    module never imports the model: `encode` is handed in.
     """
 
     SHARD = 4096
 
-    def __init__(self, root: str | os.PathLike, spec: dict):
+    def __init__(self, root: str | os.PathLike, spec: dict, shard_rows: int = SHARD):
         import hashlib
 
         self.spec = spec
         self.key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
         self.dir = Path(root) / self.key
+        self.shard_rows = shard_rows
 
     @property
     def complete(self) -> bool:
         return (self.dir / "meta.json").is_file()
 
-    def load(self) -> tuple[list[str], dict]:
-        import torch
-        from safetensors.torch import load_file
+    def _meta(self) -> dict:
+        return read_json(self.dir / "meta.json", "feature cache index")
 
-        meta = json.loads((self.dir / "meta.json").read_text())
-        parts = [load_file(str(self.dir / f)) for f in meta["shards"]]
-        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-        return meta["ids"], tensors
+    def problem(self) -> str | None:
+        """Why this complete cache cannot be read (one line), or None when it is sound."""
+        try:
+            meta = self._meta()
+            if not isinstance(meta.get("ids"), list) or not isinstance(meta.get("shards"), list):
+                return "meta.json lacks its ids or shards"
+            CachedFeatures.from_shards(self.dir, meta["ids"], meta["shards"])
+        except DataError as e:
+            return str(e)
+        return None
 
-    def build(self, dataset, encode: Callable, batch_size: int = 64, workers: int = 0,
-              device: str = "cpu", desc: str = "caching features", pin_memory: bool = False) -> tuple[list[str], dict]:
-        """Encode every image of `dataset` with `encode` (see `encode_images`) and store the
-        outputs in bf16 shards. Skipped images are reported and left out."""
+    def open(self, memory_budget_bytes: float = float("inf")) -> "CachedFeatures":
+        """The cached rows: read into memory when they fit `memory_budget_bytes`, else streamed."""
+        meta = self._meta()
+        features = CachedFeatures.from_shards(self.dir, meta["ids"], meta["shards"])
+        return features.in_memory() if features.nbytes <= memory_budget_bytes else features
+
+    def build(self, dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
+              desc: str = "caching features", pin_memory: bool = False, part: int = 0, parts: int = 1) -> None:
+        """Encode every image of `dataset` with `encode` (see `encode_images`) into bf16 shards.
+        Skipped images are reported and left out. With `parts` > 1 this writes part `part` only
+        (its dataset is that part's images); `merge` completes the cache once all parts exist."""
         import torch
         from safetensors.torch import save_file
 
@@ -1274,7 +1304,7 @@ class FeatureCache:
         def flush():
             if not buffer:
                 return
-            name = f"shard-{len(shards):05d}.safetensors"
+            name = f"part{part:03d}-shard-{len(shards):05d}.safetensors"
             tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
             atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp)))
             shards.append(name)
@@ -1284,12 +1314,159 @@ class FeatureCache:
             for k, v in out.items():
                 buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
             ids.extend(batch_ids)
-            if sum(len(x) for x in next(iter(buffer.values()))) >= self.SHARD:
+            if sum(len(x) for x in next(iter(buffer.values()))) >= self.shard_rows:
                 flush()
         flush()
-        meta = {"ids": ids, "shards": shards, "spec": self.spec}
-        atomic_write(self.dir / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
-        return self.load()
+        write_json(self.dir / f"part{part:03d}.json", {"ids": ids, "shards": shards}, indent=None)
+        if parts == 1:
+            self.merge(1)
+
+    def merge(self, parts: int) -> None:
+        """Write meta.json over the parts 0..parts-1, in part order: the cache is then complete."""
+        ids, shards = [], []
+        for part in range(parts):
+            piece = read_json(self.dir / f"part{part:03d}.json", "feature cache part")
+            ids += piece["ids"]
+            shards += piece["shards"]
+        write_json(self.dir / "meta.json", {"ids": ids, "shards": shards, "spec": self.spec}, indent=None)
+
+
+class CachedFeatures:
+    """The rows of a feature cache: `gather(rows)` returns {name: bf16 tensor [len(rows), ...]}
+    in the order asked.
+
+    Streamed (the default of `from_shards`), rows are read on demand from the shards with
+    positional reads: resident memory is what a batch needs, whatever the cache's size. File
+    pages then live in the OS page cache, which the kernel reclaims under pressure; a memory map
+    would count every page touched in this process's resident set. `in_memory()` reads every
+    row once into one tensor per field (no second copy, unlike concatenating loaded shards).
+    """
+
+    def __init__(self, ids: list[str], shards: list[tuple[Path, int, dict]], tensors: dict | None = None):
+        self.ids = list(ids)
+        self._shards = shards                    # (path, rows, {name: (row shape, file offset, row bytes)})
+        self._starts = np.cumsum([0] + [rows for _, rows, _ in shards])
+        self._fds: dict[int, int] = {}
+        self.tensors = tensors
+        first = shards[0][2] if shards else {}
+        self.row_shapes = {k: v[0] for k, v in first.items()}
+
+    @classmethod
+    def from_shards(cls, directory: Path, ids: Sequence[str], names: Sequence[str]) -> "CachedFeatures":
+        shards = [(Path(directory) / n, *_shard_layout(Path(directory) / n)) for n in names]
+        rows = sum(r for _, r, _ in shards)
+        if rows != len(ids):
+            raise DataError(Path(directory) / "meta.json", f"lists {len(ids)} ids, the shards hold {rows} rows")
+        layouts = {tuple(sorted((k, v[0]) for k, v in f.items())) for _, _, f in shards}
+        if len(layouts) > 1:
+            raise DataError(directory, "shards hold different fields or shapes")
+        return cls(ids, shards)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.row_shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(self) * 2 * int(np.prod(s)) for s in self.row_shapes.values())
+
+    def in_memory(self) -> "CachedFeatures":
+        if self.tensors is None:
+            self.tensors = self._read(np.arange(len(self)), self.keys)
+            self.close()
+        return self
+
+    def gather(self, rows, keys: Sequence[str] | None = None) -> dict:
+        import torch
+
+        keys = list(keys or self.keys)
+        if self.tensors is not None:
+            index = torch.as_tensor(rows, dtype=torch.int64)
+            return {k: self.tensors[k][index] for k in keys}
+        return self._read(np.asarray(rows, dtype=np.int64).reshape(-1), keys)
+
+    def _read(self, rows: np.ndarray, keys: list[str]) -> dict:
+        """Rows read straight into the output tensors, one read per run of rows that are
+        consecutive both in the file and in the output (a sequential pass reads whole shards)."""
+        import torch
+
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row out of range [0, {len(self)})")
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        out = {k: torch.empty((len(rows), *self.row_shapes[k]), dtype=torch.bfloat16) for k in keys}
+        views = {k: out[k].view(torch.int16).numpy().reshape(len(rows), -1) for k in keys}
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and shard[j] == shard[i] and rows[j] == rows[j - 1] + 1:
+                j += 1
+            path, _, fields = self._shards[shard[i]]
+            fd = self._fd(shard[i])
+            local = int(rows[i] - self._starts[shard[i]])
+            for k in keys:
+                _, offset, row_bytes = fields[k]
+                _read_exactly(fd, memoryview(views[k][i:j]).cast("B"), offset + local * row_bytes, path)
+            i = j
+        return out
+
+    def _fd(self, shard: int) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self._shards[shard][0], os.O_RDONLY)
+        return self._fds[shard]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        self.close()
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill `view` from `offset`; Linux returns at most ~2 GiB per call, so loop."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise DataError(path, "shard ended early (truncated after the cache was opened?)")
+        done += got
+
+
+def _shard_layout(path: Path) -> tuple[int, dict]:
+    """(rows, {name: (row shape, file offset of row 0, bytes per row)}) from a safetensors
+    shard's header, checking that every tensor is bf16, has the same row count and lies
+    inside the file (a truncated shard fails here, by name)."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise DataError(path, "feature cache shard missing") from None
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not a readable safetensors shard ({e})") from None
+    fields, counts = {}, set()
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        if info["dtype"] != "BF16" or not shape:
+            raise DataError(path, f"field {name!r} is {info['dtype']} {shape}, expected bf16 rows")
+        if 8 + length + end > size:
+            raise DataError(path, f"truncated: field {name!r} ends at byte {8 + length + end}, the file has {size}")
+        counts.add(shape[0])
+        fields[name] = (tuple(shape[1:]), 8 + length + begin, (end - begin) // max(shape[0], 1))
+    if len(counts) > 1:
+        raise DataError(path, "fields hold different row counts")
+    return (counts.pop() if counts else 0), fields
 
 
 def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
@@ -1312,7 +1489,7 @@ def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int 
                 yield batch["id"], batch["index"], encode(batch["image"].to(device, non_blocking=True))
     bar.close()
     if report.skipped:
-        print(f"{dataset.name}: {report.summary()}", file=sys.stderr)
+        print(f"{getattr(dataset, 'name', 'images')}: {report.summary()}", file=sys.stderr)
 
 
 # ============================================================================================

@@ -27,7 +27,9 @@ CACHE_BATCH = 64             # images per encoder forward while caching features
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    """Progress lines, printed once per job (by rank 0 in a distributed one)."""
+    if is_main_process():
+        print(msg, flush=True)
 
 
 def git_commit() -> str:
@@ -56,6 +58,79 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Distributed runs (torchrun): every process runs the same code on its share
+# --------------------------------------------------------------------------------------------
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside a distributed job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def init_distributed(requested_device: str) -> str:
+    """Join the torchrun job when launched by torchrun (NCCL on CUDA, gloo on the CPU) and
+    return this process's device; a plain `python train.py` stays a single process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(requested_device)
+    if world == 1 or torch.distributed.is_initialized():
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def share(num: int, granule: int = 1) -> range:
+    """This process's contiguous share of `num` items, cut at multiples of `granule` so that
+    shares concatenated in rank order are the single-process order, batch for batch."""
+    rank, world = rank_and_world()
+    per = math.ceil(math.ceil(num / world) / granule) * granule
+    return range(min(num, rank * per), min(num, (rank + 1) * per))
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every process."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over the processes (itself outside a distributed job)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return value
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value / world
+
+
+def gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every process's `rows` concatenated in rank order (on every process)."""
+    if rank_and_world()[1] == 1:
+        return rows
+    parts = [None] * rank_and_world()[1]
+    torch.distributed.all_gather_object(parts, rows)
+    return np.concatenate(parts)
+
+
+# --------------------------------------------------------------------------------------------
 # Frozen backbone and cached features
 # --------------------------------------------------------------------------------------------
 
@@ -70,7 +145,7 @@ def build_backbone(cfg: bacgcn.BACGCNConfig, device: str) -> bacgcn.CLIPBackbone
 @dataclass
 class Split:
     ids: list[str]
-    feats: dict[str, torch.Tensor]     # patches [n, N, E], g, gH, gHc [n, E], attn [n, N] (bf16, CPU)
+    feats: data.CachedFeatures         # patches [N, E], g, gH, gHc [E], attn [N] per row (bf16, CPU or disk)
     dataset: data.MultiLabelImages     # for labels and (ReSO) the original images
 
 
@@ -93,7 +168,7 @@ def feature_spec(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone, datase
             "image_size": backbone.image_size, "patch_readout": cfg.patch_readout, "h_fraction": cfg.h_fraction,
             "subset_readout": cfg.subset_readout,
             "dataset": dataset.name, "root": str(Path(cfg.data_root).resolve()),
-            "ids": hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()}
+            "ids": hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest(), "files": dataset.files_stamp()}
 
 
 def encode_features(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
@@ -103,32 +178,47 @@ def encode_features(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) ->
         return backbone.features(x, cfg.h_fraction, cfg.subset_readout)
 
 
-def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -> tuple[list[str], dict]:
-    """(ids, features) of `dataset` from the cache keyed by `spec`, encoding it once on a miss."""
+def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -> data.CachedFeatures:
+    """The features of `dataset` from the cache keyed by `spec`, encoding it once on a miss
+    (each process of a distributed job encodes its share) or when the cache is damaged."""
+    import shutil
     import time
 
     cache = data.FeatureCache(cfg.cache_dir, spec)
-    if cache.complete:
+    state = "miss"
+    if is_main_process() and cache.complete:
+        problem = cache.problem()
+        state = "hit" if problem is None else "damaged"
+        if problem is not None:
+            log(f"warning: feature cache {cache.dir} is damaged ({problem}); rebuilding it")
+            shutil.rmtree(cache.dir)
+    if broadcast_object(state) == "hit":
         log(f"{desc}: feature cache hit ({cache.dir})")
-        return cache.load()
-    log(f"{desc}: encoding {len(dataset)} images once into {cache.dir}")
-    t0 = time.time()
-    ids, feats = cache.build(dataset, lambda x: encode_features(backbone, x, cfg), batch_size=CACHE_BATCH,
-                             workers=cfg.workers, device=device, desc=desc, pin_memory=device.startswith("cuda"))
-    seconds = max(time.time() - t0, 1e-9)
-    log(f"{desc}: {len(ids)} images in {seconds:.0f} s ({len(ids) / seconds:.0f} img/s)")
-    return ids, feats
+    else:
+        log(f"{desc}: encoding {len(dataset)} images once into {cache.dir}")
+        t0 = time.time()
+        part, parts = rank_and_world()
+        mine = torch.utils.data.Subset(dataset, share(len(dataset), CACHE_BATCH)) if parts > 1 else dataset
+        cache.build(mine, lambda x: encode_features(backbone, x, cfg), batch_size=CACHE_BATCH, workers=cfg.workers,
+                    device=device, desc=desc, pin_memory=device.startswith("cuda"), part=part, parts=parts)
+        barrier()
+        if parts > 1 and is_main_process():
+            cache.merge(parts)
+        barrier()
+        seconds = max(time.time() - t0, 1e-9)
+        log(f"{desc}: {len(dataset)} images in {seconds:.0f} s ({len(dataset) / seconds:.0f} img/s)")
+    return cache.open(cfg.cache_memory_gb * 2**30)
 
 
 def cached_features(cfg, backbone, dataset, device) -> Split:
     """The split's features, encoded once per image and read from the cache afterwards."""
     dataset.transform = image_transform(backbone.image_size)
     try:
-        ids, feats = load_or_encode(cfg, backbone, dataset, feature_spec(cfg, backbone, dataset, "images"),
-                                    device, dataset.name)
+        feats = load_or_encode(cfg, backbone, dataset, feature_spec(cfg, backbone, dataset, "images"),
+                               device, dataset.name)
     finally:
         dataset.transform = None
-    return Split(ids, feats, dataset)
+    return Split(feats.ids, feats, dataset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,21 +231,67 @@ def build_model(cfg, prompts: torch.Tensor, num_classes: int, m, n, logit_scale:
     return bacgcn.BACGCN(cfg, prompts, num_classes, adjacency, logit_scale)
 
 
-def batch_feats(feats: dict[str, torch.Tensor], idx: torch.Tensor, device: str, dtype) -> dict[str, torch.Tensor]:
-    return {k: feats[k][idx].to(device, non_blocking=True).to(dtype) for k in ("patches", "g", "gH", "gHc")}
+FEATURE_KEYS = ("patches", "g", "gH", "gHc")   # what the head reads per image
+
+
+def batch_feats(feats: data.CachedFeatures, idx, device: str, dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True).to(dtype) for k, v in feats.gather(idx, FEATURE_KEYS).items()}
+
+
+def prefetched(items, device: str, dtype, depth: int = 2):
+    """batch_feats of each (features, rows) in `items`, read `depth` batches ahead in a thread,
+    so file reads (a streamed cache) and, on CUDA, page-locking overlap the compute. Pinned
+    batches come from torch's caching host allocator, which reuses a buffer only after the copy
+    that read it has finished: a small ring of staging buffers without bookkeeping here."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    pin = device.startswith("cuda")
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read():
+        try:
+            for feats, idx in items:
+                rows = feats.gather(idx, FEATURE_KEYS)
+                if not offer({k: v.pin_memory() for k, v in rows.items()} if pin else rows):
+                    return
+            offer(None)
+        except Exception as e:  # handed to the consumer, which raises it in its own thread
+            offer(e)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    try:
+        while (rows := ready.get()) is not None:
+            if isinstance(rows, Exception):
+                raise rows
+            yield {k: v.to(device, non_blocking=True).to(dtype) for k, v in rows.items()}
+    finally:
+        stop.set()
+        worker.join()
 
 
 @torch.no_grad()
-def predict(model, feats, device, dtype, batch: int = PREDICT_BATCH) -> np.ndarray:
-    """Logits [n, O] of every cached image."""
+def predict(model, feats: data.CachedFeatures, device, dtype, batch: int = PREDICT_BATCH) -> np.ndarray:
+    """Logits [n, O] of every cached image; in a distributed job each process scores its share
+    and every process gets all rows."""
     model.eval()
-    logits = []
-    n = feats["g"].shape[0]
-    for i in range(0, n, batch):
-        idx = torch.arange(i, min(i + batch, n))
-        logits.append(model(batch_feats(feats, idx, device, dtype))["logits"].float().cpu())
+    rows = share(len(feats))
+    batches = [torch.arange(i, min(i + batch, rows.stop)) for i in range(rows.start, rows.stop, batch)]
+    logits = [model(x)["logits"].float().cpu() for x in prefetched([(feats, b) for b in batches], device, dtype)]
     model.train()
-    return torch.cat(logits).numpy()
+    width = model.num_categories
+    return gather_rows(torch.cat(logits).numpy() if logits else np.zeros((0, width), dtype=np.float32))
 
 
 def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, difficult: str = "ignore") -> dict:

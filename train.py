@@ -209,7 +209,7 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, weight: to
 @dataclass
 class ResoCrops:
     """The ReSO crops of a run, ready to train on: row k is crop k."""
-    feats: dict[str, torch.Tensor]   # cached features, as for images
+    feats: data.CachedFeatures       # cached features, as for images
     targets: torch.Tensor            # [n, O] its class 1, the parent's uncaptioned categories 0
     masks: torch.Tensor              # [n, O] 1 where an entry is trained
     classes: torch.Tensor            # [n] the class each crop was cut for
@@ -220,33 +220,33 @@ class ResoCrops:
 
 def find_small_regions(cfg, model, split: Split, candidates, num_classes: int, device: str, dtype) -> list:
     """reso_regions over a whole split, batch by batch (all similarity maps of COCO would not fit
-    in memory). `candidates(idx, sim)` -> bool [b, C]: which classes of those images to consider."""
+    in memory). `candidates(idx, sim)` -> bool [b, C]: which classes of those images to consider.
+    Every process of a distributed job scans every image (the model is the same on all of them,
+    so they agree on the crops) and encodes only its share of the crops."""
     found = []
     model.eval()
+    batches = [torch.arange(i, min(i + pipeline.PREDICT_BATCH, len(split.ids)))
+               for i in range(0, len(split.ids), pipeline.PREDICT_BATCH)]
     with torch.no_grad():
-        for start in range(0, len(split.ids), pipeline.PREDICT_BATCH):
-            idx = torch.arange(start, min(start + pipeline.PREDICT_BATCH, len(split.ids)))
-            sim = model(pipeline.batch_feats(split.feats, idx, device, dtype))["sim"][:, :, :num_classes].float().cpu()
-            found += [(start + b, c, box) for b, c, box in reso_regions(sim, candidates(idx, sim), cfg)]
+        for idx, x in zip(batches, pipeline.prefetched([(split.feats, b) for b in batches], device, dtype)):
+            sim = model(x)["sim"][:, :, :num_classes].float().cpu()
+            found += [(int(idx[0]) + b, c, box) for b, c, box in reso_regions(sim, candidates(idx, sim), cfg)]
     model.train()
     return found
 
 
-def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> dict[str, torch.Tensor]:
-    """Features of the crops `found` [(row, class, patch box)], in that order, each encoded once
-    (cached under the crops' list)."""
-    grid = int(round(math.sqrt(split.feats["patches"].shape[1])))
+def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> tuple[data.CachedFeatures, list]:
+    """(features, the crops kept) of the crops `found` [(row, class, patch box)], each encoded
+    once (cached under the crops' list). A crop whose image could not be read is dropped."""
+    grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
     row = {s.id: k for k, s in enumerate(split.dataset.samples)}
     crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
                          backbone.image_size, grid, cfg.reso_margin)
     spec = pipeline.feature_spec(cfg, backbone, split.dataset, kind)
     spec.update({"crops": crop_ds.ids, "margin": cfg.reso_margin})
-    ids, feats = pipeline.load_or_encode(cfg, backbone, crop_ds, spec, device, kind)
-    if len(ids) != len(crop_ds.ids):   # an unreadable image: keep the crops that were encoded
-        keep = {i: k for k, i in enumerate(ids)}
-        feats = {k: torch.stack([v[keep[i]] if i in keep else torch.zeros_like(v[0]) for i in crop_ds.ids])
-                 for k, v in feats.items()}
-    return feats
+    feats = pipeline.load_or_encode(cfg, backbone, crop_ds, spec, device, kind)
+    encoded = set(feats.ids)
+    return feats, [f for f, i in zip(found, crop_ds.ids) if i in encoded]
 
 
 def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, targets: torch.Tensor,
@@ -257,7 +257,7 @@ def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, tar
                                device, dtype)
     if not found:
         return None
-    feats = encode_crops(cfg, backbone, train, found, "reso-crops", device)
+    feats, found = encode_crops(cfg, backbone, train, found, "reso-crops", device)
     parents = torch.tensor([b for b, _, _ in found])
     cls = torch.tensor([c for _, c, _ in found])
     # Crop targets: its class is present; what the captions never named in the parent is absent
@@ -290,13 +290,13 @@ def epoch_batches(cfg, num_images: int, crops: ResoCrops | None, gen: torch.Gene
     return batches
 
 
-def batch_loss(cfg, step_fn, kind: str, idx: torch.Tensor, train: Split, targets: torch.Tensor,
+def batch_loss(cfg, step_fn, kind: str, idx: torch.Tensor, x: dict[str, torch.Tensor], targets: torch.Tensor,
                crops: ResoCrops | None, device: str, dtype) -> torch.Tensor:
+    """Loss of one batch (`x`: its features on the device, rows `idx` of the images or crops)."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = step_fn(x)
         if kind == "image":
-            out = step_fn(pipeline.batch_feats(train.feats, idx, device, dtype))
             return multilabel_loss(out["logits"], targets[idx].to(device), cfg)
-        out = step_fn(pipeline.batch_feats(crops.feats, idx, device, dtype))
         logits = out["logits"].float()
         cls = crops.classes[idx].to(device)
         p_own = torch.sigmoid(logits.gather(1, cls[:, None]))[:, 0].detach()
@@ -304,11 +304,25 @@ def batch_loss(cfg, step_fn, kind: str, idx: torch.Tensor, train: Split, targets
         return multilabel_loss(logits, crops.targets[idx].to(device), cfg, weight, crops.masks[idx].to(device))
 
 
+def wrap_for_training(cfg, model, device: str):
+    """The module the steps call: DDP across the processes of a torchrun job (gradients
+    averaged, so each process's share of a global batch counts as in one process), compiled
+    on CUDA when asked."""
+    step_fn = model
+    if pipeline.rank_and_world()[1] > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        step_fn = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                          else None)
+    return torch.compile(step_fn) if cfg.compile and device.startswith("cuda") else step_fn
+
+
 def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard: torch.Tensor, num_classes: int,
                  device: str, dtype, metrics_file) -> None:
     """The training loop: every epoch over the cached images, plus the ReSO crops from
-    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`."""
-    step_fn = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`. In a
+    torchrun job every process takes its slice of each global batch."""
+    step_fn = wrap_for_training(cfg, model, device)
+    rank, world = pipeline.rank_and_world()
     opt = make_optimizer(cfg, model)
     base_lr = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(train.ids) / cfg.batch_size)
@@ -321,23 +335,25 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
         if cfg.use_reso and epoch == cfg.reso_epoch:
             crops = build_reso_crops(cfg, model, backbone, train, hard, targets, num_classes, device, dtype)
             log(f"epoch {epoch + 1}: ReSO found {0 if crops is None else len(crops)} small regions to crop")
-        running, count = torch.zeros(()), 0
-        for kind, idx in epoch_batches(cfg, len(train.ids), crops, gen, epoch):
+        batches = [(kind, idx[rank::world]) for kind, idx in epoch_batches(cfg, len(train.ids), crops, gen, epoch)]
+        sources = [(train.feats if kind == "image" else crops.feats, idx) for kind, idx in batches]
+        running, count = torch.zeros((), device=device), 0
+        for (kind, idx), x in zip(batches, pipeline.prefetched(sources, device, dtype)):
             for g, lr in zip(opt.param_groups, base_lr):
                 g["lr"] = lr * pipeline.warmup_cosine(step, warmup, total)
-            loss = batch_loss(cfg, step_fn, kind, idx, train, targets, crops, device, dtype)
+            loss = batch_loss(cfg, step_fn, kind, idx, x, targets, crops, device, dtype)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += loss.detach().cpu()
+            running += loss.detach()
             count += 1
             step += 1
             if step % cfg.log_every == 0:
-                value = (running / count).item()     # .item() only at log intervals
+                value = pipeline.mean_over_processes(running / count).item()   # .item() only at log intervals
                 metrics_file.write(json.dumps({"step": step, "epoch": epoch, "loss": value,
                                                "lr": opt.param_groups[0]["lr"]}) + "\n")
                 metrics_file.flush()
-        epoch_loss = (running / max(count, 1)).item()
+        epoch_loss = pipeline.mean_over_processes(running / max(count, 1)).item()
         metrics_file.write(json.dumps({"epoch": epoch, "epoch_loss": epoch_loss,
                                        "crops": 0 if crops is None else len(crops)}) + "\n")
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {count} steps"
@@ -349,23 +365,32 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
 # --------------------------------------------------------------------------------------------
 
 def start_run(cfg: bacgcn.BACGCNConfig, preset: str) -> tuple[bacgcn.BACGCNConfig, str]:
-    """Paths, device, seeds, threads and the run folder: (completed config, device)."""
+    """Process group, paths, device, seeds, threads and the run folder: (completed config,
+    device). In a torchrun job rank 0 builds the world and names the run folder for all."""
+    device = pipeline.init_distributed(cfg.device)
+    _, world = pipeline.rank_and_world()
+    if cfg.batch_size < world:
+        raise ValueError(f"--batch-size={cfg.batch_size} is smaller than the {world} processes sharing each batch")
+    if pipeline.is_main_process():
+        cfg = resolve_paths(cfg)
+    pipeline.barrier()
     cfg = resolve_paths(cfg)
-    device = pipeline.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     out_dir = Path(cfg.out or ROOT / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(pipeline.broadcast_object(str(out_dir)))
+    if pipeline.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
     return cfg.replace(out=str(out_dir)), device
 
 
 def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
     t_start = time.time()
     cfg, device = start_run(cfg, preset)
-    out_dir = Path(cfg.out)
+    out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
     test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
     labels = caption_labels(cfg, train_ds)                                         # 1
@@ -376,9 +401,6 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
                                         device=device).cpu()
     train = pipeline.cached_features(cfg, backbone, train_ds, device)
     test = pipeline.cached_features(cfg, backbone, test_ds, device)
-    if device.startswith("cuda"):  # page-locked, so the per-batch non_blocking copies overlap compute
-        for split in (train, test):
-            split.feats = {k: v.pin_memory() for k, v in split.feats.items()}
     targets, hard = labels.targets_for(train.ids, cfg.min_votes)
 
     logit_scale = float(backbone.clip.logit_scale.exp().item())                    # 3
@@ -387,7 +409,8 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
     zeroshot = pipeline.evaluate_split(cfg, pipeline.predict(model, test.feats, device, dtype), test, num_classes)
     log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
 
-    with open(out_dir / "metrics.jsonl", "w") as metrics_file:
+    # Only rank 0 writes files; the others log into the void.
+    with open(out_dir / "metrics.jsonl" if main_process else os.devnull, "w") as metrics_file:
         t_train = time.time()                                                       # 4
         train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file)
         train_s = time.time() - t_train
@@ -398,10 +421,12 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
                    "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
+                   "world_size": pipeline.rank_and_world()[1],
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
-    pipeline.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
-                             labels.m, labels.n, report, preset)
-    data.write_json(out_dir / "report.json", report)
+    if main_process:
+        pipeline.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
+                                 labels.m, labels.n, report, preset)
+        data.write_json(out_dir / "report.json", report)
     return report
 
 
@@ -416,9 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, preset = bacgcn.parse_overrides(sys.argv[1:] if argv is None else argv)
         report = run(cfg, preset)
+        main_process = pipeline.is_main_process()
     except (ValueError, FileNotFoundError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not main_process:
+        return 0
     print_table(report)
     print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
     return 0

@@ -177,13 +177,14 @@ def test_feature_cache_hit_miss_and_invalidation(tmp_path):
     spec = {"encoder": "toy", "h_fraction": 0.25}
     cache = data.FeatureCache(tmp_path / "cache", spec)
     assert not cache.complete
-    ids, feats = cache.build(ds, encode, batch_size=2)
-    assert calls == [2, 2, 1] and ids == ["0", "1", "2", "3", "4"]
-    assert feats["g"].dtype == torch.bfloat16 and feats["patches"].shape == (5, 4, 3)
+    cache.build(ds, encode, batch_size=2)
+    feats = cache.open()
+    assert calls == [2, 2, 1] and feats.ids == ["0", "1", "2", "3", "4"]
+    rows = feats.gather(range(5))
+    assert rows["g"].dtype == torch.bfloat16 and rows["patches"].shape == (5, 4, 3)
     again = data.FeatureCache(tmp_path / "cache", dict(spec))
-    assert again.complete and again.dir == cache.dir
-    ids2, feats2 = again.load()
-    assert ids2 == ids and torch.equal(feats2["g"], feats["g"])
+    assert again.complete and again.dir == cache.dir and again.problem() is None
+    assert again.open().ids == feats.ids and torch.equal(again.open().gather([0, 1, 2, 3, 4])["g"], rows["g"])
     changed = data.FeatureCache(tmp_path / "cache", {**spec, "h_fraction": 0.5})
     assert not changed.complete and changed.dir != cache.dir
 
