@@ -870,19 +870,22 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
 
 
 def write_scores_csv(path: str | os.PathLike, ids: Sequence[str], columns: Sequence[str],
-                     scores: np.ndarray) -> None:
-    """`image_id,<columns...>` with one row per image (the eval.py --scores format)."""
+                     scores: np.ndarray, tags: Sequence[str] | None = None) -> None:
+    """`image_id,<columns...>` with one row per image (the eval.py --scores format), and a last
+    text column `tags` when `tags` is given (one string per image; the scores reader skips it)."""
     def write(tmp: Path):
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["image_id", *columns])
-            for image_id, row in zip(ids, scores):
-                w.writerow([image_id, *(f"{v:.10g}" for v in row)])
+            w.writerow(["image_id", *columns, *(["tags"] if tags is not None else [])])
+            for k, (image_id, row) in enumerate(zip(ids, scores)):
+                w.writerow([image_id, *(f"{v:.10g}" for v in row), *([tags[k]] if tags is not None else [])])
     atomic_write(Path(path), write)
 
 
-def read_table_csv(path: str | os.PathLike, what: str = "scores") -> tuple[list[str], list[str], np.ndarray]:
-    """(ids, column names, float matrix) of a UTF-8 CSV (BOM or not) with an `image_id` column."""
+def read_table_csv(path: str | os.PathLike, what: str = "scores",
+                   ignore: Sequence[str] = ()) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, column names, float matrix) of a UTF-8 CSV (BOM or not) with an `image_id` column.
+    Columns named in `ignore` (text such as the `tags` of `eval.py --images`) are left out."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"{what} file not found")
@@ -895,7 +898,8 @@ def read_table_csv(path: str | os.PathLike, what: str = "scores") -> tuple[list[
         raise DataError(path, "no header with an 'image_id' column")
     header = rows[0]
     id_col = header.index("image_id")
-    columns = [h for k, h in enumerate(header) if k != id_col]
+    keep = [k for k, h in enumerate(header) if k != id_col and h not in ignore]
+    columns = [header[k] for k in keep]
     ids, values = [], []
     for n, row in enumerate(rows[1:], 2):
         if not row:
@@ -903,7 +907,7 @@ def read_table_csv(path: str | os.PathLike, what: str = "scores") -> tuple[list[
         if len(row) != len(header):
             raise DataError(path, f"line {n}: {len(row)} fields, the header has {len(header)}")
         try:
-            values.append([float(v) for k, v in enumerate(row) if k != id_col])
+            values.append([float(row[k]) for k in keep])
         except ValueError:
             raise DataError(path, f"line {n}: a value is not a number") from None
         ids.append(row[id_col])
@@ -994,14 +998,48 @@ def image_folder(root: str | os.PathLike) -> MultiLabelImages:
     if not root.is_dir():
         raise DataError(root, "image folder not found")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return MultiLabelImages(_unlabelled_samples(root, paths), [], name=f"folder {root}")
+
+
+def _unlabelled_samples(base: Path, paths: Sequence[Path]) -> list[Sample]:
+    """Samples without labels, id = path relative to `base` without the extension."""
     samples, seen = [], {}
     for p in paths:
-        image_id = p.relative_to(root).with_suffix("").as_posix()
+        image_id = p.relative_to(base).with_suffix("").as_posix()
         if image_id in seen:
             raise DataError(p, f"has the same id {image_id!r} as {seen[image_id].name}; ids drop the extension")
         seen[image_id] = p
         samples.append(Sample(image_id, p, np.zeros(0, dtype=np.int8)))
-    return MultiLabelImages(samples, [], name=f"folder {root}")
+    return samples
+
+
+GLOB_MAGIC = frozenset("*?[")
+
+
+def image_files(spec: str) -> MultiLabelImages:
+    """The JPEG/PNG files a user names: a folder (recursive; see `image_folder`), a glob pattern
+    (`**` recurses) or one file. Ids are paths relative to the folder, or to the pattern's
+    leading directory without wildcards, without the extension. No image file is a DataError."""
+    import glob
+
+    if Path(spec).is_dir():
+        found = image_folder(spec)
+        if not len(found):
+            raise DataError(spec, "no JPEG or PNG files in this folder or below it")
+        return found
+    parts = Path(spec).parts
+    fixed = next((k for k, part in enumerate(parts) if GLOB_MAGIC & set(part)), None)
+    if Path(spec).is_file():
+        base, paths = Path(spec).parent, [Path(spec)]
+    elif fixed is None:
+        raise DataError(spec, "no such image file or folder")
+    else:
+        base = Path(*parts[:fixed]) if fixed else Path(".")
+        paths = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
+    paths = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not paths:
+        raise DataError(spec, "matches no JPEG or PNG file")
+    return MultiLabelImages(_unlabelled_samples(base, paths), [], name=spec)
 
 
 class _BlipPreprocess:

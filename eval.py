@@ -1,7 +1,10 @@
-"""Evaluate a BAC-GCN checkpoint, or any method's predictions.
+"""Evaluate a BAC-GCN checkpoint or any method's predictions; tag images; draw what a model sees.
 
   python eval.py runs/X/ckpt.safetensors [--data-root PATH] [--split test] [--difficult MODE] [--json out.json]
   python eval.py --scores S.csv --labels L.csv [--difficult ignore|positive|negative] [--json out.json]
+  python eval.py runs/X/ckpt.safetensors --images DIR_OR_GLOB --out tags.csv [--threshold 0.5] [--top-k K]
+  python eval.py runs/X/ckpt.safetensors --visualize IMG [--categories a,b,...] --out maps.png
+  python eval.py --plot-ap report.json [report2.json] --out ap.png
 
 A checkpoint carries its config, classes and graph: the model is rebuilt from it alone (the
 data root defaults to the one recorded at training time) and evaluated on the test split.
@@ -9,24 +12,31 @@ data root defaults to the one recorded at training time) and evaluated on the te
 Both CSVs have an `image_id` column and one column per class; labels are 1 / 0 (difficult-only)
 / -1. Score columns that are not classes of the labels file (backgrounds) are ignored; a class
 or an image missing from the scores is an error. This evaluates any method's predictions.
+
+After training: `--images` runs the frozen CLIP and the trained head on every JPEG/PNG of a
+folder (recursive) or a glob and writes `image_id,<class probabilities>,tags` (a valid --scores
+file). `--visualize` draws an image beside the similarity map of each chosen category with the
+patches the Similarity Kernel pooled; `--plot-ap` draws the per-class AP of one or two --json
+reports.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from data import DataError, read_table_csv, write_json
+from data import DataError, atomic_write, read_table_csv, write_json, write_scores_csv
 from metrics import DIFFICULT_MODES, evaluate, positive_counts
 
 
 def evaluate_csv(scores_path: str, labels_path: str, difficult: str = "ignore",
                  threshold: float = 0.5) -> dict:
     """Align the scores CSV to the labels CSV by image id and class name, then evaluate."""
-    s_ids, s_cols, s = read_table_csv(scores_path, "scores")
+    s_ids, s_cols, s = read_table_csv(scores_path, "scores", ignore=("tags",))   # eval.py --images writes tags
     l_ids, classes, labels = read_table_csv(labels_path, "labels")
     if not classes:
         raise DataError(labels_path, "no class column besides image_id")
@@ -69,52 +79,266 @@ def print_class_ap(ap: dict, file=None) -> None:
         print(f"  {c:<{width}}  {'   n/a' if value is None else f'{value:6.2f}'}", file=file or sys.stdout)
 
 
-def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
-                        difficult: str = "ignore") -> dict:
-    """Rebuild the model from the checkpoint alone and evaluate it on a split."""
+# --------------------------------------------------------------------------------------------
+# A checkpoint, rebuilt
+# --------------------------------------------------------------------------------------------
+
+def usable_device(requested: str) -> str:
+    """The recorded device when this machine has it, else '' (CUDA if any, else the CPU)."""
     import torch
 
+    return requested if requested and (requested == "cpu" or torch.cuda.is_available()) else ""
+
+
+def rebuild(path: str, cfg, classes, tensors):
+    """(backbone, model, device): the frozen CLIP and the trained head of a checkpoint."""
+    import pipeline
+
+    device = pipeline.resolve_device(cfg.device)
+    try:
+        backbone = pipeline.build_backbone(cfg, device)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(path, f"its CLIP cannot be rebuilt: {e}") from None
+    return backbone, pipeline.model_from_checkpoint(path, cfg, classes, tensors).to(device), device
+
+
+def checkpoint_logits(path: str, data_root: str | None = None, split: str | None = None):
+    """(config, classes, split features, logits [n, O], metadata) of a checkpoint on a split of its dataset."""
     import pipeline
     from data import load_dataset
 
     cfg, classes, categories, tensors, meta = pipeline.read_checkpoint(path)
     cfg = cfg.replace(data_root=data_root or cfg.data_root, test_split=split or cfg.test_split,
-                      device=cfg.device if cfg.device and (cfg.device == "cpu" or torch.cuda.is_available()) else "")
-    device = pipeline.resolve_device(cfg.device)
+                      device=usable_device(cfg.device))
     dataset = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
     if dataset.class_names != classes:
         raise DataError(path, f"trained on {len(classes)} classes of {cfg.dataset} ({', '.join(classes[:3])}, ...), "
                               f"the data at {cfg.data_root} has {len(dataset.class_names)} "
                               f"({', '.join(dataset.class_names[:3])}, ...)")
-    try:
-        backbone = pipeline.build_backbone(cfg, device)
-    except (ValueError, FileNotFoundError) as e:
-        raise DataError(path, f"its CLIP cannot be rebuilt: {e}") from None
-    model = pipeline.model_from_checkpoint(path, cfg, classes, tensors).to(device)
+    backbone, model, device = rebuild(path, cfg, classes, tensors)
     test = pipeline.cached_features(cfg, backbone, dataset, device)
-    dtype = pipeline.compute_dtype(device, cfg.amp)
-    logits = pipeline.predict(model, test.feats, device, dtype)
+    logits = pipeline.predict(model, test.feats, device, pipeline.compute_dtype(device, cfg.amp))
+    return cfg, classes, test, logits, meta
+
+
+def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
+                        difficult: str = "ignore") -> dict:
+    """Rebuild the model from the checkpoint alone and evaluate it on a split."""
+    import pipeline
+
+    cfg, classes, test, logits, meta = checkpoint_logits(path, data_root, split)
     result = pipeline.evaluate_split(cfg, logits, test, len(classes), difficult)
     result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
                    "split": cfg.test_split, "checkpoint": str(path), "trained": json.loads(meta["metrics"])})
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# --------------------------------------------------------------------------------------------
+# After training: tag a folder, draw similarity maps, plot AP
+# --------------------------------------------------------------------------------------------
+
+def check_out(out: str | None, option: str) -> Path:
+    """The --out file, refused before any work when absent or a directory."""
+    if not out:
+        raise DataError("--out", f"{option} needs a file to write")
+    if Path(out).is_dir():
+        raise DataError(out, "--out is an existing directory; give a file path")
+    return Path(out)
+
+
+def write_png(image, out: Path) -> None:
+    try:
+        atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
+    except OSError as e:
+        raise DataError(out, f"cannot write ({e.strerror or e})") from None
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))   # no overflow for large |x|
+
+
+def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: int | None) -> list[str]:
+    """Per image: the classes scoring >= threshold (the CF1 rule), best first, at most top_k,
+    joined by ';'."""
+    out = []
+    for row in probs:
+        order = [int(c) for c in np.argsort(-row, kind="stable") if row[c] >= threshold]
+        out.append(";".join(classes[c] for c in order[:top_k]))
+    return out
+
+
+def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None) -> dict:
+    """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV."""
+    import pipeline
+    from data import image_files
+
+    target = check_out(out, "--images")
+    dataset = image_files(images)           # before the model: a mistyped path fails at once
+    cfg, classes, categories, tensors, _ = pipeline.read_checkpoint(checkpoint)
+    cfg = cfg.replace(device=usable_device(cfg.device))
+    backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
+    ids, logits = pipeline.predict_images(cfg, backbone, model, dataset, device)
+    if not ids:
+        raise DataError(images, f"none of its {len(dataset)} image files could be read")
+    probs = sigmoid(logits[:, :len(classes)])
+    try:
+        write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
+    except OSError as e:
+        raise DataError(target, f"cannot write ({e.strerror or e})") from None
+    return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target)}
+
+
+def choose_categories(requested: str | None, categories: list[str], num_classes: int,
+                      probs: np.ndarray | None = None, classes_shown: int = 3, backgrounds_shown: int = 2) -> list[int]:
+    """Indices of the categories to draw: the requested names (comma-separated; an unknown one
+    is an error listing the valid ones), or the best classes and backgrounds by `probs`."""
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        unknown = [n for n in names if n not in categories]
+        if unknown or not names:
+            problem = f"unknown category {unknown[0]!r}" if unknown else "names no category"
+            raise DataError("--categories", f"{problem}; valid: {', '.join(categories)}")
+        return [categories.index(n) for n in names]
+    best = np.argsort(-probs, kind="stable")
+    return ([int(c) for c in best if c < num_classes][:classes_shown]
+            + [int(c) for c in best if c >= num_classes][:backgrounds_shown])
+
+
+def visualize(checkpoint: str, image_path: str, out: str, requested: str | None = None) -> list[str]:
+    """Draw the image beside the similarity map of each chosen category; returns their titles."""
+    import figures
+    import pipeline
+    from data import decode_image
+
+    target = check_out(out, "--visualize")
+    cfg, classes, categories, tensors, _ = pipeline.read_checkpoint(checkpoint)
+    if requested:
+        choose_categories(requested, categories, len(classes))      # a typo fails before the model loads
+    image = decode_image(image_path)
+    cfg = cfg.replace(device=usable_device(cfg.device))
+    backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
+    seen = pipeline.explain_image(cfg, backbone, model, image, device)
+    probs = sigmoid(seen["logits"])
+    chosen = choose_categories(requested, categories, len(classes), probs)
+    grid = int(round(seen["sim"].shape[0] ** 0.5))
+    panels = [figures.MapPanel(f"{categories[o]} {probs[o]:.2f}", seen["sim"][:, o].reshape(grid, grid),
+                               seen["pooled"][:, o].tolist()) for o in chosen]
+    note = (f"similarity to each category, min-max per map; squares: the {seen['pooled'].shape[0]} patches "
+            "the Similarity Kernel pooled; number: probability")
+    fig = figures.similarity_figure(image.permute(1, 2, 0).numpy(), Path(image_path).name, panels, note)
+    write_png(fig, target)
+    return [p.title for p in panels]
+
+
+def read_report(path: str) -> tuple[dict, float | None]:
+    """(per-class AP, mAP) of an eval.py --json (or train.py report.json) file."""
+    from data import read_json
+
+    raw = read_json(path, "report")
+    ap = raw.get("AP") if isinstance(raw, dict) else None
+    if not isinstance(ap, dict) or not ap:
+        raise DataError(path, "not an eval.py --json report (no per-class 'AP' object)")
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in ap.values()):
+        raise DataError(path, "a per-class AP is not a number")
+    mean = raw.get("mAP")
+    return ap, float(mean) if isinstance(mean, (int, float)) and not isinstance(mean, bool) else None
+
+
+def plot_ap(paths: Sequence[str], out: str) -> None:
+    """Per-class AP bars of one report, or paired bars of two."""
+    import figures
+
+    target = check_out(out, "--plot-ap")
+    reports = [read_report(p) for p in paths]
+    if len(reports) == 2 and set(reports[0][0]) != set(reports[1][0]):
+        extra = sorted(set(reports[0][0]) ^ set(reports[1][0]))
+        raise DataError(paths[1], f"its classes differ from those of {paths[0]} ({extra[0]!r}, ...)")
+    names = [Path(p).name for p in paths]
+    labels = names if len(set(names)) == len(names) else list(paths)
+    write_png(figures.ap_figure([figures.APSeries(lb, ap, m) for lb, (ap, m) in zip(labels, reports)]), target)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", help="ckpt.safetensors written by train.py")
     parser.add_argument("--data-root", help="dataset root (default: the one recorded in the checkpoint)")
     parser.add_argument("--split", help="split to evaluate (default: the dataset's test split)")
-    parser.add_argument("--scores", help="predictions CSV (image_id + one column per class)")
+    parser.add_argument("--scores", help="predictions CSV (image_id + one column per class; a 'tags' column is "
+                                         "skipped)")
     parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
     parser.add_argument("--difficult", choices=DIFFICULT_MODES, default="ignore",
                         help="how difficult-only (0) labels count (default: ignore)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of CP/CR/CF1, OP/OR/OF1")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="score threshold of CP/CR/CF1, OP/OR/OF1; with --images the probability at or above "
+                             "which a class becomes a tag (default: 0.5)")
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--images", metavar="DIR_OR_GLOB",
+                        help="tag every JPEG/PNG of a folder (recursive), a glob pattern ('**' recurses) or one "
+                             "file; --out gets image_id, the sigmoid probability of each of the C classes, and "
+                             "tags (the classes at or above --threshold, best first, ';'-separated)")
+    parser.add_argument("--top-k", type=positive_int, metavar="K", help="with --images: at most K tags per image")
+    parser.add_argument("--visualize", metavar="IMG",
+                        help="draw IMG beside the similarity maps of chosen categories (PNG to --out)")
+    parser.add_argument("--categories", metavar="A,B,...",
+                        help="with --visualize: categories to draw (default: the 3 best classes and 2 best "
+                             "backgrounds)")
+    parser.add_argument("--plot-ap", nargs="+", metavar="REPORT",
+                        help="draw per-class AP bars of one eval.py --json report, or paired bars of two (PNG "
+                             "to --out)")
+    parser.add_argument("--out", help="file to write: the tags CSV of --images, the PNG of --visualize or "
+                                      "--plot-ap")
+    return parser
+
+
+def after_training(args: argparse.Namespace) -> bool:
+    """Run --images, --visualize or --plot-ap when one is given; False when none is."""
+    chosen = [name for name, value in (("--images", args.images), ("--visualize", args.visualize),
+                                       ("--plot-ap", args.plot_ap)) if value]
+    if len(chosen) > 1:
+        raise DataError(chosen[1], f"give one of {', '.join(chosen)} at a time")
+    if not chosen:
+        return False
+    if chosen[0] == "--plot-ap":
+        if len(args.plot_ap) > 2:
+            raise DataError("--plot-ap", f"takes one or two reports, got {len(args.plot_ap)}")
+        plot_ap(args.plot_ap, args.out)
+        print(f"wrote {args.out}: per-class AP of {' and '.join(args.plot_ap)}")
+        return True
+    if not args.checkpoint:
+        raise DataError(chosen[0], "needs a checkpoint (eval.py ckpt.safetensors " + chosen[0] + " ...)")
+    if args.images:
+        done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k)
+        print(f"wrote {done['out']}: {done['images']} images tagged, {done['skipped']} skipped (corrupt), "
+              f"{done['classes']} class probabilities each, threshold {args.threshold}"
+              + (f", at most {args.top_k} tags" if args.top_k else ""))
+    else:
+        titles = visualize(args.checkpoint, args.visualize, args.out, args.categories)
+        print(f"wrote {args.out}: {args.visualize} beside {', '.join(titles)}")
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.checkpoint is None and not (args.scores and args.labels):
-        parser.error("give a checkpoint, or --scores and --labels")
     try:
+        if after_training(args):
+            return 0
+        if args.checkpoint is None and not (args.scores and args.labels):
+            parser.error("give a checkpoint, or --scores and --labels")
         if args.checkpoint:
             report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult)
             report["threshold"] = 0.0

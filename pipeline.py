@@ -355,3 +355,57 @@ def model_from_checkpoint(path: str, cfg, classes, tensors) -> bacgcn.BACGCN:
     except RuntimeError as e:
         raise data.DataError(path, f"weights do not fit the recorded config ({str(e).splitlines()[0]})") from None
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Inference on images outside a dataset: tagging, similarity maps
+# --------------------------------------------------------------------------------------------
+
+HEAD_INPUTS = ("patches", "g", "gH", "gHc")
+
+
+def head_inputs(feats: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """Encoder outputs -> what the head reads, rounded through bf16 first: the head was trained
+    and is evaluated on the bf16 feature cache, so an image scores the same here as it does
+    inside a dataset."""
+    return {k: feats[k].to(torch.bfloat16).to(dtype) for k in HEAD_INPUTS}
+
+
+@torch.no_grad()
+def predict_images(cfg, backbone, model, dataset: data.MultiLabelImages, device: str,
+                   desc: str = "tagging") -> tuple[list[str], np.ndarray]:
+    """(ids, logits [n, O]) of the readable images of `dataset`, encoded in batches with a
+    progress bar and no feature cache (a folder is scored once). Corrupt files are skipped
+    and counted by `data.encode_images`; the ids say which images the rows are."""
+    dtype = compute_dtype(device, cfg.amp)
+    model.eval()
+    head = torch.compile(model) if cfg.compile and device.startswith("cuda") else model    # as in training
+    dataset.transform = image_transform(backbone.image_size)
+    ids: list[str] = []
+    logits = []
+    try:
+        for batch_ids, _, feats in data.encode_images(
+                dataset, lambda x: encode_features(backbone, x, cfg), batch_size=CACHE_BATCH, workers=cfg.workers,
+                device=device, desc=desc, pin_memory=device.startswith("cuda")):
+            logits.append(head(head_inputs(feats, dtype))["logits"].float().cpu())
+            ids.extend(batch_ids)
+    finally:
+        dataset.transform = None
+    return ids, torch.cat(logits).numpy() if logits else np.zeros((0, model.num_categories), dtype=np.float32)
+
+
+@torch.no_grad()
+def explain_image(cfg, backbone, model, image: torch.Tensor, device: str) -> dict[str, np.ndarray]:
+    """What the head saw in one uint8 image [3, H, W]: logits [O], the similarity maps
+    sim [N, O] over the patch grid, and `pooled` [K, O], the patches the Similarity Kernel
+    pooled for each category (its top-K, ties to the lower index)."""
+    from kernels.similarity_pool import topk_lowest_index
+
+    # Not compiled even when cfg.compile: one forward would pay the whole compile time.
+    model.eval()
+    x = image_transform(backbone.image_size)(image)[None].to(device)
+    out = model(head_inputs(encode_features(backbone, x, cfg), compute_dtype(device, cfg.amp)))
+    sim = out["sim"].float()
+    pooled = topk_lowest_index(sim, min(model.kernel.topk, sim.shape[1]))
+    return {"logits": out["logits"][0].float().cpu().numpy(), "sim": sim[0].cpu().numpy(),
+            "pooled": pooled[0].cpu().numpy()}
