@@ -9,20 +9,28 @@ and class prompt embeddings from the text tower with a prompt ensemble.
 
 It works the same on OpenAI ViT-B/16 (open_clip `ViT-B-16-quickgelu`) and on the project's
 tiny CLIP (`synthclip-vit-t8`, assets/), both built by `open_clip.create_model`.
+
+  python bacgcn.py convert ViT-B-16.pt ViT-B-16.safetensors   # OpenAI's TorchScript archive, once
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import DATASETS, DataError
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
@@ -39,6 +47,9 @@ PATCH_READOUTS = ("self_attention", "value")
 # Ways to read g^H and g^Hc (CLIPBackbone.features).
 SUBSET_READOUTS = ("reencode", "last_block")
 LOSSES = ("bce", "asl")
+# How CLIP weight files may be read. "auto" never runs torch.jit.load: a TorchScript archive can
+# carry code, so OpenAI's archive loads only when it is asked for by name.
+WEIGHT_FORMATS = ("auto", "openai-torchscript")
 
 
 # ============================================================================================
@@ -50,14 +61,16 @@ class BACGCNConfig:
     """Every knob of the method. The paper leaves most open; the defaults are ours."""
     # data
     dataset: str = "synthetic"          # synthetic | voc2007 | voc2012 | coco2014 | nuswide
-    data_root: str = ""                 # dataset root; synthetic: the world folder (built if absent)
+    data_root: str = ""                 # dataset root; synthetic: the world folder ('' = runs/world-seed{seed})
+    build_world: bool = False           # synthetic: build the world at --data-root when it is missing
     captions: str = ""                  # folder with captions.json (+ re_captions.json); synthetic: data_root
     synonyms: str = ""                  # dictionary JSON ('' = the project's for the dataset, 'paper')
     train_split: str = ""               # '' = the dataset's training split
     test_split: str = ""                # '' = the dataset's test split
     # frozen CLIP (stage 2)
     clip_model: str = "synthclip-vit-t8"   # open_clip name; OpenAI weights need ViT-B-16-quickgelu
-    clip_weights: str = "assets/synthclip.safetensors"
+    clip_weights: str = "assets/synthclip.safetensors"   # weights file (safetensors or a torch state dict)
+    clip_weights_format: str = "auto"   # auto (safetensors or a weights-only torch state dict) | openai-torchscript
     image_size: int = 0                 # 0 = the model's own; ViT-B/16 at 448 interpolates position embeddings
     patch_readout: str = "self_attention"  # last block: self_attention (residual + MLP kept) | value (MaskCLIP)
     h_fraction: float = 0.25            # share of patches in the most-attended set H (fixed count)
@@ -99,7 +112,7 @@ class BACGCNConfig:
     compile: bool = False               # torch.compile the head (CUDA)
     amp: bool = True                    # bf16 autocast on CUDA (the CPU always runs fp32)
     workers: int = 2                    # image decoding workers while caching features
-    cache_dir: str = ".cache/features"
+    cache_dir: str = ".cache/features"  # frozen-CLIP features, encoded once per image
     cache_memory_gb: float = 8.0        # cached features held in memory up to this size; larger ones stream from disk
     out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
     log_every: int = 50
@@ -112,12 +125,15 @@ class BACGCNConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "BACGCNConfig":
+        """The config of `to_json` (fields it does not know are dropped); not validated."""
         raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"not a JSON object but a {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-_VITB16 = dict(clip_model="ViT-B-16-quickgelu", clip_weights="ViT-B-16.pt", image_size=448, topk=16,
+_VITB16 = dict(clip_model="ViT-B-16-quickgelu", clip_weights="ViT-B-16.safetensors", image_size=448, topk=16,
                temperature=0.03, batch_size=64, epochs=16, reso_epoch=10, workers=8)
 PRESETS: dict[str, dict] = {
     "synthetic-tiny": {},
@@ -172,21 +188,120 @@ def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tu
     return cfg, preset
 
 
+# Range of every numeric config field: (test, what the value must be). A field missing here fails
+# tests/test_trust_cli.py, so a new knob cannot skip validation.
+NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "image_size": (lambda v: v >= 0, ">= 0 (0 = the model's own size)"),
+    "h_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "topk": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "tau_a": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "reweight_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "global_edge": (lambda v: v >= 0, ">= 0"),
+    "gcn_layers": (lambda v: v >= 1, ">= 1 (--use-gcn=false turns the GCN off)"),
+    "asl_gamma_neg": (lambda v: v >= 0, ">= 0"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "prompt_lr_mult": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "min_votes": (lambda v: v >= 1, ">= 1 (0 would make every category a positive)"),
+    "reso_epoch": (lambda v: v >= 0, ">= 0"),
+    "reso_tau": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "reso_eps": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "reso_margin": (lambda v: v >= 0, ">= 0"),
+    "reso_max_crops": (lambda v: v >= 1, ">= 1 (--use-reso=false turns ReSO off)"),
+    "reso_gamma": (lambda v: v >= 0, ">= 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "workers": (lambda v: v >= 0, ">= 0 (0 = decode in the main process)"),
+    "cache_memory_gb": (lambda v: v >= 0, ">= 0 (0 = always stream the cache from disk)"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+}
+CHOICES = {"dataset": DATASETS, "patch_readout": PATCH_READOUTS, "subset_readout": SUBSET_READOUTS,
+           "loss": LOSSES, "clip_weights_format": WEIGHT_FORMATS}
+DEVICE_PATTERN = re.compile(r"(cpu|cuda(:\d+)?)?")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_problem(value, default) -> str | None:
+    """What is wrong with the type of `value` for a field whose default is `default` (JSON from
+    a checkpoint can hold anything), or None."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a bool"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None if isinstance(value, str) else "a string"
+
+
 def validate(cfg: BACGCNConfig) -> None:
-    checks = [
-        (cfg.patch_readout in PATCH_READOUTS, f"patch_readout must be one of {PATCH_READOUTS}"),
-        (cfg.subset_readout in SUBSET_READOUTS, f"subset_readout must be one of {SUBSET_READOUTS}"),
-        (cfg.loss in LOSSES, f"loss must be one of {LOSSES}"),
-        (cfg.gcn_activation in ("relu", "leaky_relu", "gelu"), "gcn_activation must be relu, leaky_relu or gelu"),
-        (cfg.topk >= 1, "topk must be >= 1"), (cfg.temperature > 0, "temperature must be > 0"),
-        (0 < cfg.h_fraction < 1, "h_fraction must be in (0, 1)"),
-        (0 <= cfg.reweight_p <= 1, "reweight_p must be in [0, 1]"),
-        (cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1"),
-        (0 < cfg.reso_eps <= 1 and 0 <= cfg.reso_tau < 1, "reso_eps must be in (0, 1], reso_tau in [0, 1)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    """Every field, before any work: types, ranges (finite numbers), choices and the device's
+    spelling. A bad value is a one-line ValueError naming the option. What only the model can
+    judge (image size, Top-K against the patch count) is checked by pipeline.build_backbone and
+    pipeline.check_against_backbone; whether CUDA is there, by pipeline.resolve_device."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = _type_problem(value, f.default)
+        if kind:
+            raise ValueError(f"{_option(f.name)} must be {kind}, got {value!r}")
+        if f.name in NUMBER_RULES:
+            test, rule = NUMBER_RULES[f.name]
+            if not math.isfinite(value):
+                raise ValueError(f"{_option(f.name)} must be a finite number {rule}, got {value!r}")
+            if not test(value):
+                raise ValueError(f"{_option(f.name)} must be {rule}, got {value!r}")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{_option(f.name)} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ValueError(f"--device must be '' (CUDA when there is one), cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.gcn_activation not in ("relu", "leaky_relu", "gelu"):
+        raise ValueError("gcn_activation must be relu, leaky_relu or gelu")
+
+
+def _config_comments() -> tuple[dict[str, str], dict[str, str]]:
+    """(trailing comment, section heading) of each config field, read from this file's source:
+    the comments are the options' documentation, so --help cannot drift from them."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    comments = {}   # line -> (comment text, whether the line holds nothing else)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "BACGCNConfig")
+    trailing, heading, last = {}, {}, cls.lineno
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+            text, alone = comments.get(node.lineno, ("", True))
+            trailing[name] = "" if alone else text
+            above = [comments[k][0] for k in range(last + 1, node.lineno) if comments.get(k, ("", False))[1]]
+            if above:
+                heading[name] = above[-1]
+            last = node.end_lineno
+    return trailing, heading
+
+
+def options_help() -> str:
+    """The presets and every config option with its type, default and documentation."""
+    trailing, heading = _config_comments()
+    lines = ["presets (--preset=NAME, default synthetic-tiny):"]
+    for name, values in PRESETS.items():
+        lines.append(f"  {name:<17} " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"))
+    lines += ["", "options (--key=value or --key value; a bare --flag means true):"]
+    for f in dataclasses.fields(BACGCNConfig):
+        if f.name in heading:
+            lines.append(f" {heading[f.name]}")
+        spec = f"{_option(f.name)} {type(f.default).__name__.upper()}"
+        lines.append(f"  {spec:<28} {f.default!r:<20} {trailing[f.name]}".rstrip())
+    return "\n".join(lines)
 
 
 def register_local_model_configs() -> None:
@@ -229,12 +344,13 @@ class _RandomInitWarningFilter(logging.Filter):
         return not (from_open_clip and record.getMessage().startswith("No pretrained weights loaded"))
 
 
-def create_clip(model_name: str, weights: str | os.PathLike | None = None):
+def create_clip(model_name: str, weights: str | os.PathLike | None = None, weights_format: str = "auto"):
     """An open_clip CLIP, random-init or loaded with strict=True from a local file.
 
-    Weight files: safetensors, an open_clip state dict (.pt/.bin), or (for `*-quickgelu`
-    OpenAI models) OpenAI's TorchScript archive. A file of another architecture is an error of
-    one line that names the expected architecture.
+    Weight files: safetensors or a weights-only torch state dict (.pt/.bin); OpenAI's TorchScript
+    archive (for `*-quickgelu` OpenAI models) only with weights_format="openai-torchscript" (see
+    `read_state_dict`). A file of another architecture is an error of one line that names the
+    expected architecture.
     """
     import open_clip
 
@@ -248,34 +364,128 @@ def create_clip(model_name: str, weights: str | os.PathLike | None = None):
     finally:
         OPEN_CLIP_LOGGER.removeFilter(drop)
     if weights is not None:
-        state = read_state_dict(weights)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise ValueError(f"{weights}: not a {model_name} checkpoint ({first[:160]})") from None
+        load_strict(model, read_state_dict(weights, weights_format), weights, model_name)
     model.eval()
     return model
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source, model_name: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise DataError(source, f"not a {model_name} checkpoint ({first[:160]})") from None
+
+
+def weights_kind(path: str | os.PathLike) -> str:
+    """What a weights file holds, judged from its bytes alone (nothing is unpickled or run):
+    "safetensors", "torchscript" (a zip with TorchScript's constants.pkl) or "torch" (anything
+    else: torch.load with weights_only=True decides)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":              # safetensors: a u64 header length, then the JSON header
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "torch"
+        return "torchscript" if any(n.endswith("/constants.pkl") for n in names) else "torch"
+    return "torch"
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DataError(path, f"not a safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+def _load_torch(path: Path):
+    import pickle
+    import struct
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    # what torch.load raises on junk, truncated files and pickles that hold more than tensors
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError, KeyError, OverflowError,
+            struct.error) as e:
+        raise DataError(path, f"not a PyTorch state dict (torch.load with weights_only=True: {type(e).__name__})") \
+            from None
+
+
+def _load_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():   # torch's deprecation notice of jit.load: the user chose this format
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except (RuntimeError, ValueError) as e:
+        raise DataError(path, f"not a loadable TorchScript archive ({str(e).splitlines()[0][:160]})") from None
+
+
+def raw_state_dict(path: str | os.PathLike, weights_format: str = "auto") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file as stored (dtype kept), keys as open_clip names them.
+
+    "auto" reads safetensors or a torch state dict through torch.load(weights_only=True) and
+    refuses a TorchScript archive: torch.jit.load would run the code such an archive carries.
+    "openai-torchscript" also reads OpenAI's archive (ViT-B-16.pt) with torch.jit.load."""
     path = Path(path)
+    if weights_format not in WEIGHT_FORMATS:
+        raise ValueError(f"--clip-weights-format must be one of {', '.join(WEIGHT_FORMATS)}, got {weights_format!r}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CLIP weights not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return {k: v.float() for k, v in load_file(str(path)).items()}
-    try:
-        obj = torch.jit.load(str(path), map_location="cpu").state_dict()   # OpenAI TorchScript
-    except RuntimeError:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj:
+    kind = weights_kind(path)
+    if kind == "safetensors" or path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if kind == "torchscript" and weights_format != "openai-torchscript":
+        raise DataError(path, "a TorchScript archive, which can carry code: pass "
+                              "--clip-weights-format=openai-torchscript to load it, or convert it once with "
+                              f"`python bacgcn.py convert {path} {path.with_suffix('.safetensors')}`")
+    obj = _load_torchscript(path) if kind == "torchscript" else _load_torch(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise DataError(path, f"not a PyTorch state dict (it holds {'an empty ' if obj == {} else 'a '}"
+                              f"{type(obj).__name__})")
+    odd = next((k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise DataError(path, f"not a PyTorch state dict (entry {odd!r} is not a tensor)")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     # OpenAI archives carry three metadata entries open_clip does not have.
     for key in ("input_resolution", "context_length", "vocab_size"):
         state.pop(key, None)
+    return state
+
+
+def read_state_dict(path: str | os.PathLike, weights_format: str = "auto") -> dict[str, torch.Tensor]:
+    """`raw_state_dict` with floating tensors in fp32 (what the models are built in)."""
+    state = raw_state_dict(path, weights_format)
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def convert(source: str | os.PathLike, dest: str | os.PathLike, model_name: str = "ViT-B-16-quickgelu") -> int:
+    """OpenAI's TorchScript archive -> a safetensors state dict (same dtypes) that `model_name`
+    loads strict, checked before it is written (atomically). Returns the tensor count."""
+    from safetensors.torch import save_file
+
+    from data import atomic_write
+
+    dest = Path(dest)
+    if dest.exists():
+        raise DataError(dest, "exists; remove it or choose another name")
+    state = {k: v.detach().clone().contiguous() for k, v in raw_state_dict(source, "openai-torchscript").items()}
+    load_strict(create_clip(model_name), {k: v.float() for k, v in state.items()}, source, model_name)
+    atomic_write(dest, lambda tmp: save_file(state, str(tmp), metadata={"model": model_name,
+                                                                       "converted_from": Path(source).name}))
+    return len(state)
 
 
 def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -557,3 +767,30 @@ class BACGCN(nn.Module):
             score = score + self.branch[2] * cos_local
         logits = self.log_gamma.exp() * self.logit_scale * score.float() + self.bias
         return {"logits": logits, "sim": sim}
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bacgcn.py", description="CLIP weight files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert", help="OpenAI's TorchScript archive -> a safetensors state dict (once)",
+                       description="Read OpenAI's TorchScript archive (torch.jit.load: run it on a file you trust) "
+                                   "and write its weights as safetensors, which load without running any code.")
+    p.add_argument("source", help="OpenAI's archive, e.g. ViT-B-16.pt")
+    p.add_argument("dest", help="the safetensors file to write, e.g. ViT-B-16.safetensors")
+    p.add_argument("--model", default="ViT-B-16-quickgelu", help="open_clip architecture that must load it strict")
+    args = parser.parse_args(argv)
+    try:
+        count = convert(args.source, args.dest, args.model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dest}: {count} tensors; {args.model} loads it strict (--clip-weights={args.dest})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

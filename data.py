@@ -851,6 +851,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             tmp.unlink()
 
 
+def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -> None:
+    """Refuse an output that cannot be written before any work is done: a file where a folder
+    is wanted or the reverse, or a place under a file or in a read-only folder. A one-line
+    ValueError naming the option."""
+    p = Path(path)
+    if p.exists() and folder != p.is_dir():
+        raise ValueError(f"{option}={path}: " + ("exists and is not a folder" if folder else "is a folder, not a file"))
+    anchor = p if folder and p.is_dir() else p.parent   # where the new entry (or atomic_write's temp file) goes
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise ValueError(f"{option}={path}: cannot be written ({anchor} is a file, not a folder)")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}={path}: cannot be written ({anchor} is not writable)")
+
+
 def json_safe(obj):
     """NaN (an undefined AP, e.g. a size band with too few positives) becomes None, so reports
     stay valid JSON (json.dumps would write a bare NaN)."""

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data import DataError, atomic_write, read_table_csv, write_json, write_scores_csv
+from data import DataError, atomic_write, check_writable, read_table_csv, write_json, write_scores_csv
 from metrics import DIFFICULT_MODES, evaluate, positive_counts
 
 
@@ -83,50 +83,95 @@ def print_class_ap(ap: dict, file=None) -> None:
 # A checkpoint, rebuilt
 # --------------------------------------------------------------------------------------------
 
-def usable_device(requested: str) -> str:
-    """The recorded device when this machine has it, else '' (CUDA if any, else the CPU)."""
-    import torch
+def checkpoint_config(cfg, split: str | None, given: dict[str, str | None], weights_format: str):
+    """The recorded config with the command line's overrides (`given`: clip_weights, data_root,
+    cache_dir) and the weights format of this command line, never the checkpoint's: a file may
+    name a TorchScript archive, but only the user can ask for it to be run. Prints what is read."""
+    import bacgcn
+    from data import SPLITS
 
-    return requested if requested and (requested == "cpu" or torch.cuda.is_available()) else ""
+    split, splits = split or cfg.test_split, SPLITS[cfg.dataset]
+    if split not in splits:
+        raise ValueError(f"--split {split}: not a split of {cfg.dataset} (its splits: {', '.join(splits)})")
+    cfg = cfg.replace(test_split=split, clip_weights_format=weights_format, **{k: v for k, v in given.items() if v})
+    bacgcn.validate(cfg)
+
+    def source(key: str) -> str:
+        return f"--{key.replace('_', '-')}" if given[key] else "from the checkpoint"
+    print(f"loading CLIP weights {cfg.clip_weights} ({source('clip_weights')}), data root {cfg.data_root} "
+          f"({source('data_root')}), feature cache {cfg.cache_dir} "
+          f"({source('cache_dir')}{'' if given['cache_dir'] else ', read only'})", flush=True)
+    return cfg
+
+
+def read_only_cache(cfg, backbone, dataset):
+    """A cache dir named by a checkpoint is only read: when it lacks this split's features, they
+    are encoded into the default cache of the current folder instead."""
+    import bacgcn
+    import pipeline
+    from data import FeatureCache
+
+    if FeatureCache(cfg.cache_dir, pipeline.feature_spec(cfg, backbone, dataset, "images")).complete:
+        return cfg
+    local = str(Path(bacgcn.BACGCNConfig.cache_dir).resolve())
+    print(f"the checkpoint's feature cache {cfg.cache_dir} lacks {dataset.name}: encoding into {local} "
+          "(--cache-dir to choose)", flush=True)
+    return cfg.replace(cache_dir=local)
+
+
+def open_checkpoint(path: str, split: str | None = None, overrides: dict | None = None,
+                    weights_format: str = "auto"):
+    """(config, classes, categories, tensors, metadata) of a checkpoint, with the command line's
+    overrides (clip_weights, data_root, cache_dir) applied and what it loads printed."""
+    import pipeline
+
+    cfg, classes, categories, tensors, meta = pipeline.read_checkpoint(path)
+    given = {"clip_weights": None, "data_root": None, "cache_dir": None, **(overrides or {})}
+    return checkpoint_config(cfg, split, given, weights_format), classes, categories, tensors, meta
 
 
 def rebuild(path: str, cfg, classes, tensors):
-    """(backbone, model, device): the frozen CLIP and the trained head of a checkpoint."""
+    """(backbone, model, device): the frozen CLIP and the trained head of a checkpoint. The
+    training machine's device may not exist here: CUDA when there is one, unless it was the CPU."""
     import pipeline
 
-    device = pipeline.resolve_device(cfg.device)
+    device = pipeline.resolve_device("cpu" if cfg.device == "cpu" else "")
     try:
         backbone = pipeline.build_backbone(cfg, device)
+        pipeline.check_against_backbone(cfg, backbone)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(path, f"its CLIP cannot be rebuilt: {e}") from None
     return backbone, pipeline.model_from_checkpoint(path, cfg, classes, tensors).to(device), device
 
 
-def checkpoint_logits(path: str, data_root: str | None = None, split: str | None = None):
+def checkpoint_logits(path: str, split: str | None = None, overrides: dict | None = None,
+                      weights_format: str = "auto"):
     """(config, classes, split features, logits [n, O], metadata) of a checkpoint on a split of its dataset."""
     import pipeline
     from data import load_dataset
 
-    cfg, classes, categories, tensors, meta = pipeline.read_checkpoint(path)
-    cfg = cfg.replace(data_root=data_root or cfg.data_root, test_split=split or cfg.test_split,
-                      device=usable_device(cfg.device))
+    cfg, classes, _, tensors, meta = open_checkpoint(path, split, overrides, weights_format)
     dataset = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
     if dataset.class_names != classes:
         raise DataError(path, f"trained on {len(classes)} classes of {cfg.dataset} ({', '.join(classes[:3])}, ...), "
                               f"the data at {cfg.data_root} has {len(dataset.class_names)} "
                               f"({', '.join(dataset.class_names[:3])}, ...)")
     backbone, model, device = rebuild(path, cfg, classes, tensors)
+    if not (overrides or {}).get("cache_dir"):
+        cfg = read_only_cache(cfg, backbone, dataset)
     test = pipeline.cached_features(cfg, backbone, dataset, device)
     logits = pipeline.predict(model, test.feats, device, pipeline.compute_dtype(device, cfg.amp))
     return cfg, classes, test, logits, meta
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
-                        difficult: str = "ignore") -> dict:
+                        difficult: str = "ignore", clip_weights: str | None = None, cache_dir: str | None = None,
+                        clip_weights_format: str = "auto") -> dict:
     """Rebuild the model from the checkpoint alone and evaluate it on a split."""
     import pipeline
 
-    cfg, classes, test, logits, meta = checkpoint_logits(path, data_root, split)
+    overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir}
+    cfg, classes, test, logits, meta = checkpoint_logits(path, split, overrides, clip_weights_format)
     result = pipeline.evaluate_split(cfg, logits, test, len(classes), difficult)
     result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
                    "split": cfg.test_split, "checkpoint": str(path), "trained": json.loads(meta["metrics"])})
@@ -167,15 +212,15 @@ def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: in
     return out
 
 
-def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None) -> dict:
+def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None,
+               overrides: dict | None = None, weights_format: str = "auto") -> dict:
     """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV."""
     import pipeline
     from data import image_files
 
     target = check_out(out, "--images")
     dataset = image_files(images)           # before the model: a mistyped path fails at once
-    cfg, classes, categories, tensors, _ = pipeline.read_checkpoint(checkpoint)
-    cfg = cfg.replace(device=usable_device(cfg.device))
+    cfg, classes, categories, tensors, _ = open_checkpoint(checkpoint, None, overrides, weights_format)
     backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
     ids, logits = pipeline.predict_images(cfg, backbone, model, dataset, device)
     if not ids:
@@ -204,18 +249,18 @@ def choose_categories(requested: str | None, categories: list[str], num_classes:
             + [int(c) for c in best if c >= num_classes][:backgrounds_shown])
 
 
-def visualize(checkpoint: str, image_path: str, out: str, requested: str | None = None) -> list[str]:
+def visualize(checkpoint: str, image_path: str, out: str, requested: str | None = None,
+              overrides: dict | None = None, weights_format: str = "auto") -> list[str]:
     """Draw the image beside the similarity map of each chosen category; returns their titles."""
     import figures
     import pipeline
     from data import decode_image
 
     target = check_out(out, "--visualize")
-    cfg, classes, categories, tensors, _ = pipeline.read_checkpoint(checkpoint)
+    cfg, classes, categories, tensors, _ = open_checkpoint(checkpoint, None, overrides, weights_format)
     if requested:
         choose_categories(requested, categories, len(classes))      # a typo fails before the model loads
     image = decode_image(image_path)
-    cfg = cfg.replace(device=usable_device(cfg.device))
     backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
     seen = pipeline.explain_image(cfg, backbone, model, image, device)
     probs = sigmoid(seen["logits"])
@@ -277,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", nargs="?", help="ckpt.safetensors written by train.py")
     parser.add_argument("--data-root", help="dataset root (default: the one recorded in the checkpoint)")
     parser.add_argument("--split", help="split to evaluate (default: the dataset's test split)")
+    parser.add_argument("--clip-weights", help="CLIP weights file (default: the one recorded in the checkpoint)")
+    parser.add_argument("--clip-weights-format", default="auto",
+                        help="auto (safetensors or a weights-only torch state dict) | openai-torchscript; "
+                             "never taken from the checkpoint")
+    parser.add_argument("--cache-dir", help="feature cache to read and write (default: read the checkpoint's, "
+                                            "encode what it lacks into ./.cache/features)")
     parser.add_argument("--scores", help="predictions CSV (image_id + one column per class; a 'tags' column is "
                                          "skipped)")
     parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
@@ -320,13 +371,16 @@ def after_training(args: argparse.Namespace) -> bool:
         return True
     if not args.checkpoint:
         raise DataError(chosen[0], "needs a checkpoint (eval.py ckpt.safetensors " + chosen[0] + " ...)")
+    overrides = {"clip_weights": args.clip_weights}
     if args.images:
-        done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k)
+        done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k, overrides,
+                          args.clip_weights_format)
         print(f"wrote {done['out']}: {done['images']} images tagged, {done['skipped']} skipped (corrupt), "
               f"{done['classes']} class probabilities each, threshold {args.threshold}"
               + (f", at most {args.top_k} tags" if args.top_k else ""))
     else:
-        titles = visualize(args.checkpoint, args.visualize, args.out, args.categories)
+        titles = visualize(args.checkpoint, args.visualize, args.out, args.categories, overrides,
+                           args.clip_weights_format)
         print(f"wrote {args.out}: {args.visualize} beside {', '.join(titles)}")
     return True
 
@@ -339,25 +393,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.checkpoint is None and not (args.scores and args.labels):
             parser.error("give a checkpoint, or --scores and --labels")
+        if args.json:
+            check_writable(args.json, "--json")       # before the expensive part
         if args.checkpoint:
-            report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult)
+            report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult,
+                                         args.clip_weights, args.cache_dir, args.clip_weights_format)
             report["threshold"] = 0.0
-            print(f"{report['dataset']}/{report['split']}: mAP {report['mAP']:.2f}  CF1 {report['CF1']:.2f}  "
-                  f"OF1 {report['OF1']:.2f}" + "".join(f"  {k} {report[k]:.2f}" for k in ("mAP_small", "mAP_large")
-                                                   if k in report) + f"  ({report['num_images']} images, "
-                  f"difficult={args.difficult}, threshold: logit 0)")
-            print_class_ap(report["AP"])
+            print_checkpoint_report(report, args.difficult)
         else:
             report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
             print_report(report)
-    except DataError as e:
+        if args.json:
+            out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
+            out.update({k: v for k, v in report.items() if k not in out})
+            write_json(args.json, out, indent=2)
+    except (ValueError, FileNotFoundError) as e:   # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
-        out.update({k: v for k, v in report.items() if k not in out})
-        write_json(args.json, out, indent=2)
+    except OSError as e:
+        print(f"error: --json={args.json}: cannot be written ({e.strerror})", file=sys.stderr)
+        return 2
     return 0
+
+
+def print_checkpoint_report(report: dict, difficult: str) -> None:
+    print(f"{report['dataset']}/{report['split']}: mAP {report['mAP']:.2f}  CF1 {report['CF1']:.2f}  "
+          f"OF1 {report['OF1']:.2f}" + "".join(f"  {k} {report[k]:.2f}" for k in ("mAP_small", "mAP_large")
+                                           if k in report) + f"  ({report['num_images']} images, "
+          f"difficult={difficult}, threshold: logit 0)")
+    print_class_ap(report["AP"])
 
 
 if __name__ == "__main__":

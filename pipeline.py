@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,18 @@ def git_commit() -> str:
 
 
 def resolve_device(requested: str) -> str:
-    """'' means CUDA when there is one, else the CPU."""
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    """'' means CUDA when there is one, else the CPU. A CUDA device that is not there is a
+    one-line ValueError (bacgcn.validate has checked the spelling)."""
+    if not requested:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={requested}: CUDA is not available")
+        index, count = int(requested.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device={requested}: there {'is' if count == 1 else 'are'} {count} CUDA "
+                             f"device{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})")
+    return requested
 
 
 def compute_dtype(device: str, amp: bool) -> torch.dtype:
@@ -136,10 +147,24 @@ def gather_rows(rows: np.ndarray) -> np.ndarray:
 
 def build_backbone(cfg: bacgcn.BACGCNConfig, device: str) -> bacgcn.CLIPBackbone:
     """The frozen CLIP of `cfg` (weights loaded strict), at the configured input size."""
-    clip = bacgcn.create_clip(cfg.clip_model, cfg.clip_weights)
+    clip = bacgcn.create_clip(cfg.clip_model, cfg.clip_weights, cfg.clip_weights_format)
     if cfg.image_size:
+        patch = clip.visual.patch_size
+        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+        if cfg.image_size % patch:
+            raise ValueError(f"--image-size={cfg.image_size}: not a multiple of the patch size {patch} of "
+                             f"{cfg.clip_model} (0 = its own size, {clip.visual.image_size[0]} px)")
         bacgcn.set_image_size(clip, cfg.image_size)
     return bacgcn.CLIPBackbone(clip.to(device), cfg.patch_readout).eval()
+
+
+def check_against_backbone(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone) -> None:
+    """What only the built backbone can judge: Top-K cannot exceed the patches there are."""
+    grid = backbone.visual.grid_size
+    patches = grid[0] * grid[1]
+    if cfg.topk > patches:
+        raise ValueError(f"--topk={cfg.topk}: more than the {patches} patches of {cfg.clip_model} "
+                         f"at {backbone.image_size} px")
 
 
 @dataclass
@@ -314,9 +339,15 @@ def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, diff
 # Checkpoint: model weights, caption graph and config in one safetensors file
 # --------------------------------------------------------------------------------------------
 
+# Paths the checkpoint records as absolute, so that eval.py run from another folder finds (and
+# reports) the same files, never whatever its own working directory holds under those names.
+RECORDED_PATHS = ("clip_weights", "data_root", "cache_dir")
+
+
 def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:
     from safetensors.torch import save_file
 
+    cfg = cfg.replace(**{k: os.path.abspath(getattr(cfg, k)) for k in RECORDED_PATHS if getattr(cfg, k)})
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors["graph.M"] = torch.from_numpy(np.asarray(m, dtype=np.float32))
     tensors["graph.N"] = torch.from_numpy(np.asarray(n, dtype=np.float32))
@@ -326,34 +357,103 @@ def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, p
     data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+def _recorded_json(path: str, meta: dict, key: str):
+    if key not in meta:
+        raise data.DataError(path, f"checkpoint metadata lacks {key!r}")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise data.DataError(path, f"checkpoint metadata {key!r} is not JSON ({e})") from None
+
+
+def _recorded_names(path: str, meta: dict, key: str) -> list[str]:
+    names = _recorded_json(path, meta, key)
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        raise data.DataError(path, f"checkpoint metadata {key!r} is not a list of names")
+    return names
+
+
 def read_checkpoint(path: str):
-    """(config, classes, categories, tensors, metadata) of a train.py checkpoint."""
+    """(config, classes, categories, tensors, metadata) of a train.py checkpoint; a file that is
+    not one, or whose parts disagree, is a one-line DataError naming it."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise data.DataError(path, "checkpoint not found")
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise data.DataError(path, f"not a safetensors checkpoint ({e})") from None
+        raise data.DataError(path, f"not a safetensors checkpoint ({str(e).splitlines()[0][:160]})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise data.DataError(path, "not a checkpoint written by train.py (no bacgcn metadata)")
-    cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
-    return cfg, json.loads(meta["classes"]), json.loads(meta["categories"]), tensors, meta
+    if "config" not in meta:
+        raise data.DataError(path, "checkpoint metadata lacks 'config'")
+    try:
+        cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
+        bacgcn.validate(cfg)
+    except json.JSONDecodeError as e:
+        raise data.DataError(path, f"recorded config is not JSON ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise data.DataError(path, f"recorded config: {e}") from None
+    classes, categories = _recorded_names(path, meta, "classes"), _recorded_names(path, meta, "categories")
+    if categories[:len(classes)] != classes:
+        raise data.DataError(path, "recorded categories do not start with the recorded classes")
+    meta = {**meta, "metrics": json.dumps(_recorded_json(path, meta, "metrics") if "metrics" in meta else {})}
+    check_checkpoint_tensors(path, tensors, len(categories))
+    return cfg, classes, categories, tensors, meta
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def check_checkpoint_tensors(path: str, tensors: dict[str, torch.Tensor], num_categories: int) -> None:
+    """The graph and the prompts fit the recorded categories, and no weight is NaN or infinite."""
+    o = num_categories
+    expected = {"graph.M": (o, o), "graph.N": (o,), "model.logit_scale": ()}
+    for key in (*expected, "model.kernel.prompts"):
+        if key not in tensors:
+            raise data.DataError(path, f"checkpoint lacks the tensor {key}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise data.DataError(path, f"tensor {key} has shape {_shape(tensors[key])}, expected "
+                                       f"[{', '.join(map(str, shape))}] for {o} categories")
+    prompts = tensors["model.kernel.prompts"]
+    if prompts.dim() != 2 or prompts.shape[0] != o or prompts.shape[1] == 0:
+        raise data.DataError(path, f"tensor model.kernel.prompts has shape {_shape(prompts)}, expected "
+                                   f"[{o}, embedding size] for {o} categories")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise data.DataError(path, f"tensor {key} holds NaN or infinite values")
+
+
+# The GCN's sparse graph is rebuilt from graph.M, graph.N and the config; the stored copy must
+# match it (its indices address node rows: a forged one could read out of bounds in a kernel).
+GRAPH_BUFFERS = ("gcn.indptr", "gcn.indices", "gcn.values")
 
 
 def model_from_checkpoint(path: str, cfg, classes, tensors) -> bacgcn.BACGCN:
     """The trained head rebuilt from a checkpoint's tensors and recorded config."""
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    prompts = torch.zeros_like(state["kernel.prompts"])
+    prompts = torch.zeros_like(state["kernel.prompts"], dtype=torch.float32)
     model = build_model(cfg, prompts, len(classes), tensors["graph.M"], tensors["graph.N"],
                         float(state["logit_scale"]))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise data.DataError(path, f"weights do not fit the recorded config ({str(e).splitlines()[0]})") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"lacks the tensor model.{missing[0]}" if missing else f"has an unexpected tensor model.{unexpected[0]}"
+        raise data.DataError(path, f"{what} for the recorded config")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise data.DataError(path, f"tensor model.{k} has shape {_shape(state[k])}, the recorded config "
+                                       f"gives {_shape(v)}")
+        if k in GRAPH_BUFFERS and not torch.allclose(state[k].to(v.dtype), v, rtol=1e-5, atol=1e-6):
+            raise data.DataError(path, f"tensor model.{k} does not match the graph rebuilt from graph.M, graph.N "
+                                       "and the recorded config")
+    model.load_state_dict(state, strict=True)
     return model
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from data import write_json
+from data import DataError, check_writable, write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used: `build` needs only numpy and Pillow
     import torch
@@ -617,15 +617,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if args.command == "build":
-        cfg = WorldConfig(seed=args.seed, train=args.train, test=args.test)
-        t = time.time()
-        base = build(args.out, cfg)
-        print(f"wrote {cfg.train} train + {cfg.test} test images to {base} in {time.time() - t:.0f} s")
-    elif args.command == "zeroshot":
-        report = zeroshot(args.data, args.weights, args.scores, patch_readout=args.patch_readout)
-        write_json(args.json, report)
-        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    try:
+        if args.command == "build":
+            check_writable(args.out, "--out", folder=True)
+            cfg = WorldConfig(seed=args.seed, train=args.train, test=args.test)
+            t = time.time()
+            base = build(args.out, cfg)
+            print(f"wrote {cfg.train} train + {cfg.test} test images to {base} in {time.time() - t:.0f} s")
+        elif args.command == "zeroshot":
+            if not (Path(args.data) / "world.json").is_file():
+                raise DataError(args.data, "no proving-ground world here (no world.json); "
+                                           f"build one with `python synthetic.py build --out {args.data}`")
+            for option, path in (("--json", args.json), ("--scores", args.scores)):
+                if path:
+                    check_writable(path, option)
+            report = zeroshot(args.data, args.weights, args.scores, patch_readout=args.patch_readout)
+            write_json(args.json, report)
+            print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    except (ValueError, FileNotFoundError) as e:   # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,9 +1,11 @@
 """Train BAC-GCN.
 
   python train.py                                   # the proving ground, end to end, on the CPU
-  python train.py --preset=voc2007-vitb16 --data-root=VOCdevkit --clip-weights=ViT-B-16.pt \
+  python train.py --preset=voc2007-vitb16 --data-root=VOCdevkit --clip-weights=ViT-B-16.safetensors \\
       --captions=DIR                                # real data (also voc2012, coco2014, nuswide)
+  python bacgcn.py convert ViT-B-16.pt ViT-B-16.safetensors   # OpenAI's TorchScript archive, once
   python train.py --key=value ...                   # any field of bacgcn.BACGCNConfig
+  python train.py --help                            # every option, its type, default and meaning
 
 Stages: (1) captions -> pseudo labels and the co-occurrence graph; (2) frozen CLIP features,
 cached once per image; (3) the model, which starts at CLIP zero-shot; (4) the Similarity Kernel
@@ -43,11 +45,16 @@ DEFAULT_SPLITS = {"synthetic": ("trainval", "test"), "voc2007": ("trainval", "te
 
 
 def resolve_paths(cfg: bacgcn.BACGCNConfig) -> bacgcn.BACGCNConfig:
-    """Fill the defaults that depend on the dataset; build the proving ground if absent."""
+    """Fill the defaults that depend on the dataset; build the proving ground if absent, at its
+    default path or where --build-world=true asks (a mistyped --data-root builds nothing)."""
     updates = {}
     if cfg.dataset == "synthetic":
-        root = Path(cfg.data_root or ROOT / "runs" / f"world-seed{cfg.seed}")
+        default = ROOT / "runs" / f"world-seed{cfg.seed}"
+        root = Path(cfg.data_root or default)
         if not (root / "world.json").is_file():
+            if root.resolve() != default.resolve() and not cfg.build_world:
+                raise data.DataError(root, "no proving-ground world here (no world.json); build one with "
+                                           f"--build-world=true or `python synthetic.py build --out {root}`")
             import synthetic
             log(f"building the proving ground in {root} (once)")
             synthetic.build(root, synthetic.WorldConfig(seed=cfg.seed))
@@ -397,6 +404,7 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
     num_classes = len(labels.classes)
 
     backbone = pipeline.build_backbone(cfg, device)                                 # 2
+    pipeline.check_against_backbone(cfg, backbone)
     prompts = backbone.class_embeddings(labels.prompt_names, bacgcn.tokenizer_for(cfg.clip_model),
                                         device=device).cpu()
     train = pipeline.cached_features(cfg, backbone, train_ds, device)
@@ -438,8 +446,17 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in args or "-h" in args:
+        print(__doc__.strip() + "\n\n" + bacgcn.options_help())
+        return 0
     try:
-        cfg, preset = bacgcn.parse_overrides(sys.argv[1:] if argv is None else argv)
+        cfg, preset = bacgcn.parse_overrides(args)
+        # before any work (a world build, caption labels): a device that is not there, a run
+        # folder that cannot be written
+        pipeline.resolve_device(cfg.device)
+        if cfg.out:
+            data.check_writable(cfg.out, "--out", folder=True)
         report = run(cfg, preset)
         main_process = pipeline.is_main_process()
     except (ValueError, FileNotFoundError, data.DataError) as e:

@@ -79,7 +79,9 @@ def vitb16_files(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["openai", "state_dict", "safetensors"])
 def test_vitb16_loads_in_each_format_and_encodes_real_photos(vitb16_files, fmt, shared_data):
     files, state = vitb16_files
-    model = bacgcn.create_clip("ViT-B-16-quickgelu", files[fmt])
+    # TorchScript can carry code: OpenAI's archive loads only when asked for by name
+    weights_format = "openai-torchscript" if fmt == "openai" else "auto"
+    model = bacgcn.create_clip("ViT-B-16-quickgelu", files[fmt], weights_format)
     loaded = model.state_dict()
     tol = 1e-3 if fmt == "openai" else 0.0          # OpenAI's archive is fp16
     for k in ("visual.proj", "visual.transformer.resblocks.11.mlp.c_fc.weight", "text_projection"):
@@ -92,6 +94,24 @@ def test_vitb16_loads_in_each_format_and_encodes_real_photos(vitb16_files, fmt, 
     assert feats["patches"].shape == (3, 196, 512) and feats["g"].shape == (3, 512)
     assert feats["gH"].shape == feats["gHc"].shape == (3, 512) and feats["attn"].shape == (3, 196)
     assert torch.allclose(feats["patches"].norm(dim=-1), torch.ones(3, 196), atol=1e-4)
+
+
+def test_torchscript_needs_an_explicit_choice_and_converts_once(vitb16_files, tmp_path, capsys):
+    files, state = vitb16_files
+    with pytest.raises(data.DataError) as e:
+        bacgcn.create_clip("ViT-B-16-quickgelu", files["openai"])
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{files['openai']}: a TorchScript archive")
+    assert "--clip-weights-format=openai-torchscript" in message and "python bacgcn.py convert" in message
+    converted = tmp_path / "ViT-B-16.safetensors"
+    assert bacgcn.main(["convert", str(files["openai"]), str(converted)]) == 0
+    assert "loads it strict" in capsys.readouterr().out
+    loaded = bacgcn.create_clip("ViT-B-16-quickgelu", converted).state_dict()   # auto, strict
+    for k in ("visual.proj", "text_projection", "logit_scale"):
+        assert (loaded[k] - state[k]).abs().max() <= 1e-3 * state[k].abs().max()
+    # the converted file is written once, never over another file
+    assert bacgcn.main(["convert", str(files["openai"]), str(converted)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {converted}: exists; remove it or choose another name"
 
 
 def test_wrong_weights_name_the_architecture(tmp_path):
