@@ -529,9 +529,12 @@ class CLIPBackbone(nn.Module):
         out = self._encode(x)
         return {k: out[k] for k in ("g", "patches", "attn")}
 
-    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, cls_only_g: bool = False) -> dict[str, torch.Tensor]:
         """encode_image's outputs plus what a one-pass subset read-out reuses: the last block's
-        input `h` [B, T, W] and its q, k, v."""
+        input `h` [B, T, W] and its q, k, v. `cls_only_g` computes g from the [cls] row of the
+        last block alone (`cls_over_subset` with every patch), not the whole block: the patch
+        read-out already runs the block's MLP on every token, so this saves a second pass
+        (equal to the full block within float rounding, ~1e-7)."""
         v = self.visual
         h = v._embeds(x)
         blocks = v.transformer.resblocks
@@ -546,8 +549,12 @@ class CLIPBackbone(nn.Module):
         kh = k.view(bsz, n_tok, heads, -1).transpose(1, 2)
         cls_attn = torch.softmax(qh[:, :, :1] @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1)
         attn = cls_attn.mean(1)[:, 0, 1:]                                     # [B, N]
-        out = last(h)
-        g = v.ln_post(out[:, 0]) @ v.proj
+        internals = {"h": h, "q": q, "k": k, "v": val}
+        if cls_only_g:
+            every = torch.arange(n_tok - 1, device=h.device).expand(bsz, -1)
+            g = self.cls_over_subset(internals, every)
+        else:
+            g = F.normalize(v.ln_post(last(h)[:, 0]) @ v.proj, dim=-1)
         # Self-only attention: softmax over one key is 1, so the attention output of each
         # token is out_proj(its own value).
         own = F.linear(val, last.attn.out_proj.weight, last.attn.out_proj.bias)
@@ -557,8 +564,7 @@ class CLIPBackbone(nn.Module):
         else:  # "value": the attention output alone (MaskCLIP)
             p = own
         patches = v.ln_post(p[:, 1:]) @ v.proj
-        return {"g": F.normalize(g, dim=-1), "patches": F.normalize(patches, dim=-1), "attn": attn,
-                "h": h, "q": q, "k": k, "v": val}
+        return {"g": g, "patches": F.normalize(patches, dim=-1), "attn": attn, **internals}
 
     def encode_subset(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Global embedding [B, E] of the image seen through a subset of its patches only:
@@ -597,7 +603,7 @@ class CLIPBackbone(nn.Module):
         batch stays dense; H^c is the rest. `subset_readout`: "reencode" runs [cls] + each
         subset through every block (2.2x the encoder's cost), "last_block" restricts only the
         last block's [cls] attention to it (one pass)."""
-        enc = self._encode(x)
+        enc = self._encode(x, cls_only_g=subset_readout == "last_block")
         attn = enc["attn"]
         lo, hi = attn.amin(1, keepdim=True), attn.amax(1, keepdim=True)
         attn = (attn - lo) / (hi - lo).clamp_min(1e-12)

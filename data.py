@@ -1389,18 +1389,18 @@ class CachedFeatures:
     """The rows of a feature cache: `gather(rows)` returns {name: bf16 tensor [len(rows), ...]}
     in the order asked.
 
-    Streamed (the default of `from_shards`), rows are read on demand from the shards with
-    positional reads: resident memory is what a batch needs, whatever the cache's size. File
-    pages then live in the OS page cache, which the kernel reclaims under pressure; a memory map
-    would count every page touched in this process's resident set. `in_memory()` reads every
-    row once into one tensor per field (no second copy, unlike concatenating loaded shards).
+    Streamed (the default of `from_shards`), rows are gathered on demand from memory maps of
+    the shards, whose touched pages are released after each gather: resident memory is what a
+    batch needs, whatever the cache's size (file pages live on in the OS page cache, which the
+    kernel reclaims under pressure). `in_memory()` reads every row once into one tensor per
+    field (no second copy, unlike concatenating loaded shards).
     """
 
     def __init__(self, ids: list[str], shards: list[tuple[Path, int, dict]], tensors: dict | None = None):
         self.ids = list(ids)
         self._shards = shards                    # (path, rows, {name: (row shape, file offset, row bytes)})
         self._starts = np.cumsum([0] + [rows for _, rows, _ in shards])
-        self._fds: dict[int, int] = {}
+        self._maps: dict = {}
         self.tensors = tensors
         first = shards[0][2] if shards else {}
         self.row_shapes = {k: v[0] for k, v in first.items()}
@@ -1443,8 +1443,11 @@ class CachedFeatures:
         return self._read(np.asarray(rows, dtype=np.int64).reshape(-1), keys)
 
     def _read(self, rows: np.ndarray, keys: list[str]) -> dict:
-        """Rows read straight into the output tensors, one read per run of rows that are
-        consecutive both in the file and in the output (a sequential pass reads whole shards)."""
+        """Rows copied from memory maps of the shards (numpy's gather, no Python loop over rows);
+        each map is told right after that the pages it touched are not needed, so they leave
+        this process's resident set (they stay in the page cache for the next read)."""
+        import mmap
+
         import torch
 
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
@@ -1452,42 +1455,34 @@ class CachedFeatures:
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         out = {k: torch.empty((len(rows), *self.row_shapes[k]), dtype=torch.bfloat16) for k in keys}
         views = {k: out[k].view(torch.int16).numpy().reshape(len(rows), -1) for k in keys}
-        i = 0
-        while i < len(rows):
-            j = i + 1
-            while j < len(rows) and shard[j] == shard[i] and rows[j] == rows[j - 1] + 1:
-                j += 1
-            path, _, fields = self._shards[shard[i]]
-            fd = self._fd(shard[i])
-            local = int(rows[i] - self._starts[shard[i]])
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            local = rows[where] - self._starts[s]
+            mapped, fields = self._map(int(s)), self._shards[s][2]
             for k in keys:
                 _, offset, row_bytes = fields[k]
-                _read_exactly(fd, memoryview(views[k][i:j]).cast("B"), offset + local * row_bytes, path)
-            i = j
+                table = np.frombuffer(mapped, dtype=np.int16, count=self._shards[s][1] * row_bytes // 2,
+                                      offset=offset).reshape(self._shards[s][1], -1)
+                views[k][where] = table[local]
+                del table                      # a live view would keep the map from closing
+            mapped.madvise(mmap.MADV_DONTNEED)
         return out
 
-    def _fd(self, shard: int) -> int:
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self._shards[shard][0], os.O_RDONLY)
-        return self._fds[shard]
+    def _map(self, shard: int):
+        import mmap
+
+        if shard not in self._maps:
+            with open(self._shards[shard][0], "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[shard]
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
 
     def __del__(self):
         self.close()
-
-
-def _read_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill `view` from `offset`; Linux returns at most ~2 GiB per call, so loop."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise DataError(path, "shard ended early (truncated after the cache was opened?)")
-        done += got
 
 
 def _shard_layout(path: Path) -> tuple[int, dict]:

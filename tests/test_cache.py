@@ -1,6 +1,7 @@
 """The feature cache at scale: streamed reads equal in-memory ones, resident memory stays
 bounded, a damaged cache is named and rebuilt, a changed image is encoded again."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,16 +120,27 @@ def test_streamed_training_is_bitwise_the_in_memory_training(small_world, tmp_pa
     assert held.keys() == streamed.keys() and all(torch.equal(held[k], streamed[k]) for k in held)
 
 
+def _scale_row(tmp_path, images: int) -> dict:
+    out = tmp_path / f"row{images}.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "cache_scale.py"), "--images", str(images), "--patches", "49",
+           "--dim", "128", "--classes", "12", "--dir", str(tmp_path), "--json", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, not the interpreter
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return json.loads(out.read_text())
+
+
 def test_resident_memory_stays_bounded_by_the_budget(tmp_path):
-    """A 200 MB cache trained and scored with a zero budget: the process grows by a fraction of
-    the cache; held in memory, by the whole cache (which shows the measurement can fail)."""
-    cmd = [sys.executable, str(ROOT / "bench" / "cache_scale.py"), "--images", "16000", "--patches", "49",
-           "--dim", "128", "--classes", "12", "--dir", str(tmp_path), "--json", str(tmp_path / "row.json")]
-    subprocess.run(cmd, check=True, capture_output=True)
-    row = json.loads((tmp_path / "row.json").read_text())
-    cache = row["cache_bytes"]
-    streamed, held = row["streamed"], row["in_memory"]
-    assert cache > 200e6 and not streamed["held_in_memory"] and held["held_in_memory"]
-    assert streamed["peak_rss_bytes"] - streamed["baseline_rss_bytes"] < 0.35 * cache
-    assert held["peak_rss_bytes"] - held["baseline_rss_bytes"] > 0.9 * cache
-    assert np.isfinite(streamed["mAP_random"]) and streamed["mAP_random"] == pytest.approx(held["mAP_random"])
+    """Streamed with a zero budget, a cache four times larger leaves the peak resident memory
+    where it was (what grows is a batch's working set, not the cache); held in memory, the
+    peak grows with the cache, which shows the measurement can tell the two apart."""
+    small, large = _scale_row(tmp_path, 6000), _scale_row(tmp_path, 24000)
+    more = large["cache_bytes"] - small["cache_bytes"]
+    assert more > 200e6
+
+    def growth(row, mode):
+        return row[mode]["peak_rss_bytes"] - row[mode]["baseline_rss_bytes"]
+    assert not large["streamed"]["held_in_memory"] and large["in_memory"]["held_in_memory"]
+    assert growth(large, "streamed") - growth(small, "streamed") < 0.15 * more
+    assert growth(large, "in_memory") - growth(small, "in_memory") > 0.8 * more
+    assert np.isfinite(large["streamed"]["mAP_random"])
+    assert large["streamed"]["mAP_random"] == pytest.approx(large["in_memory"]["mAP_random"])
