@@ -1340,7 +1340,10 @@ class FeatureCache:
         """The cached rows: read into memory when they fit `memory_budget_bytes`, else streamed."""
         meta = self._meta()
         features = CachedFeatures.from_shards(self.dir, meta["ids"], meta["shards"])
-        return features.in_memory() if features.nbytes <= memory_budget_bytes else features
+        if features.nbytes <= memory_budget_bytes:
+            return features.in_memory()
+        fix_malloc_threshold()
+        return features
 
     def build(self, dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
               desc: str = "caching features", pin_memory: bool = False, part: int = 0, parts: int = 1) -> None:
@@ -1383,6 +1386,23 @@ class FeatureCache:
             ids += piece["ids"]
             shards += piece["shards"]
         write_json(self.dir / "meta.json", {"ids": ids, "shards": shards, "spec": self.spec}, indent=None)
+
+
+def fix_malloc_threshold(threshold: int = 1 << 16) -> None:
+    """Stream without the heap creeping up. glibc raises its mmap threshold each time a large
+    block is freed, so after the first batch every batch buffer (0.1-10 MB) comes from the heap,
+    whose fragments the process keeps: measured, peak memory then grew with the number of
+    batches (+85 MB from a 4x larger cache), and with the threshold fixed it did not (-13 MB).
+    A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3         # mallopt's parameter number, from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_mmap_threshold, threshold)
+    except (OSError, AttributeError):
+        pass
 
 
 class CachedFeatures:

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent
 # Names the text encoder should read instead of a dataset's run-together spelling.
 PROMPT_SPELLING = {"tvmonitor": "tv monitor", "diningtable": "dining table", "pottedplant": "potted plant",
                    "tv": "television"}
+MAX_MISSING_SHARE = 0.05   # above this share of images without captions or unreadable, warn loudly
 REPORT_KEYS = ("mAP", "mAP_small", "mAP_large", "CF1", "OF1")   # the zero-shot summary of report.json
 DEFAULT_SPLITS = {"synthetic": ("trainval", "test"), "voc2007": ("trainval", "test"),
                   "voc2012": ("train", "val"), "coco2014": ("train", "val"), "nuswide": ("train", "test")}
@@ -95,6 +96,31 @@ class CaptionLabels:
         return targets, hard
 
 
+def check_captions_match(cfg, captions: dict, pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages) -> None:
+    """Captions that name none of the training images would train on all-zero targets: refuse;
+    a few without a caption train as negatives of every class: say so loudly past 5 %."""
+    matched, total = int((pseudo.num_captions > 0).sum()), len(pseudo.ids)
+    if total and not matched:
+        first = next(iter(captions), None)
+        raise data.DataError(Path(cfg.captions) / "captions.json",
+                             f"no caption id matches an image of {train_ds.name} (captions name {first!r}, the "
+                             f"images are named like {train_ds.ids[0]!r})")
+    if total - matched > MAX_MISSING_SHARE * total:
+        log(f"WARNING: {total - matched} of {total} training images ({100 * (total - matched) / total:.0f}%) have "
+            "no caption: they train as negatives of every class")
+
+
+def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> None:
+    """A split none of whose images could be read is an error; many skipped ones a loud warning."""
+    if not split.ids:
+        raise data.DataError(root, f"none of the {len(dataset)} images of {dataset.name} could be read "
+                                   "(missing or corrupt; see the warnings above)")
+    skipped = len(dataset) - len(split.ids)
+    if skipped > MAX_MISSING_SHARE * len(dataset):
+        log(f"WARNING: {skipped} of {len(dataset)} images of {dataset.name} ({100 * skipped / len(dataset):.0f}%) "
+            "could not be read and are left out")
+
+
 def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
     if cfg.dataset == "synthetic":
@@ -105,9 +131,7 @@ def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) ->
     captions = data.read_captions(cfg.captions)
     pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
                                 ids=train_ds.ids)
-    no_caption = int((pseudo.num_captions == 0).sum())
-    if no_caption:
-        log(f"warning: {no_caption} training images have no caption (all-zero pseudo labels)")
+    check_captions_match(cfg, captions, pseudo, train_ds)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
     hard = pseudo.hard(cfg.min_votes)
     m, n = data.cooccurrence(hard[:, :num_cat])
@@ -220,6 +244,7 @@ class ResoCrops:
     targets: torch.Tensor            # [n, O] its class 1, the parent's uncaptioned categories 0
     masks: torch.Tensor              # [n, O] 1 where an entry is trained
     classes: torch.Tensor            # [n] the class each crop was cut for
+    found: list                      # [(image row, class, patch box)] of each crop: the run state keeps it
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -256,24 +281,22 @@ def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: st
     return feats, [f for f, i in zip(found, crop_ds.ids) if i in encoded]
 
 
-def build_reso_crops(cfg, model, backbone, train: Split, hard: torch.Tensor, targets: torch.Tensor,
-                     num_classes: int, device: str, dtype) -> ResoCrops | None:
-    """Find small pseudo-positive regions with the current similarity maps, crop them from the
-    original images, encode each crop once (cached), and return their training tensors."""
-    found = find_small_regions(cfg, model, train, lambda idx, sim: hard[idx, :num_classes], num_classes,
-                               device, dtype)
+def build_reso_crops(cfg, backbone, train: Split, found: list, targets: torch.Tensor,
+                     device: str) -> ResoCrops | None:
+    """Crop the small regions `found` [(row, class, patch box)] from the original images,
+    encode each crop once (cached), and return their training tensors."""
     if not found:
         return None
     feats, found = encode_crops(cfg, backbone, train, found, "reso-crops", device)
-    parents = torch.tensor([b for b, _, _ in found])
-    cls = torch.tensor([c for _, c, _ in found])
+    parents = torch.tensor([b for b, _, _ in found], dtype=torch.int64)
+    cls = torch.tensor([c for _, c, _ in found], dtype=torch.int64)
     # Crop targets: its class is present; what the captions never named in the parent is absent
     # in the crop too; the parent's other positives may or may not be inside: not trained.
     crop_targets = torch.zeros(len(found), targets.shape[1])
     crop_targets[torch.arange(len(found)), cls] = 1.0
     crop_masks = (targets[parents] <= 0.05).float()
     crop_masks[torch.arange(len(found)), cls] = 1.0
-    return ResoCrops(feats, crop_targets, crop_masks, cls)
+    return ResoCrops(feats, crop_targets, crop_masks, cls, found)
 
 
 def make_optimizer(cfg, model) -> torch.optim.Optimizer:
@@ -323,55 +346,190 @@ def wrap_for_training(cfg, model, device: str):
     return torch.compile(step_fn) if cfg.compile and device.startswith("cuda") else step_fn
 
 
-def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard: torch.Tensor, num_classes: int,
-                 device: str, dtype, metrics_file) -> None:
-    """The training loop: every epoch over the cached images, plus the ReSO crops from
-    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`. In a
-    torchrun job every process takes its slice of each global batch."""
-    step_fn = wrap_for_training(cfg, model, device)
-    rank, world = pipeline.rank_and_world()
-    opt = make_optimizer(cfg, model)
-    base_lr = [g["lr"] for g in opt.param_groups]
-    steps_per_epoch = math.ceil(len(train.ids) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops, the last epoch's state is kept."""
+
+
+@dataclass
+class Loop:
+    """Where training stands: what an exact resume restores (with the model's weights)."""
+    opt: torch.optim.Optimizer
+    base_lr: list[float]
+    gen: torch.Generator             # the batch order
+    warmup: int
+    total: int
+    epoch: int = 0                   # the next epoch to run
+    step: int = 0
     crops: ResoCrops | None = None
-    step = 0
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
-        if cfg.use_reso and epoch == cfg.reso_epoch:
-            crops = build_reso_crops(cfg, model, backbone, train, hard, targets, num_classes, device, dtype)
-            log(f"epoch {epoch + 1}: ReSO found {0 if crops is None else len(crops)} small regions to crop")
-        batches = [(kind, idx[rank::world]) for kind, idx in epoch_batches(cfg, len(train.ids), crops, gen, epoch)]
-        sources = [(train.feats if kind == "image" else crops.feats, idx) for kind, idx in batches]
-        running, count = torch.zeros((), device=device), 0
-        for (kind, idx), x in zip(batches, pipeline.prefetched(sources, device, dtype)):
-            for g, lr in zip(opt.param_groups, base_lr):
-                g["lr"] = lr * pipeline.warmup_cosine(step, warmup, total)
-            loss = batch_loss(cfg, step_fn, kind, idx, x, targets, crops, device, dtype)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.detach()
-            count += 1
-            step += 1
-            if step % cfg.log_every == 0:
+
+
+STATE_FILE = "state.safetensors"
+STATE_FORMAT = "bacgcn-state-1"
+
+
+def save_state(path: Path, model, loop: Loop, cfg, preset: str) -> None:
+    """Everything an exact resume needs, atomically: weights, optimiser moments and steps, the
+    schedule position, every random state, the ReSO crops (by their regions; their features
+    are in the cache). Tensors in safetensors and the rest as JSON: nothing is pickled."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = loop.opt.state_dict()
+    for index, moments in opt["state"].items():
+        tensors.update({f"opt.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in moments.items()})
+    numpy_rng = np.random.get_state()
+    tensors.update({"rng.torch": torch.get_rng_state(), "rng.batches": loop.gen.get_state(),
+                    "rng.numpy": torch.from_numpy(numpy_rng[1].astype(np.int64))})
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"format": STATE_FORMAT, "config": cfg.to_json(), "preset": preset, "epoch": str(loop.epoch),
+            "step": str(loop.step),
+            "param_groups": json.dumps(opt["param_groups"]), "numpy_rng": json.dumps(list(numpy_rng[2:])),
+            "python_rng": json.dumps(random.getstate()),
+            "reso_found": json.dumps(None if loop.crops is None else loop.crops.found)}
+    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_state(run_dir: str | Path) -> dict:
+    """The state a run folder holds: {"config", "tensors", "meta"}; one-line errors otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise data.DataError(run_dir, f"no {STATE_FILE} here: not a run folder, or its first epoch never ended")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError("not a train.py run state")
+        cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
+        bacgcn.validate(cfg)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise data.DataError(path, f"unreadable run state ({e})") from None
+    return {"config": cfg, "tensors": tensors, "meta": meta}
+
+
+def restore_state(state: dict, model, loop: Loop) -> list | None:
+    """Put a saved state back into the model and the loop; returns the ReSO regions, if any."""
+    tensors, meta = state["tensors"], state["meta"]
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            moments.setdefault(int(index), {})[name] = value
+    loop.opt.load_state_dict({"state": moments, "param_groups": json.loads(meta["param_groups"])})
+    loop.gen.set_state(tensors["rng.batches"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    pos, has_gauss, cached = json.loads(meta["numpy_rng"])
+    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(meta["python_rng"])
+    random.setstate((version, tuple(internal), gauss))
+    loop.epoch, loop.step = int(meta["epoch"]), int(meta["step"])
+    found = json.loads(meta["reso_found"])
+    return [(row, cls, tuple(box)) for row, cls, box in found] if found else None
+
+
+def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, device: str, dtype,
+              metrics_file) -> tuple[float, int]:
+    """One epoch of steps: (mean loss over the processes, steps). A non-finite loss is noticed
+    on the device and raised at the next log interval, naming the first bad step."""
+    rank, world = pipeline.rank_and_world()
+    crops = loop.crops
+    batches = [(kind, idx[rank::world]) for kind, idx in epoch_batches(cfg, len(train.ids), crops, loop.gen,
+                                                                       loop.epoch)]
+    sources = [(train.feats if kind == "image" else crops.feats, idx) for kind, idx in batches]
+    running, first_bad = torch.zeros((), device=device), torch.full((), -1, device=device)
+    for count, ((kind, idx), x) in enumerate(zip(batches, pipeline.prefetched(sources, device, dtype)), 1):
+        for g, lr in zip(loop.opt.param_groups, loop.base_lr):
+            g["lr"] = lr * pipeline.warmup_cosine(loop.step, loop.warmup, loop.total)
+        loss = batch_loss(cfg, step_fn, kind, idx, x, targets, crops, device, dtype)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), loop.step + 1, first_bad)
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.opt.step()
+        running += loss.detach()
+        loop.step += 1
+        if loop.step % cfg.log_every == 0 or count == len(batches):
+            if int(first_bad) >= 0:                   # a sync only at log intervals
+                raise NonFiniteLoss(f"the loss became NaN or infinite at step {int(first_bad)} (epoch "
+                                    f"{loop.epoch + 1}); lower --lr or check the inputs")
+            if loop.step % cfg.log_every == 0:
                 value = pipeline.mean_over_processes(running / count).item()   # .item() only at log intervals
-                metrics_file.write(json.dumps({"step": step, "epoch": epoch, "loss": value,
-                                               "lr": opt.param_groups[0]["lr"]}) + "\n")
+                metrics_file.write(json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": value,
+                                               "lr": loop.opt.param_groups[0]["lr"]}) + "\n")
                 metrics_file.flush()
-        epoch_loss = pipeline.mean_over_processes(running / max(count, 1)).item()
-        metrics_file.write(json.dumps({"epoch": epoch, "epoch_loss": epoch_loss,
-                                       "crops": 0 if crops is None else len(crops)}) + "\n")
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {count} steps"
-            + (f", {len(crops)} ReSO crops" if crops is not None else ""))
+    return pipeline.mean_over_processes(running / max(len(batches), 1)).item(), len(batches)
+
+
+def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard: torch.Tensor, num_classes: int,
+                 device: str, dtype, metrics_file, on_epoch_end=None, resume: dict | None = None) -> None:
+    """The training loop: every epoch over the cached images, plus the ReSO crops from
+    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`;
+    `on_epoch_end(loop)` after every epoch (the run saves its state there), and `resume` (read
+    by `read_state`) continues a saved run exactly. In a torchrun job every process takes its
+    slice of each global batch."""
+    opt = make_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(train.ids) / cfg.batch_size)
+    loop = Loop(opt, [g["lr"] for g in opt.param_groups], torch.Generator().manual_seed(cfg.seed),
+                warmup=max(1, int(cfg.warmup_epochs * steps_per_epoch)), total=cfg.epochs * steps_per_epoch)
+    if resume is not None:
+        found = restore_state(resume, model, loop)
+        loop.crops = build_reso_crops(cfg, backbone, train, found, targets, device) if found else None
+    step_fn = wrap_for_training(cfg, model, device)
+    while loop.epoch < cfg.epochs:
+        if cfg.use_reso and loop.epoch == cfg.reso_epoch:
+            found = find_small_regions(cfg, model, train, lambda idx, sim: hard[idx, :num_classes], num_classes,
+                                       device, dtype)
+            loop.crops = build_reso_crops(cfg, backbone, train, found, targets, device)
+            log(f"epoch {loop.epoch + 1}: ReSO found {len(found)} small regions to crop")
+        epoch_loss, count = run_epoch(cfg, loop, step_fn, train, targets, device, dtype, metrics_file)
+        crops = 0 if loop.crops is None else len(loop.crops)
+        metrics_file.write(json.dumps({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}) + "\n")
+        metrics_file.flush()
+        log(f"epoch {loop.epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {count} steps"
+            + (f", {crops} ReSO crops" if cfg.use_reso and loop.epoch >= cfg.reso_epoch else ""))
+        loop.epoch += 1
+        if on_epoch_end is not None:
+            on_epoch_end(loop)
 
 
 # --------------------------------------------------------------------------------------------
 # The run: stages 1-5
 # --------------------------------------------------------------------------------------------
 
-def start_run(cfg: bacgcn.BACGCNConfig, preset: str) -> tuple[bacgcn.BACGCNConfig, str]:
+RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE)
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early (interrupted, or a non-finite loss): one line and an exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A run folder holds one run: reusing one that is not empty takes --resume (continue it)
+    or --overwrite (its earlier outputs are removed first, so no file mixes two runs)."""
+    if resume:
+        return
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, --overwrite "
+                                          "replaces it")
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        if any(out_dir.iterdir()):
+            raise data.DataError(out_dir, "--overwrite: the folder holds files train.py did not write; "
+                                          "choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def start_run(cfg: bacgcn.BACGCNConfig, preset: str, resume: bool = False,
+              overwrite: bool = False) -> tuple[bacgcn.BACGCNConfig, str]:
     """Process group, paths, device, seeds, threads and the run folder: (completed config,
     device). In a torchrun job rank 0 builds the world and names the run folder for all."""
     device = pipeline.init_distributed(cfg.device)
@@ -388,15 +546,23 @@ def start_run(cfg: bacgcn.BACGCNConfig, preset: str) -> tuple[bacgcn.BACGCNConfi
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     out_dir = Path(cfg.out or ROOT / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir = Path(pipeline.broadcast_object(str(out_dir)))
+    out_dir = Path(pipeline.broadcast_object(str(out_dir.resolve())))
     if pipeline.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(out_dir, resume, overwrite)
+    pipeline.barrier()
     return cfg.replace(out=str(out_dir)), device
 
 
-def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
+def stopped_note(out_dir: Path) -> str:
+    if (out_dir / STATE_FILE).is_file():
+        epoch = read_state(out_dir)["meta"]["epoch"]
+        return f"the state after epoch {epoch} is kept: python train.py --resume {out_dir}"
+    return "no epoch had ended, so there is nothing to resume"
+
+
+def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False) -> dict:
     t_start = time.time()
-    cfg, device = start_run(cfg, preset)
+    cfg, device = start_run(cfg, preset, resume is not None, overwrite)
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
     test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
@@ -409,6 +575,8 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
                                         device=device).cpu()
     train = pipeline.cached_features(cfg, backbone, train_ds, device)
     test = pipeline.cached_features(cfg, backbone, test_ds, device)
+    for split, dataset in ((train, train_ds), (test, test_ds)):
+        check_features(split, dataset, cfg.data_root)
     targets, hard = labels.targets_for(train.ids, cfg.min_votes)
 
     logit_scale = float(backbone.clip.logit_scale.exp().item())                    # 3
@@ -417,19 +585,30 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "") -> dict:
     zeroshot = pipeline.evaluate_split(cfg, pipeline.predict(model, test.feats, device, dtype), test, num_classes)
     log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
 
-    # Only rank 0 writes files; the others log into the void.
-    with open(out_dir / "metrics.jsonl" if main_process else os.devnull, "w") as metrics_file:
-        t_train = time.time()                                                       # 4
-        train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file)
-        train_s = time.time() - t_train
-        logits = pipeline.predict(model, test.feats, device, dtype)                 # 5
-        result = pipeline.evaluate_split(cfg, logits, test, num_classes)
-        metrics_file.write(json.dumps({"test": {k: v for k, v in result.items() if k != "AP"}}) + "\n")
+    # Only rank 0 writes files; the others log into the void. A resumed run appends.
+    metrics_path = out_dir / "metrics.jsonl" if main_process else Path(os.devnull)
+
+    def save_after_epoch(loop: Loop) -> None:
+        save_state(out_dir / STATE_FILE, model, loop, cfg, preset)
+
+    try:
+        with open(metrics_path, "a" if resume else "w") as metrics_file:
+            t_train = time.time()                                                   # 4
+            train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file,
+                         save_after_epoch if main_process else None, resume)
+            train_s = time.time() - t_train
+            logits = pipeline.predict(model, test.feats, device, dtype)             # 5
+            result = pipeline.evaluate_split(cfg, logits, test, num_classes)
+            metrics_file.write(json.dumps({"test": {k: v for k, v in result.items() if k != "AP"}}) + "\n")
+    except KeyboardInterrupt:
+        raise RunStopped(130, f"interrupted; {stopped_note(out_dir)}") from None
+    except NonFiniteLoss as e:
+        raise RunStopped(2, f"{e}; {stopped_note(out_dir)}") from None
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
                    "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
-                   "world_size": pipeline.rank_and_world()[1],
+                   "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
     if main_process:
         pipeline.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
@@ -445,23 +624,56 @@ def print_table(report: dict) -> None:
         print(f"{name:<16}" + "".join(f"{row[c]:>11.2f}" if row.get(c) is not None else f"{'n/a':>11}" for c in cols))
 
 
+def run_options(args: list[str]) -> tuple[str | None, bool, list[str]]:
+    """(--resume DIR, --overwrite, the config options): the two are about the run folder, not
+    the method, so they are not config fields."""
+    resume, overwrite, rest, i = None, False, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--overwrite":
+            overwrite = True
+        elif a.startswith("--resume="):
+            resume = a.split("=", 1)[1]
+        elif a == "--resume":
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ValueError("--resume needs the run folder to continue")
+            resume, i = args[i + 1], i + 1
+        else:
+            rest.append(a)
+        i += 1
+    if resume is not None and (rest or overwrite):
+        raise ValueError(f"--resume continues the run with its recorded config: drop {(rest or ['--overwrite'])[0]}")
+    return resume, overwrite, rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if "--help" in args or "-h" in args:
         print(__doc__.strip() + "\n\n" + bacgcn.options_help())
         return 0
+    main_process = True
     try:
-        cfg, preset = bacgcn.parse_overrides(args)
+        resume_dir, overwrite, args = run_options(args)
+        if resume_dir is not None:
+            state = read_state(resume_dir)
+            cfg, preset = state["config"].replace(out=str(Path(resume_dir).resolve())), state["meta"].get("preset", "")
+        else:
+            state = None
+            cfg, preset = bacgcn.parse_overrides(args)
         # before any work (a world build, caption labels): a device that is not there, a run
         # folder that cannot be written
         pipeline.resolve_device(cfg.device)
         if cfg.out:
             data.check_writable(cfg.out, "--out", folder=True)
-        report = run(cfg, preset)
+        report = run(cfg, preset, state, overwrite)
         main_process = pipeline.is_main_process()
     except (ValueError, FileNotFoundError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        if pipeline.is_main_process():
+            print(f"stopped: {e}", file=sys.stderr)
+        return e.code
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,0 +1,141 @@
+"""Exact resume, interruptions, run folders, and runs that must not pass for a success."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import synthetic as S
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    S.build(root, S.WorldConfig(seed=5, train=240, test=40), progress=False)
+    return root
+
+
+def _args(world, cache, out, *more):
+    return [f"--data-root={world}", f"--cache-dir={cache}", f"--out={out}", "--workers=0", "--epochs=6",
+            "--reso-epoch=1", "--reso-eps=0.5", "--batch-size=16", "--log-every=5", *more]
+
+
+def _launch(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, as a user runs it
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _epoch_saved(out: Path) -> int:
+    try:
+        with safe_open(str(out / "state.safetensors"), "pt") as f:
+            return int(f.metadata()["epoch"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def _stop_after(proc, out: Path, epochs: int, sig) -> None:
+    """Send `sig` as soon as the state after `epochs` epochs is on disk."""
+    deadline = time.time() + 600
+    while _epoch_saved(out) < epochs:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+
+
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(world, tmp_path):
+    cache = tmp_path / "cache"
+    whole = _launch(*_args(world, cache, tmp_path / "whole"))
+    assert whole.wait() == 0, whole.communicate()[1][-2000:]
+    # killed after epoch 2, once ReSO's crops exist, so the state must carry them
+    killed = _launch(*_args(world, cache, tmp_path / "killed"))
+    _stop_after(killed, tmp_path / "killed", 2, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "ckpt.safetensors").exists(), "finished before the kill: nothing was tested"
+    resumed = _launch("--resume", str(tmp_path / "killed"))
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err[-2000:]
+    a, b = load_file(str(tmp_path / "whole" / "ckpt.safetensors")), load_file(str(tmp_path / "killed" /
+                                                                                   "ckpt.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() and a[k].dtype == b[k].dtype for k in a)
+    report = json.loads((tmp_path / "killed" / "report.json").read_text())
+    assert report["resumed"] is True
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+              if "epoch_loss" in x]
+    assert epochs[-4:] == [2, 3, 4, 5] and epochs[:2] == [0, 1]
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_state(world, tmp_path):
+    proc = _launch(*_args(world, tmp_path / "cache", tmp_path / "run"))
+    _stop_after(proc, tmp_path / "run", 1, signal.SIGINT)
+    _, err = proc.communicate()
+    lines = [x for x in err.splitlines() if x.startswith("stopped")]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0]
+    assert (tmp_path / "run" / "state.safetensors").is_file()
+    assert all(json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_non_finite_loss_stops_at_its_step(world, tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    loss = train.multilabel_loss
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        value = loss(*a, **k)
+        return value * float("nan") if calls["n"] == 40 else value
+    monkeypatch.setattr(train, "multilabel_loss", poisoned)
+    out = tmp_path / "run"
+    code = train.main(_args(world, tmp_path / "cache", out, "--use-reso=false", "--log-every=1000"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]      # above it: the cache build's progress bars
+    assert code == 2 and err.startswith("stopped: ")
+    assert "NaN or infinite at step 40 (epoch 3)" in err and "state after epoch 2 is kept" in err
+    assert not (out / "ckpt.safetensors").exists() and (out / "state.safetensors").is_file()
+
+
+def test_run_folder_reuse_needs_resume_or_overwrite(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _args(world, tmp_path / "cache", out, "--epochs=1", "--use-reso=false")
+    assert train.main(args) == 0
+    assert train.main(args) == 2 and "run folder is not empty" in capsys.readouterr().err
+    assert train.main([*args, "--overwrite"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert train.main([*args, "--overwrite"]) == 2 and "did not write" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no state.safetensors here" in capsys.readouterr().err
+    assert train.main(["--resume", str(out), "--lr=1"]) == 2 and "drop --lr=1" in capsys.readouterr().err
+
+
+def test_runs_that_did_nothing_fail(world, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(world, broken)
+    for jpg in (broken / "JPEGImages").glob("*.jpg"):
+        jpg.write_bytes(b"not a jpeg")
+    args = _args(broken, tmp_path / "cache", tmp_path / "a", "--epochs=1", "--use-reso=false")
+    for attempt in range(2):               # the second run reads a cache that holds no image
+        assert train.main([*args[:2], f"--out={tmp_path / f'a{attempt}'}", *args[3:]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "none of the 240 images of synthetic/trainval could be read" in err
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    shutil.copy(world / "synonyms.json", captions)          # a world's dictionary sits beside its captions
+    (captions / "captions.json").write_text(json.dumps({"999999.": ["a photo of a cat"]}))
+    assert train.main([*_args(world, tmp_path / "cache", tmp_path / "b", "--epochs=1", "--use-reso=false"),
+                       f"--captions={captions}"]) == 2
+    assert "no caption id matches an image of synthetic/trainval" in capsys.readouterr().err
+    few = {k: v for k, v in json.loads((world / "captions.json").read_text()).items() if int(k[:-1]) % 10}
+    (captions / "captions.json").write_text(json.dumps(few))
+    assert train.main([*_args(world, tmp_path / "cache", tmp_path / "c", "--epochs=1", "--use-reso=false"),
+                       f"--captions={captions}"]) == 0
+    assert "WARNING: 24 of 240 training images (10%) have no caption" in capsys.readouterr().out
