@@ -47,6 +47,10 @@ PATCH_READOUTS = ("self_attention", "value")
 # Ways to read g^H and g^Hc (CLIPBackbone.features).
 SUBSET_READOUTS = ("reencode", "last_block")
 LOSSES = ("bce", "asl")
+# The GCN starts at zero weights (so the untrained model is CLIP zero-shot): its activation
+# needs a nonzero gradient at 0. relu has none (measured: a relu run left every GCN weight at 0).
+GCN_ACTIVATIONS = ("leaky_relu", "gelu")
+GRAPH_DIRECTIONS = ("row", "mlgcn")
 # How CLIP weight files may be read. "auto" never runs torch.jit.load: a TorchScript archive can
 # carry code, so OpenAI's archive loads only when it is asked for by name.
 WEIGHT_FORMATS = ("auto", "openai-torchscript")
@@ -80,10 +84,11 @@ class BACGCNConfig:
     temperature: float = 0.05           # T of the softmax over the Top-K similarities
     # CLIP-GCN (stage 4)
     tau_a: float = 0.3                  # keep edge i->j when P(j|i) >= tau_a
+    graph_direction: str = "row"        # row: i aggregates from j when P(j|i) >= tau_a | mlgcn: the transpose
     reweight_p: float = 0.25            # ML-GCN re-weighting: neighbours share p, the node keeps 1 - p
     global_edge: float = 0.5            # weight of each global<->local edge before normalisation
     gcn_layers: int = 2
-    gcn_activation: str = "leaky_relu"  # relu | leaky_relu | gelu
+    gcn_activation: str = "leaky_relu"  # leaky_relu | gelu (not relu: see GCN_ACTIVATIONS)
     # ablation switches (bench/ablation.py)
     use_local: bool = True              # local logits from the Similarity Kernel
     use_gcn: bool = True
@@ -106,6 +111,7 @@ class BACGCNConfig:
     reso_margin: float = 0.5            # crop box = region box grown by this fraction on each side
     reso_max_crops: int = 2             # per image, smallest regions first
     reso_gamma: float = 2.0             # crop loss weight 1 + (1 - p)^gamma grows with the error
+    reso_floor_quantile: float = 0.9    # a region's peak must beat this quantile of its class's uncaptioned peaks
     # runtime
     seed: int = 0
     device: str = ""                    # '' = cuda if available else cpu
@@ -213,6 +219,7 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "reso_margin": (lambda v: v >= 0, ">= 0"),
     "reso_max_crops": (lambda v: v >= 1, ">= 1 (--use-reso=false turns ReSO off)"),
     "reso_gamma": (lambda v: v >= 0, ">= 0"),
+    "reso_floor_quantile": (lambda v: 0 <= v <= 1, "in [0, 1] (0: no floor)"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     "workers": (lambda v: v >= 0, ">= 0 (0 = decode in the main process)"),
     "cache_memory_gb": (lambda v: v >= 0, ">= 0 (0 = always stream the cache from disk)"),
@@ -259,8 +266,12 @@ def validate(cfg: BACGCNConfig) -> None:
             raise ValueError(f"{_option(f.name)} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ValueError(f"--device must be '' (CUDA when there is one), cpu, cuda or cuda:N, got {cfg.device!r}")
-    if cfg.gcn_activation not in ("relu", "leaky_relu", "gelu"):
-        raise ValueError("gcn_activation must be relu, leaky_relu or gelu")
+    if cfg.graph_direction not in GRAPH_DIRECTIONS:
+        raise ValueError(f"graph_direction must be one of {GRAPH_DIRECTIONS}")
+    if cfg.gcn_activation not in GCN_ACTIVATIONS:
+        raise ValueError(f"gcn_activation must be one of {GCN_ACTIVATIONS}"
+                         + (": relu cannot train the zero-initialised GCN (its gradient at 0 is 0, so the "
+                            "weights never move)" if cfg.gcn_activation == "relu" else ""))
 
 
 def _config_comments() -> tuple[dict[str, str], dict[str, str]]:
@@ -656,10 +667,12 @@ NUM_GLOBAL_NODES = 3   # g, g^H, g^Hc
 def build_adjacency(m: torch.Tensor, n: torch.Tensor, num_classes: int, cfg: BACGCNConfig) -> torch.Tensor:
     """Dense normalised adjacency [V, V] over O local nodes + the global nodes (g, g^H, g^Hc).
 
-    Local edges come from the caption graph, ML-GCN style: i -> j when P(j|i) = M_ij / N_i >= tau_a,
-    for class<->class and class<->background pairs (never background<->background); each node
-    keeps 1 - p of its weight and shares p among its neighbours. Every global node is joined to
-    every local node (`global_edge`); all nodes have self loops; then D^-1/2 A D^-1/2.
+    Local edges come from the caption graph, ML-GCN style: node i aggregates from node j when
+    P(j|i) = M_ij / N_i >= tau_a (`graph_direction="row"`; "mlgcn" takes the transpose, as
+    ML-GCN's released gen_adj does; the README gives the measurement), for class<->class and
+    class<->background pairs (never background<->background); each node keeps 1 - p of its
+    weight and shares p among its neighbours. Every global node is joined to every local node
+    (`global_edge`); all nodes have self loops; then D^-1/2 A D^-1/2.
     """
     o = m.shape[0]
     cond = torch.where(n[:, None] > 0, m / n[:, None].clamp_min(1), torch.zeros_like(m))
@@ -667,6 +680,8 @@ def build_adjacency(m: torch.Tensor, n: torch.Tensor, num_classes: int, cfg: BAC
     edge.fill_diagonal_(0)
     is_bg = torch.arange(o) >= num_classes
     edge[is_bg[:, None] & is_bg[None, :]] = 0
+    if cfg.graph_direction == "mlgcn":
+        edge = edge.t()   # ML-GCN's gen_adj propagates over A^T: i aggregates from j when P(i|j) >= tau_a
     deg = edge.sum(1, keepdim=True)
     local = torch.where(deg > 0, cfg.reweight_p * edge / deg.clamp_min(1), torch.zeros_like(edge))
     local += torch.diag(torch.where(deg[:, 0] > 0, 1 - cfg.reweight_p, 1.0))

@@ -250,21 +250,52 @@ class ResoCrops:
         return len(self.classes)
 
 
-def find_small_regions(cfg, model, split: Split, candidates, num_classes: int, device: str, dtype) -> list:
-    """reso_regions over a whole split, batch by batch (all similarity maps of COCO would not fit
-    in memory). `candidates(idx, sim)` -> bool [b, C]: which classes of those images to consider.
-    Every process of a distributed job scans every image (the model is the same on all of them,
-    so they agree on the crops) and encodes only its share of the crops."""
-    found = []
+def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes: int, device: str,
+                       dtype) -> list:
+    """reso_regions of the pseudo-positive classes over a whole split, batch by batch (all
+    similarity maps of COCO would not fit in memory), kept only where the region's peak
+    similarity beats the class's noise floor: the `reso_floor_quantile` of that class's peaks
+    on images whose captions do not name it (no hard pseudo label). A min-max normalised map always yields a region,
+    even where the map is noise; the floor is what tells the two apart. Every process of a
+    distributed job scans every image (the model is the same on all of them, so they agree on
+    the crops) and encodes only its share of the crops."""
+    found, peaks = [], []
     model.eval()
     batches = [torch.arange(i, min(i + pipeline.PREDICT_BATCH, len(split.ids)))
                for i in range(0, len(split.ids), pipeline.PREDICT_BATCH)]
     with torch.no_grad():
         for idx, x in zip(batches, pipeline.prefetched([(split.feats, b) for b in batches], device, dtype)):
             sim = model(x)["sim"][:, :, :num_classes].float().cpu()
-            found += [(int(idx[0]) + b, c, box) for b, c, box in reso_regions(sim, candidates(idx, sim), cfg)]
+            peaks.append(sim.amax(1))
+            found += [(int(idx[0]) + b, c, box) for b, c, box in reso_regions(sim, hard[idx, :num_classes], cfg)]
     model.train()
-    return found
+    peaks = torch.cat(peaks)                                             # [n, C]
+    unnamed = ~hard[:, :num_classes]         # the soft targets are never exactly 0 (the caption-context tie-break)
+    floor = torch.stack([torch.quantile(peaks[unnamed[:, c], c], cfg.reso_floor_quantile) if unnamed[:, c].any()
+                         else peaks[:, c].min() for c in range(num_classes)])
+    kept = [(b, c, box) for b, c, box in found if peaks[b, c] > floor[c]]
+    log(f"ReSO: {len(kept)} of {len(found)} small regions peak above their class's noise floor")
+    return kept
+
+
+def crop_precision(cfg, split: Split, found: list) -> float | None:
+    """Share of the crops whose box holds most (>= half) of a true instance of their class,
+    from the VOC-layout boxes (Annotations/); None where the dataset has no boxes."""
+    if cfg.dataset not in ("synthetic", "voc2007", "voc2012") or not found:
+        return None
+    base = data.voc_root(cfg.data_root, 2012 if cfg.dataset == "voc2012" else 2007)
+    grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
+    names, hits = split.dataset.class_names, 0
+    for row, cls, patch_box in found:
+        ann = data.read_voc_annotation(base / "Annotations" / f"{split.ids[row]}.xml")
+        x0, y0, x1, y1 = crop_box(patch_box, grid, ann.width, ann.height, cfg.reso_margin)
+        for o in ann.objects:
+            area = max((o.box[2] - o.box[0]) * (o.box[3] - o.box[1]), 1e-9)
+            inside = max(0.0, min(x1, o.box[2]) - max(x0, o.box[0])) * max(0.0, min(y1, o.box[3]) - max(y0, o.box[1]))
+            if o.name == names[cls] and inside >= 0.5 * area:
+                hits += 1
+                break
+    return 100.0 * hits / len(found)
 
 
 def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> tuple[data.CachedFeatures, list]:
@@ -383,7 +414,7 @@ def save_state(path: Path, model, loop: Loop, cfg, preset: str) -> None:
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"format": STATE_FORMAT, "config": cfg.to_json(), "preset": preset, "epoch": str(loop.epoch),
-            "step": str(loop.step),
+            "step": str(loop.step), "total": str(loop.total),
             "param_groups": json.dumps(opt["param_groups"]), "numpy_rng": json.dumps(list(numpy_rng[2:])),
             "python_rng": json.dumps(random.getstate()),
             "reso_found": json.dumps(None if loop.crops is None else loop.crops.found)}
@@ -427,9 +458,20 @@ def restore_state(state: dict, model, loop: Loop) -> list | None:
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = json.loads(meta["python_rng"])
     random.setstate((version, tuple(internal), gauss))
-    loop.epoch, loop.step = int(meta["epoch"]), int(meta["step"])
+    loop.epoch, loop.step, loop.total = int(meta["epoch"]), int(meta["step"]), int(meta["total"])
     found = json.loads(meta["reso_found"])
     return [(row, cls, tuple(box)) for row, cls, box in found] if found else None
+
+
+def planned_steps(cfg, num_images: int, loop: Loop) -> int:
+    """The steps the run will take: those taken, plus the rest of the epochs with this epoch's
+    image and crop batches. The cosine must end on the last step actually taken: counting image
+    batches only, the crop batches of ReSO pushed the step past the end and the last epochs
+    trained at learning rate 0."""
+    per_epoch = math.ceil(num_images / cfg.batch_size)
+    if loop.crops is not None:
+        per_epoch += math.ceil(len(loop.crops) / cfg.batch_size)
+    return loop.step + (cfg.epochs - loop.epoch) * per_epoch
 
 
 def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, device: str, dtype,
@@ -481,10 +523,14 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
     step_fn = wrap_for_training(cfg, model, device)
     while loop.epoch < cfg.epochs:
         if cfg.use_reso and loop.epoch == cfg.reso_epoch:
-            found = find_small_regions(cfg, model, train, lambda idx, sim: hard[idx, :num_classes], num_classes,
-                                       device, dtype)
+            found = find_small_regions(cfg, model, train, hard, num_classes, device, dtype)
             loop.crops = build_reso_crops(cfg, backbone, train, found, targets, device)
-            log(f"epoch {loop.epoch + 1}: ReSO found {len(found)} small regions to crop")
+            loop.total = planned_steps(cfg, len(train.ids), loop)
+            precision = crop_precision(cfg, train, found)
+            log(f"epoch {loop.epoch + 1}: ReSO found {len(found)} small regions to crop"
+                + ("" if precision is None else f", crop precision {precision:.1f}% (true boxes)"))
+            metrics_file.write(json.dumps({"epoch": loop.epoch, "reso_crops": len(found),
+                                           "reso_crop_precision": precision}) + "\n")
         epoch_loss, count = run_epoch(cfg, loop, step_fn, train, targets, device, dtype, metrics_file)
         crops = 0 if loop.crops is None else len(loop.crops)
         metrics_file.write(json.dumps({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}) + "\n")
