@@ -1309,6 +1309,9 @@ class FeatureCache:
     """
 
     SHARD = 4096
+    # A shard is buffered in memory before it is written: capped by bytes too, or one shard of
+    # ViT-B/16 at 448 px (800 KB a row) would hold 3.2 GB, twice over while concatenated.
+    SHARD_BYTES = 256 * 2**20
 
     def __init__(self, root: str | os.PathLike, spec: dict, shard_rows: int = SHARD):
         import hashlib
@@ -1371,7 +1374,8 @@ class FeatureCache:
             for k, v in out.items():
                 buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
             ids.extend(batch_ids)
-            if sum(len(x) for x in next(iter(buffer.values()))) >= self.shard_rows:
+            rows = sum(len(x) for x in next(iter(buffer.values())))
+            if rows >= self.shard_rows or rows * sum(v[0][0].nbytes for v in buffer.values()) >= self.SHARD_BYTES:
                 flush()
         flush()
         write_json(self.dir / f"part{part:03d}.json", {"ids": ids, "shards": shards}, indent=None)

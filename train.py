@@ -261,8 +261,8 @@ def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes
     the crops) and encodes only its share of the crops."""
     found, peaks = [], []
     model.eval()
-    batches = [torch.arange(i, min(i + pipeline.PREDICT_BATCH, len(split.ids)))
-               for i in range(0, len(split.ids), pipeline.PREDICT_BATCH)]
+    step = pipeline.scoring_batch(split.feats)
+    batches = [torch.arange(i, min(i + step, len(split.ids))) for i in range(0, len(split.ids), step)]
     with torch.no_grad():
         for idx, x in zip(batches, pipeline.prefetched([(split.feats, b) for b in batches], device, dtype)):
             sim = model(x)["sim"][:, :, :num_classes].float().cpu()

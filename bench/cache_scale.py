@@ -63,7 +63,12 @@ def write_cache(root: Path, images: int, patches: int, dim: int) -> data.Feature
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: a child started by
+    fork and exec inherits its parent's maximum, here the writer's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # not Linux: the best there is
 
 
 def train_and_score(cache_dir: Path, key_spec: dict, classes: int, memory_gb: float) -> dict:
