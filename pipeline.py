@@ -7,6 +7,7 @@ evaluation disagreeing with the training).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -323,7 +324,8 @@ def predict(model, feats: data.CachedFeatures, device, dtype, batch: int = PREDI
     batch = scoring_batch(feats, batch)
     rows = share(len(feats))
     batches = [torch.arange(i, min(i + batch, rows.stop)) for i in range(rows.start, rows.stop, batch)]
-    logits = [model(x)["logits"].float().cpu() for x in prefetched([(feats, b) for b in batches], device, dtype)]
+    with contextlib.closing(prefetched([(feats, b) for b in batches], device, dtype)) as stream:
+        logits = [model(x)["logits"].float().cpu() for x in stream]
     model.train()
     width = model.num_categories
     return gather_rows(torch.cat(logits).numpy() if logits else np.zeros((0, width), dtype=np.float32))

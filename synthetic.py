@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent
 # ============================================================================================
 
 RENDER_SIZE = 128      # pixels of the stored JPEGs
+HORIZON_WAVE = 3 / 128 # amplitude of the horizon's wobble, a fraction of the image
 SMALL_AREA = 0.02      # size rule of the reports: a class instance is small below 2% of the image
 LARGE_AREA = 0.10      # ... and large from 10%
 
@@ -274,7 +275,7 @@ def render_scene(rng: np.random.Generator, cfg: WorldConfig, n_objects: int | No
     if rng.random() < cfg.p_split:
         upper, lower = SPLIT_SCENES[rng.integers(len(SPLIT_SCENES))]
         horizon = rng.uniform(0.35, 0.65) * size
-        wave = horizon + 3 * np.sin(np.linspace(0, rng.uniform(2, 6), size) + rng.uniform(0, 6))
+        wave = horizon + HORIZON_WAVE * size * np.sin(np.linspace(0, rng.uniform(2, 6), size) + rng.uniform(0, 6))
         below = np.arange(size)[:, None] > wave[None, :]
         img = np.where(below[..., None], render_background(rng, lower, size), render_background(rng, upper, size))
         regions = {upper: (0.0, horizon), lower: (horizon, float(size))}
@@ -347,7 +348,7 @@ def web_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, set[str]]:
     ranked = scene.by_prominence()
     r = rng.random()
     bg = scene.backgrounds[-1] if len(scene.backgrounds) == 1 or rng.random() < 0.5 else scene.backgrounds[0]
-    if r < 0.72 or (len(ranked) == 1 and r < 0.9):
+    if ranked and (r < 0.72 or (len(ranked) == 1 and r < 0.9)):
         obj = ranked[0]
         name = _name(rng, obj.cls)
         templates = ("a photo of a {o}.", "a {o}.", "{o}", "a {o} on the {b}.", "a picture of a {o}.",
@@ -457,10 +458,30 @@ def _jpeg_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build(out: str | os.PathLike, cfg: WorldConfig, progress: bool = True) -> Path:
+def _render_image(job: tuple[str, WorldConfig, str, int, str]) -> tuple[str, str, set[int], list | None, list | None]:
+    """Render and write one image of the world and its annotation; return (image id, split,
+    classes, captions, re-captions). Every image has its own RNG stream, so any process can
+    render any image and the bytes stay the same."""
+    base, cfg, split, k, image_id = job
+    rng = _scene_rng(cfg.seed, split, k)
+    scene = render_scene(rng, cfg)
+    (Path(base) / "JPEGImages" / f"{image_id}.jpg").write_bytes(_jpeg_bytes(scene.image))
+    (Path(base) / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(image_id, scene))
+    if split != "trainval":
+        return image_id, split, scene.classes, None, None
+    first = blip_captions(rng, scene)
+    found = [CLASS_NAMES[c] for c in sorted(scene.classes) if any(CLASS_NAMES[c] in cap for cap in first)]
+    return image_id, split, scene.classes, first, blip_captions(rng, scene, re_pass=True, found=found)
+
+
+def build(out: str | os.PathLike, cfg: WorldConfig, progress: bool = True, workers: int = 0) -> Path:
     """Write the world: VOC2007 layout, captions.json / re_captions.json (training split),
     synonyms.json, world.json and labels_{trainval,test}.csv (eval.py --labels format).
+    Images are rendered by `workers` processes (0: one per CPU core; 1: in this process).
     Returns the folder."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     from tqdm import tqdm
 
     base = Path(out)
@@ -468,23 +489,24 @@ def build(out: str | os.PathLike, cfg: WorldConfig, progress: bool = True) -> Pa
         (base / sub).mkdir(parents=True, exist_ok=True)
     captions, re_captions = {}, {}
     labels = {"trainval": {}, "test": {}}
-    n_total = cfg.train + cfg.test
-    bar = tqdm(total=n_total, desc="rendering", unit="img", disable=not progress, file=sys.stderr)
-    for split, count, offset in (("trainval", cfg.train, 0), ("test", cfg.test, cfg.train)):
-        for k in range(count):
-            image_id = f"{offset + k + 1:06d}"
-            rng = _scene_rng(cfg.seed, split, k)
-            scene = render_scene(rng, cfg)
-            (base / "JPEGImages" / f"{image_id}.jpg").write_bytes(_jpeg_bytes(scene.image))
-            (base / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(image_id, scene))
-            labels[split][image_id] = scene.classes
-            if split == "trainval":
-                first = blip_captions(rng, scene)
-                found = [CLASS_NAMES[c] for c in sorted(scene.classes)
-                         if any(CLASS_NAMES[c] in cap for cap in first)]
+    jobs = [(str(base), cfg, split, k, f"{offset + k + 1:06d}")
+            for split, count, offset in (("trainval", cfg.train, 0), ("test", cfg.test, cfg.train))
+            for k in range(count)]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 256))
+    bar = tqdm(total=len(jobs), desc="rendering", unit="img", disable=not progress, file=sys.stderr)
+    # spawn, not fork: the caller may hold torch's thread pools, which a forked child inherits broken
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    try:
+        results = pool.map(_render_image, jobs, chunksize=64) if pool else map(_render_image, jobs)
+        for image_id, split, classes, first, again in results:
+            labels[split][image_id] = classes
+            if first is not None:
                 captions[f"{image_id}."] = first
-                re_captions[f"{image_id}."] = blip_captions(rng, scene, re_pass=True, found=found)
+                re_captions[f"{image_id}."] = again
             bar.update()
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     bar.close()
     main = base / "ImageSets" / "Main"
     for split, table in labels.items():
@@ -551,9 +573,18 @@ def patch_hit_rates(patches: "torch.Tensor", text: "torch.Tensor", boxes: list[l
     return 100.0 * hits / max(total, 1), 100.0 * controls / max(total, 1), total
 
 
+def preset_image_size() -> int:
+    """The read-out size of the synthetic-tiny preset (what train.py reads the world at)."""
+    import bacgcn
+
+    return bacgcn.BACGCNConfig(**bacgcn.PRESETS["synthetic-tiny"]).image_size
+
+
 def zeroshot(data_dir: str | os.PathLike, weights: str | os.PathLike = TINY_CLIP_WEIGHTS,
-             scores_csv: str | None = None, progress: bool = True, patch_readout: str = "self_attention") -> dict:
-    """CLIP zero-shot with the global image embedding on the test split (prompt ensemble)."""
+             scores_csv: str | None = None, progress: bool = True, patch_readout: str = "self_attention",
+             image_size: int = 0) -> dict:
+    """CLIP zero-shot with the global image embedding on the test split (prompt ensemble), read
+    at `image_size` px (0: the synthetic-tiny preset's size, the read-out train.py makes)."""
 
     import bacgcn
     import data as data_mod
@@ -561,7 +592,9 @@ def zeroshot(data_dir: str | os.PathLike, weights: str | os.PathLike = TINY_CLIP
 
     dataset = data_mod.load_dataset("synthetic", data_dir, "test")
     classes = dataset.class_names
-    backbone = bacgcn.CLIPBackbone(bacgcn.create_clip(TINY_CLIP, weights), patch_readout)
+    clip = bacgcn.create_clip(TINY_CLIP, weights)
+    bacgcn.set_image_size(clip, image_size or preset_image_size())
+    backbone = bacgcn.CLIPBackbone(clip, patch_readout)
     text = backbone.class_embeddings(classes, bacgcn.tokenizer_for(TINY_CLIP))
     feats = encode_split(backbone, dataset, progress=progress)
     index = feats["index"].numpy()
@@ -589,7 +622,8 @@ def zeroshot(data_dir: str | os.PathLike, weights: str | os.PathLike = TINY_CLIP
             boxes.append([(col[o.name], tuple(v * scale for v in o.box)) for o in objs])
     grid = int(round(feats["patches"].shape[1] ** 0.5))
     hit, control, n_pairs = patch_hit_rates(feats["patches"][pairs], text, boxes, grid, backbone.image_size)
-    report.update({"patch_hit": hit, "patch_hit_control": control, "num_images": len(ids),
+    report.update({"patch_hit": hit, "patch_hit_control": control, "image_size": backbone.image_size,
+                   "num_images": len(ids),
                    "num_single": len(single), "num_pair_checks": n_pairs})
     if scores_csv:
         data_mod.write_scores_csv(scores_csv, ids, classes, scores)
@@ -614,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scores", help="also write per-image class scores (eval.py --scores format)")
     p.add_argument("--weights", default=str(TINY_CLIP_WEIGHTS))
     p.add_argument("--patch-readout", default="self_attention", help="self_attention | value (see bacgcn.py)")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="read-out size in px (0: the synthetic-tiny preset's, 128; 64: the tiny CLIP's native)")
     args = parser.parse_args(argv)
     import torch
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -631,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for option, path in (("--json", args.json), ("--scores", args.scores)):
                 if path:
                     check_writable(path, option)
-            report = zeroshot(args.data, args.weights, args.scores, patch_readout=args.patch_readout)
+            report = zeroshot(args.data, args.weights, args.scores, patch_readout=args.patch_readout,
+                              image_size=args.image_size)
             write_json(args.json, report)
             print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
     except (ValueError, FileNotFoundError) as e:   # DataError is a ValueError

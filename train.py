@@ -21,7 +21,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -121,6 +122,20 @@ def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> N
             "could not be read and are left out")
 
 
+def with_true_labels(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages, min_votes: int) -> data.PseudoLabels:
+    """The oracle's labels: the dataset's human labels in place of what the captions say of the
+    C classes, as soft targets and hard labels (so the graph and ReSO see them too). Background
+    categories have no human labels and keep the captions'."""
+    truth = train_ds.label_matrix()
+    row = {image_id: k for k, image_id in enumerate(train_ds.ids)}
+    positive = truth[[row[i] for i in pseudo.ids]] == 1
+    c = pseudo.num_classes
+    scores, votes = pseudo.scores.copy(), pseudo.votes.copy()
+    scores[:, :c] = positive
+    votes[:, :c] = np.where(positive, max(min_votes, 1), 0)
+    return replace(pseudo, scores=scores, votes=votes)
+
+
 def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
     if cfg.dataset == "synthetic":
@@ -132,10 +147,13 @@ def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) ->
     pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
                                 ids=train_ds.ids)
     check_captions_match(cfg, captions, pseudo, train_ds)
+    if cfg.train_labels == "true":
+        pseudo = with_true_labels(pseudo, train_ds, cfg.min_votes)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
     hard = pseudo.hard(cfg.min_votes)
     m, n = data.cooccurrence(hard[:, :num_cat])
-    log(f"pseudo labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "
+    kind = "true" if cfg.train_labels == "true" else "pseudo"
+    log(f"{kind} labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "
         f"{hard[:, :len(classes)].sum(1).mean():.2f} classes per image")
     # The dictionary's own spelling reads better in a prompt than the dataset's ("dining table")
     prompt_names = [PROMPT_SPELLING.get(c, c) for c in dictionary.categories[:num_cat]]
@@ -263,8 +281,8 @@ def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes
     model.eval()
     step = pipeline.scoring_batch(split.feats)
     batches = [torch.arange(i, min(i + step, len(split.ids))) for i in range(0, len(split.ids), step)]
-    with torch.no_grad():
-        for idx, x in zip(batches, pipeline.prefetched([(split.feats, b) for b in batches], device, dtype)):
+    with torch.no_grad(), closing(pipeline.prefetched([(split.feats, b) for b in batches], device, dtype)) as stream:
+        for idx, x in zip(batches, stream):
             sim = model(x)["sim"][:, :, :num_classes].float().cpu()
             peaks.append(sim.amax(1))
             found += [(int(idx[0]) + b, c, box) for b, c, box in reso_regions(sim, hard[idx, :num_classes], cfg)]
@@ -484,35 +502,40 @@ def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, dev
                                                                        loop.epoch)]
     sources = [(train.feats if kind == "image" else crops.feats, idx) for kind, idx in batches]
     running, first_bad = torch.zeros((), device=device), torch.full((), -1, device=device)
-    for count, ((kind, idx), x) in enumerate(zip(batches, pipeline.prefetched(sources, device, dtype)), 1):
-        for g, lr in zip(loop.opt.param_groups, loop.base_lr):
-            g["lr"] = lr * pipeline.warmup_cosine(loop.step, loop.warmup, loop.total)
-        loss = batch_loss(cfg, step_fn, kind, idx, x, targets, crops, device, dtype)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), loop.step + 1, first_bad)
-        loop.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        loop.opt.step()
-        running += loss.detach()
-        loop.step += 1
-        if loop.step % cfg.log_every == 0 or count == len(batches):
-            if int(first_bad) >= 0:                   # a sync only at log intervals
-                raise NonFiniteLoss(f"the loss became NaN or infinite at step {int(first_bad)} (epoch "
-                                    f"{loop.epoch + 1}); lower --lr or check the inputs")
-            if loop.step % cfg.log_every == 0:
-                value = pipeline.mean_over_processes(running / count).item()   # .item() only at log intervals
-                metrics_file.write(json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": value,
-                                               "lr": loop.opt.param_groups[0]["lr"]}) + "\n")
-                metrics_file.flush()
+    # closing(): an exception (Ctrl-C) must stop the reader thread here, not when the traceback
+    # lets go of the generator at interpreter exit, where a thread inside torch aborts the process.
+    with closing(pipeline.prefetched(sources, device, dtype)) as stream:
+        for count, ((kind, idx), x) in enumerate(zip(batches, stream), 1):
+            for g, lr in zip(loop.opt.param_groups, loop.base_lr):
+                g["lr"] = lr * pipeline.warmup_cosine(loop.step, loop.warmup, loop.total)
+            loss = batch_loss(cfg, step_fn, kind, idx, x, targets, crops, device, dtype)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), loop.step + 1, first_bad)
+            loop.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            loop.opt.step()
+            running += loss.detach()
+            loop.step += 1
+            if loop.step % cfg.log_every == 0 or count == len(batches):
+                if int(first_bad) >= 0:                   # a sync only at log intervals
+                    raise NonFiniteLoss(f"the loss became NaN or infinite at step {int(first_bad)} (epoch "
+                                        f"{loop.epoch + 1}); lower --lr or check the inputs")
+                if loop.step % cfg.log_every == 0:
+                    value = pipeline.mean_over_processes(running / count).item()   # .item() only at log intervals
+                    metrics_file.write(json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": value,
+                                                   "lr": loop.opt.param_groups[0]["lr"]}) + "\n")
+                    metrics_file.flush()
     return pipeline.mean_over_processes(running / max(len(batches), 1)).item(), len(batches)
 
 
 def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard: torch.Tensor, num_classes: int,
-                 device: str, dtype, metrics_file, on_epoch_end=None, resume: dict | None = None) -> None:
+                 device: str, dtype, metrics_file, on_epoch_end=None, resume: dict | None = None) -> dict:
     """The training loop: every epoch over the cached images, plus the ReSO crops from
     `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`;
     `on_epoch_end(loop)` after every epoch (the run saves its state there), and `resume` (read
     by `read_state`) continues a saved run exactly. In a torchrun job every process takes its
-    slice of each global batch."""
+    slice of each global batch. Returns what ReSO did ({} without ReSO or after a resume past
+    its epoch): {"crops", "crop_precision"}."""
+    reso = {}
     opt = make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train.ids) / cfg.batch_size)
     loop = Loop(opt, [g["lr"] for g in opt.param_groups], torch.Generator().manual_seed(cfg.seed),
@@ -531,6 +554,7 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
                 + ("" if precision is None else f", crop precision {precision:.1f}% (true boxes)"))
             metrics_file.write(json.dumps({"epoch": loop.epoch, "reso_crops": len(found),
                                            "reso_crop_precision": precision}) + "\n")
+            reso = {"crops": len(found), "crop_precision": precision}
         epoch_loss, count = run_epoch(cfg, loop, step_fn, train, targets, device, dtype, metrics_file)
         crops = 0 if loop.crops is None else len(loop.crops)
         metrics_file.write(json.dumps({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}) + "\n")
@@ -540,6 +564,7 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
         loop.epoch += 1
         if on_epoch_end is not None:
             on_epoch_end(loop)
+    return reso
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,6 +634,9 @@ def stopped_note(out_dir: Path) -> str:
 def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False) -> dict:
     t_start = time.time()
     cfg, device = start_run(cfg, preset, resume is not None, overwrite)
+    if cfg.use_reso and cfg.reso_epoch >= cfg.epochs:
+        log(f"WARNING: ReSO starts at epoch {cfg.reso_epoch + 1} of {cfg.epochs}: it will not run "
+            "(lower --reso-epoch, or --use-reso=false to say so)")
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
     test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
@@ -640,8 +668,8 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
     try:
         with open(metrics_path, "a" if resume else "w") as metrics_file:
             t_train = time.time()                                                   # 4
-            train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file,
-                         save_after_epoch if main_process else None, resume)
+            reso = train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file,
+                                save_after_epoch if main_process else None, resume)
             train_s = time.time() - t_train
             logits = pipeline.predict(model, test.feats, device, dtype)             # 5
             result = pipeline.evaluate_split(cfg, logits, test, num_classes)
@@ -653,7 +681,7 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
-                   "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
+                   "reso": reso, "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
     if main_process:

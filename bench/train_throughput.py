@@ -54,11 +54,17 @@ def images_per_s(fn, batch: int, device: str, seconds: float = 3.0) -> float:
     return calls * batch / (time.perf_counter() - t0)
 
 
-def photo_folder(folder: Path, count: int) -> data.MultiLabelImages:
-    """`count` JPEGs to decode: the real VOC photos when present, else seeded noise photos of
-    VOC's typical 500 x 375."""
+def photo_folder(folder: Path, count: int, kind: str = "voc") -> data.MultiLabelImages:
+    """`count` JPEGs to decode. "voc": the real VOC photos when present, else seeded noise photos
+    of VOC's typical 500 x 375; "world": the proving ground's own 128-px renders (what the tiny
+    CLIP's cache build decodes)."""
     from PIL import Image
 
+    if kind == "world":
+        import synthetic
+
+        world = synthetic.build(folder / "world", synthetic.WorldConfig(seed=0, train=count, test=1), progress=False)
+        return data.load_dataset("synthetic", world, "trainval")
     sources = sorted(REAL_PHOTOS.glob("*.jpg")) if REAL_PHOTOS.is_dir() else []
     rng = np.random.default_rng(0)
     samples = []
@@ -129,6 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="encoder batch (and training batch)")
     parser.add_argument("--images", type=int, default=512, help="photos in the cache build")
     parser.add_argument("--workers", type=int, default=2, help="decoding workers of the cache build")
+    parser.add_argument("--photos", choices=("auto", "voc", "world"), default="auto",
+                        help="what the cache build decodes: VOC photos (500 x 375) or the proving ground's 128-px "
+                             "renders (auto: the renders for the preset's tiny CLIP, VOC photos otherwise)")
     parser.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA)")
     parser.add_argument("--json", help="write the row here (default: bench/results/throughput-<device>-<model>.json)")
@@ -151,13 +160,14 @@ def main(argv=None) -> int:
                           use_reso=False, log_every=10**9)
         backbone = pipeline.build_backbone(cfg, device)
         (Path(tmp) / "photos").mkdir()
-        photos = photo_folder(Path(tmp) / "photos", args.images)
+        kind = args.photos if args.photos != "auto" else ("world" if model_name == "synthclip-vit-t8" else "voc")
+        photos = photo_folder(Path(tmp) / "photos", args.images, kind)
         row = measure_encoder(cfg, backbone, args.batch, device)
         row.update(measure_cache_and_training(cfg, backbone, photos, device))
     row["cache_build_vs_encoder"] = row["cache_build_img_s"] / row["encoder_forward_img_s"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu-{os.cpu_count()}cores"
     row.update({"device": name, "model": model_name, "image_size": backbone.image_size, "batch": args.batch,
-                "images": args.images, "workers": args.workers, "subset_readout": cfg.subset_readout,
+                "images": args.images, "photos": kind, "workers": args.workers, "subset_readout": cfg.subset_readout,
                 "dtype": "bf16" if device.startswith("cuda") and cfg.amp else "fp32", "torch": torch.__version__,
                 "python": platform.python_version(), "commit": pipeline.git_commit(),
                 "date": time.strftime("%Y-%m-%d")})

@@ -21,18 +21,23 @@ class _TritonMissing:
         return None
 
 
+def interpret_mode() -> bool:
+    """True under TRITON_INTERPRET=1: kernels then run in the Triton interpreter on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton is imported only where a kernel can run (a CUDA device, or the interpreter): in a
+# CPU-only process the import alone added 146 MB of resident memory (measured with the CUDA
+# wheel of torch 2.14), a tenth of the streamed cache's memory bound, for kernels never launched.
 try:
+    if not (interpret_mode() or torch.cuda.is_available()):
+        raise ImportError("no device to run Triton kernels on")
     import triton
     import triton.language as tl
     HAS_TRITON = True
 except ImportError:
     triton = tl = _TritonMissing()
     HAS_TRITON = False
-
-
-def interpret_mode() -> bool:
-    """True under TRITON_INTERPRET=1: kernels then run in the Triton interpreter on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

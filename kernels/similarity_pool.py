@@ -37,15 +37,31 @@ def topk_lowest_index(sim: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.sort(sim.detach(), dim=1, descending=True, stable=True).indices[:, :topk, :]
 
 
+def topk_mask(sim: torch.Tensor, topk: int) -> torch.Tensor:
+    """Bool [B, N, O]: the same selection as `topk_lowest_index`, as a mask. Everything at or
+    above the K-th largest value is in; where that takes more than K (ties at the K-th value),
+    the lowest patch indices among the ties fill what is left. A topk instead of a stable sort
+    of every column, which took 27 % of a CPU training step at 256 patches (py-spy)."""
+    sim = sim.detach()
+    kth = torch.topk(sim, topk, dim=1).values[:, -1:, :]
+    at_least = sim >= kth
+    if bool((at_least.sum(1) == topk).all()):          # no tie at the K-th value: the usual case
+        return at_least
+    ties = sim == kth
+    room = topk - (sim > kth).sum(1, keepdim=True)
+    return (sim > kth) | (ties & (torch.cumsum(ties, dim=1) <= room))
+
+
 def similarity_pool_ref(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch twin of `similarity_pool`: (local [B, O, D], sim [B, N, O])."""
     sim = patches @ prompts.t()
-    idx = topk_lowest_index(sim, topk)
-    weights = torch.softmax(sim.gather(1, idx).float() / temperature, dim=1).to(sim.dtype)
-    # Dense [B, N, O] pooling matrix, zero off the selection: one bmm instead of a
-    # [B, K, O, D] gather, so this path is also the fast one on the CPU.
-    pool = torch.zeros_like(sim).scatter(1, idx, weights)
+    # Softmax over each column's Top-K as a dense [B, N, O] pooling matrix, zero off the
+    # selection: one bmm instead of a [B, K, O, D] gather, the fast path on the CPU too. The
+    # column max is always selected, so exp(s - max) cannot overflow.
+    scaled = sim.float() / temperature
+    weights = torch.exp(scaled - scaled.amax(1, keepdim=True)) * topk_mask(sim, topk)
+    pool = (weights / weights.sum(1, keepdim=True)).to(sim.dtype)
     local = pool.transpose(1, 2) @ patches
     return local, sim
 

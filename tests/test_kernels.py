@@ -98,6 +98,20 @@ def test_similarity_pool_ties_go_to_the_lower_index():
     assert torch.equal(local_ref[0, 0], patches[0, 5])
 
 
+@pytest.mark.parametrize("topk", [1, 3, 16, 33])
+def test_topk_mask_is_the_sorted_selection(topk):
+    """The reference selects by mask (no sort): the same patches as a stable sort, with columns
+    full of ties at the K-th value."""
+    from kernels.similarity_pool import topk_lowest_index, topk_mask
+
+    gen = torch.Generator().manual_seed(topk)
+    sim = (torch.randn(3, 33, 7, generator=gen) * 2).round() / 2        # few distinct values: many ties
+    sim[1, :, 2] = 0.5                                                   # a column that is all one tie
+    sorted_pick = torch.zeros_like(sim, dtype=torch.bool).scatter(1, topk_lowest_index(sim, topk), True)
+    assert torch.equal(topk_mask(sim, topk), sorted_pick)
+    assert (topk_mask(sim, topk).sum(1) == topk).all()
+
+
 def test_similarity_pool_rejects_bad_arguments():
     p, w = torch.zeros(2, 5, 8), torch.zeros(3, 8)
     with pytest.raises(ValueError, match="topk"):

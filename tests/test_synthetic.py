@@ -29,6 +29,13 @@ def test_same_seed_same_bytes(world, tmp_path):
     assert _digest(other)["JPEGImages/000001.jpg"] != _digest(world)["JPEGImages/000001.jpg"]
 
 
+def test_rendering_processes_do_not_change_the_bytes(tmp_path):
+    cfg = S.WorldConfig(seed=5, train=400, test=112)         # 512 images: enough for two render processes
+    one = S.build(tmp_path / "one", cfg, progress=False, workers=1)
+    two = S.build(tmp_path / "two", cfg, progress=False, workers=2)
+    assert _digest(one) == _digest(two)
+
+
 def test_layout_reads_back_through_voc_loader(world):
     train = data.load_dataset("synthetic", world, "trainval")
     test = data.load_dataset("synthetic", world, "test")
@@ -121,5 +128,70 @@ def test_zeroshot_scores_agree_with_eval(world, tmp_path):
     scores = tmp_path / "zs.csv"
     report = S.zeroshot(world, scores_csv=str(scores), progress=False)
     assert set(report) >= {"mAP", "mAP_small", "mAP_large", "top1_single", "patch_hit", "patch_hit_control"}
+    assert report["image_size"] == S.preset_image_size() == 128      # the 2x read-out, as train.py reads
     assert report["mAP"] == pytest.approx(eval_cli.evaluate_csv(str(scores), str(world / "labels_test.csv"))["mAP"],
                                           abs=1e-4)
+
+
+def test_crop_view_recomputes_what_the_crop_shows():
+    import tinyclip
+
+    cfg = tinyclip.CropConfig(min_side=0.25, max_side=1.0, on_object=1.0, min_visible=0.3)
+    scene = S.render_scene(np.random.default_rng(11), S.WorldConfig(), n_objects=2, classes=[0, 5],
+                           areas=[0.2, 0.004])
+    rng = np.random.default_rng(0)
+    sides = set()
+    for _ in range(50):
+        (x0, y0, side), view = tinyclip.crop_view(rng, scene, S.RENDER_SIZE, cfg)
+        sides.add(side)
+        assert 0 <= x0 <= S.RENDER_SIZE - side and 0 <= y0 <= S.RENDER_SIZE - side
+        assert view.backgrounds and set(view.backgrounds) <= set(scene.backgrounds)
+        for o in view.objects:
+            assert 0 < o.area <= 1 and all(0 <= v <= side for v in o.box)
+        # an object's share of the crop grows as the crop shrinks: the caption follows it
+        seen = {o.cls: o.area for o in view.objects}
+        original = {o.cls: o.area for o in scene.objects}
+        for c, a in seen.items():
+            assert a >= original[c] * 0.3 * (S.RENDER_SIZE / side) ** 2 - 1e-9
+    assert min(sides) < 0.5 * S.RENDER_SIZE < max(sides)          # scales on both sides of the 2x read
+    caption, concepts = S.web_caption(rng, S.Scene(None, [], ["sky"]))      # a crop of background only
+    assert concepts == {"sky"} and caption
+
+
+def test_training_at_2x_matches_the_2x_read_out():
+    import torch
+
+    import bacgcn
+    import tinyclip
+
+    clip = bacgcn.create_clip(S.TINY_CLIP)
+    x = bacgcn.preprocess(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8), 128)
+    with tinyclip.reading_at(clip.visual, 128):
+        g = bacgcn.CLIPBackbone(clip).encode_image(x)["g"]
+    g.sum().backward()
+    assert clip.visual.positional_embedding.shape[0] == 65                  # the native table is kept
+    assert clip.visual.positional_embedding.grad.abs().sum() > 0             # and trained through the 2x read
+    bacgcn.set_image_size(clip, 128)
+    with torch.no_grad():
+        assert torch.allclose(bacgcn.CLIPBackbone(clip).encode_image(x)["g"], g, atol=1e-5)
+
+
+def test_stage_two_pretraining_continues_the_shipped_weights(tmp_path):
+    """Two steps of the stage-2 recipe (scale-augmented crops, --init): the weights move, load
+    strict, and the history reads zero-shot at the native and the 2x size."""
+    import torch
+
+    import bacgcn
+    import tinyclip
+
+    cfg = tinyclip.PretrainConfig(steps=2, batch=8, warmup=1, single_frac=0.0, pool_single=16, pool_mixed=16,
+                                  eval_every=2, crop_min_side=0.25, caption_objects=1,
+                                  init=str(S.TINY_CLIP_WEIGHTS))
+    out = tmp_path / "stage2.safetensors"
+    result = tinyclip.pretrain(out, cfg, log=lambda _: None)
+    (row,) = result["history"]
+    assert {"top1_64", "mAP_128", "small_128", "large_128", "max_prompt_cosine"} <= set(row)
+    before = bacgcn.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS).state_dict()
+    after = bacgcn.create_clip(S.TINY_CLIP, out).state_dict()
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])

@@ -99,7 +99,7 @@ def test_image_size_and_topk_are_checked_against_the_model(world, tmp_path, caps
     with pytest.raises(ValueError, match=r"^--topk=65: more than the 64 patches of synthclip-vit-t8 at 64 px$"):
         pipeline.check_against_backbone(cfg.replace(topk=65), backbone)
     cache = tmp_path / "cache"
-    for option, problem in (("--topk=100000", "--topk=100000: more than the 64 patches"),
+    for option, problem in (("--topk=100000", "--topk=100000: more than the 256 patches"),   # the preset reads 128 px
                             ("--image-size=100", "--image-size=100: not a multiple")):
         assert train.main([option, f"--data-root={world}", f"--out={tmp_path / 'run'}", f"--cache-dir={cache}",
                            "--workers=0"]) == 2
@@ -399,7 +399,7 @@ def test_eval_never_takes_torchscript_from_a_checkpoint(world, tiny_archive, tmp
 
 def test_eval_bad_split_and_unwritable_json_stop_before_the_work(trained, tmp_path, capsys):
     assert eval_cli.main([str(trained), "--split", "bogus"]) == 2
-    assert _one_line(capsys) == "error: --split bogus: not a split of synthetic (its splits: trainval, test)"
+    assert _one_line(capsys) == "error: --split bogus: not a split of synthetic (its splits: trainval, test, fit, val)"
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     for target, problem in ((tmp_path, "is a folder, not a file"),
