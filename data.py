@@ -427,6 +427,11 @@ class MultiLabelImages:
         return np.stack([s.labels for s in self.samples]) if self.samples else \
             np.zeros((0, len(self.class_names)), dtype=np.int8)
 
+    def labels_for(self, ids: Sequence[str]) -> np.ndarray:
+        """Rows of `label_matrix` in the order of `ids` (a cache's or a caption file's order)."""
+        row = {sample.id: k for k, sample in enumerate(self.samples)}
+        return self.label_matrix()[[row[i] for i in ids]]
+
     def __getitem__(self, index: int):
         import torch
 

@@ -334,9 +334,7 @@ def predict(model, feats: data.CachedFeatures, device, dtype, batch: int = PREDI
 def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, difficult: str = "ignore") -> dict:
     """mAP, CF1, OF1 (threshold: logit 0), per-class AP; on the proving ground also the size
     rule's mAP_small / mAP_large."""
-    labels = split.dataset.label_matrix()
-    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
-    labels = labels[[row[i] for i in split.ids]]
+    labels = split.dataset.labels_for(split.ids)
     scores = logits[:, :num_classes]
     report = evaluate(scores, labels, split.dataset.class_names, difficult, threshold=0.0)
     out = {"mAP": report["mAP"], "CF1": report["CF1"], "OF1": report["OF1"], "AP": report["AP"]}

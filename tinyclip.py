@@ -139,14 +139,10 @@ def crop_batch(rng: np.random.Generator, images: "torch.Tensor", scenes: Sequenc
     return out, shown
 
 
-def _normalise(images: "torch.Tensor") -> "torch.Tensor":
+def _preprocess(images: "torch.Tensor", size: int | None = None) -> "torch.Tensor":
+    """uint8 images -> the model's normalised input at `size` px (default: their own size)."""
     from bacgcn import preprocess
-    return preprocess(images, images.shape[-1])
-
-
-def _resized(images: "torch.Tensor", size: int) -> "torch.Tensor":
-    from bacgcn import preprocess
-    return preprocess(images, size)
+    return preprocess(images, size or images.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,17 +152,10 @@ def _resized(images: "torch.Tensor", size: int) -> "torch.Tensor":
 def _gate_accuracy(visual, head, images: "torch.Tensor", labels: "torch.Tensor", size: int) -> float:
     """Held-out top-1 (%) of the full images read at `size` px (position embeddings
     interpolated when `size` is not native, as the read-out does)."""
-    import copy
-    import types
-
     import torch
 
-    import bacgcn
-
-    with torch.no_grad():
-        clip = types.SimpleNamespace(visual=copy.deepcopy(visual).eval())
-        bacgcn.set_image_size(clip, size)
-        logits = torch.cat([head(clip.visual(_resized(images[i:i + 256], size))) for i in range(0, len(images), 256)])
+    with evaluating_at(visual, visual, size):
+        logits = torch.cat([head(visual(_preprocess(images[i:i + 256], size))) for i in range(0, len(images), 256)])
     return (logits.argmax(1) == labels).float().mean().item() * 100
 
 
@@ -195,9 +184,9 @@ def gate(minutes: float = 5.0, seed: int = 0, batch: int = 128, out: str | None 
     while time.time() - start < minutes * 60:
         idx = rng.integers(len(train_x), size=batch)
         if crops is None:
-            x = _resized(train_x[idx], size)
+            x = _preprocess(train_x[idx], size)
         else:
-            x = _normalise(crop_batch(rng, train_x[idx], [train_s[i] for i in idx], crops, size)[0])
+            x = _preprocess(crop_batch(rng, train_x[idx], [train_s[i] for i in idx], crops, size)[0])
         y = torch.tensor([train_s[i].objects[0].cls for i in idx])
         loss = torch.nn.functional.cross_entropy(head(visual(x)), y)
         opt.zero_grad(set_to_none=True)
@@ -298,8 +287,6 @@ def evaluate_clip(clip, tokenizer, held: HeldOut, sizes: Sequence[int]) -> dict:
     """Zero-shot with the global embedding at each read-out size: top-1 on single objects, mAP
     (and mAP_small / mAP_large) on scenes; and the max cosine between two class prompts (near 1:
     the text tower collapsed)."""
-    import copy
-
     import torch
 
     import bacgcn
@@ -311,16 +298,16 @@ def evaluate_clip(clip, tokenizer, held: HeldOut, sizes: Sequence[int]) -> dict:
         text = bacgcn.CLIPBackbone(clip).class_embeddings(CLASS_NAMES, tokenizer)
         cos = text @ text.t()
         out["max_prompt_cosine"] = round(cos.fill_diagonal_(-1).max().item(), 4)
-        for size in sizes:
-            model = copy.deepcopy(clip).eval()
-            bacgcn.set_image_size(model, size)
-            backbone = bacgcn.CLIPBackbone(model)
+        backbone = bacgcn.CLIPBackbone(clip)
 
-            def embed(x):
-                return torch.cat([backbone.encode_image(_resized(x[i:i + 200], size))["g"]
-                                  for i in range(0, len(x), 200)])
-            top1 = (embed(held.single_x) @ text.t()).argmax(1).eq(held.single_y).float().mean().item() * 100
-            scores = (embed(held.scene_x) @ text.t()).numpy()
+        def embed(x, size):
+            return torch.cat([backbone.encode_image(_preprocess(x[i:i + 200], size))["g"]
+                              for i in range(0, len(x), 200)])
+        for size in sizes:
+            with evaluating_at(clip, clip.visual, size):
+                single, scenes = embed(held.single_x, size), embed(held.scene_x, size)
+            top1 = (single @ text.t()).argmax(1).eq(held.single_y).float().mean().item() * 100
+            scores = (scenes @ text.t()).numpy()
             bands = size_split_map(scores, held.scene_labels, held.scene_areas, SMALL_AREA, LARGE_AREA)
             out.update({f"top1_{size}": round(top1, 1), f"mAP_{size}": round(mean_ap(scores, held.scene_labels), 2),
                         f"small_{size}": round(bands["mAP_small"], 2), f"large_{size}": round(bands["mAP_large"], 2)})
@@ -345,6 +332,21 @@ def _pretrain_batch(step: int, cfg: PretrainConfig, rng, pools, size: int) -> tu
     if hires:
         crops = CropConfig(cfg.hires_min_side, 1.0, crops.on_object, crops.min_visible)
     return crop_batch(rng, images, scenes, crops, 2 * size if hires else size)
+
+
+@contextmanager
+def evaluating_at(model, visual, size: int):
+    """`model` in eval mode without gradients, its vision tower `visual` reading `size` px; the
+    training mode comes back after (no copy of the model per evaluation)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), reading_at(visual, size):
+            yield
+    finally:
+        model.train(was_training)
 
 
 @contextmanager
@@ -378,7 +380,7 @@ def _contrastive_loss(backbone, tokenizer, images, scenes, rng, cfg: PretrainCon
     pos_global = torch.tensor([[c[1] <= have for c in caps] for have in named]) | own
     pos_patch = torch.tensor([[c[1] <= have for c in caps] for have in visible])
     with reading_at(backbone.visual, images.shape[-1]):
-        feats = backbone.encode_image(_normalise(images))
+        feats = backbone.encode_image(_preprocess(images))
     text = backbone.encode_text(tokenizer([c[0] for c in caps]))
     loss = _multi_positive_loss(cfg.logit_scale * feats["g"] @ text.t(), pos_global)
     if cfg.patch_loss > 0:

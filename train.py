@@ -126,9 +126,7 @@ def with_true_labels(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages,
     """The oracle's labels: the dataset's human labels in place of what the captions say of the
     C classes, as soft targets and hard labels (so the graph and ReSO see them too). Background
     categories have no human labels and keep the captions'."""
-    truth = train_ds.label_matrix()
-    row = {image_id: k for k, image_id in enumerate(train_ds.ids)}
-    positive = truth[[row[i] for i in pseudo.ids]] == 1
+    positive = train_ds.labels_for(pseudo.ids) == 1
     c = pseudo.num_classes
     scores, votes = pseudo.scores.copy(), pseudo.votes.copy()
     scores[:, :c] = positive
