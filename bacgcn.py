@@ -237,7 +237,8 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "log_every": (lambda v: v >= 1, ">= 1"),
 }
 CHOICES = {"dataset": DATASETS, "patch_readout": PATCH_READOUTS, "subset_readout": SUBSET_READOUTS,
-           "loss": LOSSES, "clip_weights_format": WEIGHT_FORMATS, "train_labels": TRAIN_LABELS}
+           "loss": LOSSES, "clip_weights_format": WEIGHT_FORMATS, "train_labels": TRAIN_LABELS,
+           "graph_direction": GRAPH_DIRECTIONS}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda(:\d+)?)?")
 
 
@@ -277,8 +278,6 @@ def validate(cfg: BACGCNConfig) -> None:
             raise ValueError(f"{_option(f.name)} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ValueError(f"--device must be '' (CUDA when there is one), cpu, cuda or cuda:N, got {cfg.device!r}")
-    if cfg.graph_direction not in GRAPH_DIRECTIONS:
-        raise ValueError(f"graph_direction must be one of {GRAPH_DIRECTIONS}")
     if cfg.gcn_activation not in GCN_ACTIVATIONS:
         raise ValueError(f"gcn_activation must be one of {GCN_ACTIVATIONS}"
                          + (": relu cannot train the zero-initialised GCN (its gradient at 0 is 0, so the "

@@ -49,7 +49,7 @@ BAD_OPTIONS = [
     "--warmup-epochs=-1", "--weight-decay=-0.1", "--weight-decay=inf", "--prompt-lr-mult=-1", "--reso-margin=-1",
     "--reso-gamma=-1", "--reso-gamma=nan", "--asl-gamma-neg=-1", "--reso-epoch=-1", "--topk=0", "--image-size=-16",
     "--gcn-layers=0", "--reso-max-crops=0", "--seed=-1", "--device=tpu", "--device=cuda:x", "--device=gpu",
-    "--dataset=nonsense", "--clip-weights-format=torchscript",
+    "--dataset=nonsense", "--clip-weights-format=torchscript", "--graph-direction=col", "--train-labels=human",
 ]
 
 
