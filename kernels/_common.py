@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.library import custom_op, triton_op
+from torch.library import custom_op, triton_op, wrap_triton
 
 
 class _TritonMissing:
@@ -26,18 +29,29 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def compile_only() -> bool:
+    """True under BACGCN_TRITON=1: Triton is imported without a device, so that the kernels can be
+    compiled for a GPU that is not there (bench/compile_check.py); every op still runs its
+    reference on CPU tensors."""
+    return os.environ.get("BACGCN_TRITON", "0") == "1"
+
+
 # Triton is imported only where a kernel can run (a CUDA device, or the interpreter): in a
 # CPU-only process the import alone added 146 MB of resident memory (measured with the CUDA
 # wheel of torch 2.14), a tenth of the streamed cache's memory bound, for kernels never launched.
-try:
-    if not (interpret_mode() or torch.cuda.is_available()):
-        raise ImportError("no device to run Triton kernels on")
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:
-    triton = tl = _TritonMissing()
-    HAS_TRITON = False
+HAS_TRITON = False
+triton = tl = _TritonMissing()
+if interpret_mode() or compile_only() or torch.cuda.is_available():
+    try:
+        import triton  # noqa: F401, F811  (replaces the stand-in; the kernel files use it)
+        import triton.language as tl  # noqa: F401, F811
+        HAS_TRITON = True
+    except ImportError as e:
+        if torch.cuda.is_available():
+            # Silently, every step would run the references: slower, and a host sync per step.
+            warnings.warn(f"Triton could not be imported ({e}): the custom kernels run their pure-torch "
+                          f"references on this GPU (pip install triton to match torch {torch.__version__})",
+                          stacklevel=1)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -48,6 +62,21 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if interpret_mode():
         return True
     return all(t.is_cuda for t in tensors)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher plans it: the kernel, its grid, its arguments and its
+    options (constexprs, num_warps, num_stages). The op runs it; bench/compile_check.py hands
+    the same plan, made from meta tensors, to the compiler for a GPU that is not there, so the
+    check cannot drift from the settings the launchers really choose."""
+    kernel: Any
+    grid: tuple
+    args: tuple
+    options: dict
+
+    def __call__(self) -> None:
+        wrap_triton(self.kernel)[self.grid](*self.args, **self.options)
 
 
 def next_pow2(n: int) -> int:

@@ -25,9 +25,8 @@ pure-torch `gcn_propagate_ref` otherwise.
 from typing import Optional
 
 import torch
-from torch.library import wrap_triton
 
-from kernels._common import interpret_mode, next_pow2, register_op, tl, triton, use_triton
+from kernels._common import Launch, interpret_mode, next_pow2, register_op, tl, triton, use_triton
 
 ACTIVATIONS = (None, "relu", "leaky_relu", "gelu")
 LEAKY_SLOPE = 0.2
@@ -150,38 +149,60 @@ def _gcn_act_bwd_kernel(
     tl.store(GZ + out, (dy * _activate_grad(z, ACT, SLOPE)).to(GZ.dtype.element_ty), mask=mask)
 
 
-def _grid_blocks(b: int, v: int, d: int) -> tuple[tuple[int, int, int], int, int]:
-    # Feature tiles of 128 contiguous elements keep loads coalesced; with a batch tile of 16,
-    # B = 256, V ~ 100 gives ~6,700 programs, enough to fill the SMs. A first guess, to be
-    # tuned on a GPU.
-    block_d = min(128, max(16, next_pow2(d)))
-    block_b = min(16, max(1, next_pow2(b)))
-    return (v, triton.cdiv(b, block_b), triton.cdiv(d, block_d)), block_b, block_d
+# Batch tile: fixed, not derived from B. Sized from the batch (next_pow2(B)) it pinned every
+# batch size (last batch, ReSO crop batches, DDP slices) to a torch.compile graph of its own;
+# masking covers B < 16. Feature tiles of 128 contiguous elements keep loads coalesced; B = 256,
+# V ~ 100 gives ~6,700 programs, enough to fill the SMs.
+BLOCK_B = 16
 
 
-def _spmm(x: torch.Tensor, indptr, indices, values, bias, activation: Optional[str],
-          residual) -> torch.Tensor:
+def _launch(kernel, x: torch.Tensor, args: tuple, **options) -> Launch:
     b, v, d = x.shape
+    block_d = min(128, max(16, next_pow2(d)))
+    grid = (v, triton.cdiv(b, BLOCK_B), triton.cdiv(d, block_d))
+    return Launch(kernel, grid, args, dict(options, BLOCK_B=BLOCK_B, BLOCK_D=block_d, num_warps=4))
+
+
+def spmm_launch(x: torch.Tensor, indptr, indices, values, bias, activation: Optional[str],
+                residual) -> tuple[Launch, torch.Tensor]:
+    """The forward kernel's launch and its output y, allocated here."""
     y = torch.empty_like(x)
-    grid, block_b, block_d = _grid_blocks(b, v, d)
-    wrap_triton(_gcn_fwd_kernel)[grid](
-        x, indptr, indices, values, bias if bias is not None else x,
-        residual if residual is not None else y, y, b, d, *x.stride(), *y.stride(),
-        ACT=_ACT_CODE[activation], SLOPE=LEAKY_SLOPE, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
-    return y
+    args = (x, indptr, indices, values, bias if bias is not None else x, residual if residual is not None else y, y,
+            x.shape[0], x.shape[2], *x.stride(), *y.stride())
+    return _launch(_gcn_fwd_kernel, x, args, ACT=_ACT_CODE[activation], SLOPE=LEAKY_SLOPE,
+                   HAS_BIAS=bias is not None, HAS_RES=residual is not None), y
 
 
-def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                  size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CSR of A^T (stable in the original order, so duplicates stay duplicates)."""
+def activation_grad_launch(x: torch.Tensor, indptr, indices, values, bias, activation: str,
+                           dy: torch.Tensor) -> tuple[Launch, torch.Tensor]:
+    """The activation-gradient kernel's launch and its output gz, allocated here."""
+    gz = torch.empty_like(dy)
+    args = (x, indptr, indices, values, bias if bias is not None else x, dy, gz, x.shape[0], x.shape[2],
+            *x.stride(), *dy.stride())
+    return _launch(_gcn_act_bwd_kernel, x, args, ACT=_ACT_CODE[activation], SLOPE=LEAKY_SLOPE,
+                   HAS_BIAS=bias is not None), gz
+
+
+def full_graph_meta(v: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dense V-node CSR graph as meta tensors: what bench/compile_check.py launches on."""
+    nnz = v * v
+    return (torch.empty(v + 1, dtype=torch.int64, device="meta"), torch.empty(nnz, dtype=torch.int64, device="meta"),
+            torch.empty(nnz, dtype=dtype, device="meta"))
+
+
+def csr_plan(indptr: torch.Tensor, indices: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """What the backward needs of a graph, computed once: (rows, t_indptr, t_indices, t_order),
+    the row of every edge and the CSR of A^T, whose values are values[t_order] (stable in the
+    original order, so duplicates stay duplicates). Built per backward, this read the graph back
+    to the host (repeat_interleave, bincount) twice per GCN layer per step; CLIPGCN keeps it on
+    the device with the graph."""
     rows = torch.repeat_interleave(torch.arange(size, device=indptr.device, dtype=indices.dtype),
                                    indptr.diff().long())
     order = torch.sort(indices, stable=True).indices
     counts = torch.bincount(indices.long(), minlength=size)
     t_indptr = torch.zeros(size + 1, device=indptr.device, dtype=indptr.dtype)
     t_indptr[1:] = torch.cumsum(counts, 0).to(indptr.dtype)
-    return t_indptr, rows[order].contiguous(), values[order].contiguous()
+    return rows, t_indptr, rows[order].contiguous(), order
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,48 +211,46 @@ def transpose_csr(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 
 @register_op("bacgcn::gcn_propagate_fwd")
 def _gcn_propagate_fwd(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                       bias: Optional[torch.Tensor], activation: str,
-                       residual: Optional[torch.Tensor]) -> torch.Tensor:
-    return _spmm(x, indptr, indices, values, bias, None if activation == "none" else activation, residual)
+                       bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor],
+                       rows: torch.Tensor, t_indptr: torch.Tensor, t_indices: torch.Tensor,
+                       t_order: torch.Tensor) -> torch.Tensor:
+    launch, y = spmm_launch(x, indptr, indices, values, bias, None if activation == "none" else activation, residual)
+    launch()
+    return y
 
 
 @register_op("bacgcn::gcn_activation_grad")
 def _gcn_activation_grad(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
                          bias: Optional[torch.Tensor], activation: str, dy: torch.Tensor) -> torch.Tensor:
     """gz = dy * act'(z), the pre-activation z recomputed row by row (never stored)."""
-    b, v, d = x.shape
-    gz = torch.empty_like(dy)
-    grid, block_b, block_d = _grid_blocks(b, v, d)
-    wrap_triton(_gcn_act_bwd_kernel)[grid](
-        x, indptr, indices, values, bias if bias is not None else x, dy, gz, b, d,
-        *x.stride(), *dy.stride(), ACT=_ACT_CODE[activation], SLOPE=LEAKY_SLOPE,
-        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
+    launch, gz = activation_grad_launch(x, indptr, indices, values, bias, activation, dy)
+    launch()
     return gz
 
 
 def _setup_context(ctx, inputs, output):
-    x, indptr, indices, values, bias, activation, residual = inputs
-    ctx.save_for_backward(x, indptr, indices, values, bias)
+    x, indptr, indices, values, bias, activation, residual, rows, t_indptr, t_indices, t_order = inputs
+    ctx.save_for_backward(x, indptr, indices, values, bias, rows, t_indptr, t_indices, t_order)
     ctx.activation = activation
     ctx.has_residual = residual is not None
 
 
 def _backward(ctx, dy):
-    x, indptr, indices, values, bias = ctx.saved_tensors
+    x, indptr, indices, values, bias, rows, t_indptr, t_indices, t_order = ctx.saved_tensors
     dy = dy.contiguous()
     gz = dy if ctx.activation == "none" else \
         torch.ops.bacgcn.gcn_activation_grad(x, indptr, indices, values, bias, ctx.activation, dy)
-    t_indptr, t_indices, t_values = transpose_csr(indptr, indices, values, x.shape[1])
-    dx = torch.ops.bacgcn.gcn_propagate_fwd(gz, t_indptr, t_indices, t_values, None, "none", None)
+    # dx = A^T gz: the same kernel on the transposed graph (its own plan is never needed here).
+    dx = torch.ops.bacgcn.gcn_propagate_fwd(gz, t_indptr, t_indices, values[t_order], None, "none", None,
+                                            rows, t_indptr, t_indices, t_order)
     dvalues = dbias = None
     if ctx.needs_input_grad[3]:
-        rows = torch.repeat_interleave(torch.arange(x.shape[1], device=x.device), indptr.diff().long())
         dadj = torch.bmm(gz, x.transpose(1, 2)).sum(0, dtype=torch.float32)   # [V, V]
-        dvalues = dadj[rows, indices.long()].to(values.dtype)
+        dvalues = dadj[rows.long(), indices.long()].to(values.dtype)
     if bias is not None and ctx.needs_input_grad[4]:
         dbias = gz.sum((0, 1), dtype=torch.float32).to(bias.dtype)
     dres = dy if ctx.has_residual else None
-    return dx, None, None, dvalues, dbias, None, dres
+    return dx, None, None, dvalues, dbias, None, dres, None, None, None, None
 
 
 _gcn_propagate_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -239,7 +258,7 @@ _gcn_propagate_fwd.register_autograd(_backward, setup_context=_setup_context)
 if interpret_mode():
     # As in similarity_pool: interpreted kernels need real data, so compile gets the shapes.
     @_gcn_propagate_fwd.register_fake
-    def _(x, indptr, indices, values, bias, activation, residual):
+    def _(x, indptr, indices, values, bias, activation, residual, rows, t_indptr, t_indices, t_order):
         return torch.empty_like(x)
 
     @_gcn_activation_grad.register_fake
@@ -249,8 +268,12 @@ if interpret_mode():
 
 def gcn_propagate(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y [B, V, D] = act(A @ x + bias) + residual for x [B, V, D] and A in CSR (V x V)."""
+                  residual: Optional[torch.Tensor] = None, plan: Optional[tuple[torch.Tensor, ...]] = None
+                  ) -> torch.Tensor:
+    """y [B, V, D] = act(A @ x + bias) + residual for x [B, V, D] and A in CSR (V x V).
+
+    `plan`: `csr_plan(indptr, indices, V)` of this graph, kept by a caller whose graph never
+    changes; made here (with host read-backs) when absent."""
     if x.dim() != 3:
         raise ValueError(f"x must be [B, V, D], got {tuple(x.shape)}")
     v, d = x.shape[1], x.shape[2]
@@ -267,7 +290,9 @@ def gcn_propagate(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, 
     tensors = [t for t in (x, indptr, indices, values, bias, residual) if t is not None]
     if not use_triton(*tensors):
         return gcn_propagate_ref(x, indptr, indices, values, bias, activation, residual)
+    if plan is None:
+        plan = csr_plan(indptr, indices, v)
     return torch.ops.bacgcn.gcn_propagate_fwd(
         x.contiguous(), indptr.contiguous(), indices.contiguous(), values.contiguous(),
         bias.contiguous() if bias is not None else None, activation or "none",
-        residual.contiguous() if residual is not None else None)
+        residual.contiguous() if residual is not None else None, *plan)

@@ -6,17 +6,19 @@
 K(b, o) is the set of the `topk` patches with the largest sim[b, :, o], ties broken by the lower
 patch index. The selection is not differentiated; everything else is.
 
-Forward (Triton): one program per (image, block of prompts) computes the sim tile with tl.dot
-over D, selects the top-K by K rounds of column max (lowest index wins ties), builds the softmax
-weights as a dense [N, BLOCK_O] tile that is zero off the selection, and pools with a second
-tl.dot over D. The B x O x K x D gather is never materialised; patches[b] (200 KB at N=196,
-D=512, bf16) is read twice by the same program, so the second pass should come from L2 (not yet
-measured on a GPU: bench/README.md). It also writes the top-K indices and weights ([B, O, K], tiny)
-so the backward sees the exact forward selection.
+Forward (Triton): one program per (image, block of prompts) walks the patches in tiles of
+BLOCK_N: it computes the sim tile with tl.dot over D, stores it, and merges the tile into a
+running top-K per prompt ([BLOCK_O, K] values and indices in registers, K rounds of max, the
+lowest index winning ties; a tile that beats no K-th value is skipped). Then the softmax over
+the K values and the pooling as K row gathers of patches[b] (from L2: the tile loop has just
+read them). Nothing scales with N but the loop count, so N = 1024 fits as N = 49 does; the
+B x O x K x D gather is never materialised. It also writes the top-K indices and weights
+([B, O, K], tiny), so the backward sees the exact forward selection.
 
-Backward: a Triton kernel turns (indices, weights, dlocal, dsim) into two dense [B, N, O]
-matrices, A (the pooling weights) and G (d loss / d sim, softmax Jacobian included); the three
-large products, dpatches = A @ dlocal + G @ prompts and dprompts = G^T @ patches, go to cuBLAS.
+Backward: a Triton kernel computes d loss / d weight at the K selected patches only (the same
+row gathers against dlocal), the softmax Jacobian, and writes two dense [B, N, O] matrices, A
+(the pooling weights) and G (d loss / d sim); the three large products, dpatches = A @ dlocal +
+G @ prompts and dprompts = G^T @ patches, go to cuBLAS.
 
 `similarity_pool` dispatches: Triton on CUDA tensors (and under TRITON_INTERPRET=1), the
 pure-torch `similarity_pool_ref` otherwise.
@@ -24,9 +26,8 @@ pure-torch `similarity_pool_ref` otherwise.
 from typing import Optional
 
 import torch
-from torch.library import wrap_triton
 
-from kernels._common import interpret_mode, next_pow2, register_op, tl, triton, use_triton
+from kernels._common import Launch, interpret_mode, next_pow2, register_op, tl, triton, use_triton
 
 # --------------------------------------------------------------------------------------------
 # Reference (pure torch): the CPU path and the ground truth of the tests
@@ -45,7 +46,9 @@ def topk_mask(sim: torch.Tensor, topk: int) -> torch.Tensor:
     sim = sim.detach()
     kth = torch.topk(sim, topk, dim=1).values[:, -1:, :]
     at_least = sim >= kth
-    if bool((at_least.sum(1) == topk).all()):          # no tie at the K-th value: the usual case
+    # No tie at the K-th value, the usual case, is the cheap path on the CPU; on a GPU asking
+    # would stop the host for a device read-back every step (and break a compiled graph).
+    if not sim.is_cuda and bool((at_least.sum(1) == topk).all()):
         return at_least
     ties = sim == kth
     room = topk - (sim > kth).sum(1, keepdim=True)
@@ -71,38 +74,25 @@ def similarity_pool_ref(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile(N, O, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr):
-    """This program's image b (int64 for pointer math), its patch and prompt offsets and masks."""
+def _prompt_block(O, BLOCK_O: tl.constexpr, K_PAD: tl.constexpr):
+    """This program's image b (int64 for pointer math), its prompt offsets and mask, the K slots."""
     b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    return b, offs_n, offs_o, offs_n < N, offs_o < O
+    return b, offs_o, offs_o < O, tl.arange(0, K_PAD)
 
 
 @triton.jit
-def _patch_products(p_base, q_base, stride_pn, stride_pd, stride_qo, stride_qd, offs_n, offs_o, mask_n, mask_o,
-                    D, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_O] tile of <patches[b, n], q[o]> for n, o in the tile, over all D."""
-    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        p = tl.load(p_base + offs_n[:, None] * stride_pn + offs_d[None, :] * stride_pd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        q = tl.load(q_base + offs_o[None, :] * stride_qo + offs_d[:, None] * stride_qd,
-                    mask=mask_o[None, :] & mask_d[:, None], other=0.0)
-        if UPCAST:  # the interpreter computes bf16 products wrongly unless they are fp32
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        if IEEE:  # fp32 inputs: full precision, not tf32
-            acc = tl.dot(p, q, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p, q, acc)
-    return acc
+def _slot(tile, offs_k, k):
+    """Column k of a [BLOCK_O, K_PAD] register tile, as [BLOCK_O] (a masked sum: registers
+    cannot be indexed)."""
+    return tl.sum(tl.where(offs_k[None, :] == k, tile, 0), axis=1)
 
 
-@triton.jit
+# N is only a loop bound and a mask across rows (never a stride), so specialising on N % 16 buys
+# no vectorisation; it did change ptxas's register choice: at N % 16 == 0 (64 ... 1024) the
+# forward was capped at 80 registers and spilled 16-24 B (bf16, K = 1 and 4), at N = 49 or 196
+# it did not. One compiled kernel for every N.
+@triton.jit(do_not_specialize=["N"])
 def _similarity_pool_fwd_kernel(
     P, W, SIM, LOCAL, IDX, WGT,
     N, O, D, inv_t,
@@ -114,103 +104,192 @@ def _similarity_pool_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    b, offs_n, offs_o, mask_n, mask_o = _tile(N, O, BLOCK_N, BLOCK_O)
+    b, offs_o, mask_o, offs_k = _prompt_block(O, BLOCK_O, K_PAD)
     p_base = P + b * stride_pb
+    # The running top-K of every prompt row, sorted by (value desc, index asc); slots >= K
+    # stay -inf. Patches arrive in increasing index, so on equal values the list wins.
+    top_v = tl.full((BLOCK_O, K_PAD), float("-inf"), tl.float32)
+    top_i = tl.full((BLOCK_O, K_PAD), 2147483647, tl.int32)
+    kth = tl.full((BLOCK_O,), float("-inf"), tl.float32)
 
-    # 1. sim tile [BLOCK_N, BLOCK_O], fp32 accumulation.
-    acc = _patch_products(p_base, W, stride_pn, stride_pd, stride_wo, stride_wd, offs_n, offs_o, mask_n, mask_o,
-                          D, BLOCK_N, BLOCK_O, BLOCK_D, UPCAST, IEEE)
-    tl.store(SIM + b * stride_sb + offs_n[:, None] * stride_sn + offs_o[None, :] * stride_so,
-             acc.to(SIM.dtype.element_ty), mask=mask_n[:, None] & mask_o[None, :])
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        # 1. sim tile [BLOCK_O, BLOCK_N] = W[o] . P[b, n] over D, fp32 accumulation.
+        acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            q = tl.load(W + offs_o[:, None] * stride_wo + offs_d[None, :] * stride_wd,
+                        mask=mask_o[:, None] & mask_d[None, :], other=0.0)
+            p = tl.load(p_base + offs_n[None, :] * stride_pn + offs_d[:, None] * stride_pd,
+                        mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            if UPCAST:  # the interpreter computes bf16 products wrongly unless they are fp32
+                q = q.to(tl.float32)
+                p = p.to(tl.float32)
+            if IEEE:    # fp32 inputs: full precision, not tf32
+                acc = tl.dot(q, p, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(q, p, acc)
+        tl.store(SIM + b * stride_sb + offs_n[None, :] * stride_sn + offs_o[:, None] * stride_so,
+                 acc.to(SIM.dtype.element_ty), mask=mask_o[:, None] & mask_n[None, :])
 
-    # 2. top-K by K rounds of column max; the lowest index among equal maxima wins.
-    s = tl.where(mask_n[:, None], acc, float("-inf"))
-    m0 = tl.max(s, axis=0)
-    pool = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)  # unnormalised softmax weights
-    offs_k = tl.arange(0, K_PAD)
-    idx_tile = tl.zeros((BLOCK_O, K_PAD), dtype=tl.int32)
-    val_tile = tl.zeros((BLOCK_O, K_PAD), dtype=tl.float32)
-    for k in range(K):
-        m = tl.max(s, axis=0)
-        idx = tl.min(tl.where(s == m[None, :], offs_n[:, None], BLOCK_N), axis=0)
-        hit = offs_n[:, None] == idx[None, :]
-        e = tl.exp((m - m0) * inv_t)
-        pool = tl.where(hit, e[None, :], pool)
-        s = tl.where(hit, float("-inf"), s)
-        idx_tile = tl.where(offs_k[None, :] == k, idx[:, None], idx_tile)
-        val_tile = tl.where(offs_k[None, :] == k, e[:, None], val_tile)
-    denom = tl.sum(pool, axis=0)
-    pool = pool / denom[None, :]
+        # 2. merge the tile into the running top-K, only where some value beats the K-th.
+        s = tl.where(mask_n[None, :], acc, float("-inf"))
+        gain = tl.where(mask_o, tl.max(s, axis=1) - kth, -1.0)
+        if tl.max(gain, axis=0) > 0:
+            new_v = tl.full((BLOCK_O, K_PAD), float("-inf"), tl.float32)
+            new_i = tl.full((BLOCK_O, K_PAD), 2147483647, tl.int32)
+            rest = top_v
+            for k in range(K):
+                m_tile = tl.max(s, axis=1)
+                m_list = tl.max(rest, axis=1)
+                from_tile = m_tile > m_list
+                i_tile = tl.min(tl.where(s == m_tile[:, None], offs_n[None, :], 2147483647), axis=1)
+                i_list = tl.min(tl.where(rest == m_list[:, None], top_i, 2147483647), axis=1)
+                v = tl.where(from_tile, m_tile, m_list)
+                i = tl.where(from_tile, i_tile, i_list)
+                new_v = tl.where(offs_k[None, :] == k, v[:, None], new_v)
+                new_i = tl.where(offs_k[None, :] == k, i[:, None], new_i)
+                s = tl.where(from_tile[:, None] & (offs_n[None, :] == i_tile[:, None]), float("-inf"), s)
+                rest = tl.where(~from_tile[:, None] & (top_i == i_list[:, None]), float("-inf"), rest)
+            top_v, top_i = new_v, new_i
+            kth = tl.min(tl.where(offs_k[None, :] < K, top_v, float("inf")), axis=1)
+
+    # 3. softmax over the K selected values (slot 0 holds the maximum, so exp cannot overflow).
+    e = tl.exp((top_v - tl.max(top_v, axis=1)[:, None]) * inv_t)
+    wgt = e / tl.sum(e, axis=1)[:, None]
     mask_ok = mask_o[:, None] & (offs_k[None, :] < K)
     ik = (b * O + offs_o[:, None]) * K + offs_k[None, :]
-    tl.store(IDX + ik, idx_tile, mask=mask_ok)
-    tl.store(WGT + ik, val_tile / denom[:, None], mask=mask_ok)
+    tl.store(IDX + ik, top_i, mask=mask_ok)
+    tl.store(WGT + ik, wgt, mask=mask_ok)
 
-    # 3. local [BLOCK_O, D] = pool^T @ patches[b].
-    pool_t = tl.trans(pool)
-    if not UPCAST:
-        pool_t = pool_t.to(P.dtype.element_ty)
+    # 4. local[o] = sum_k wgt[o, k] * P[b, idx[o, k]]: K row gathers per prompt, from L2 (the
+    # tile loop above has just read P[b]); the B x O x K x D gather never exists in memory.
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        p = tl.load(p_base + offs_n[:, None] * stride_pn + offs_d[None, :] * stride_pd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-        if IEEE:
-            out = tl.dot(pool_t, p, input_precision="ieee")
-        else:
-            out = tl.dot(pool_t, p)
+        mask_od = mask_o[:, None] & (offs_d[None, :] < D)
+        out = tl.zeros((BLOCK_O, BLOCK_D), dtype=tl.float32)
+        for k in range(K):
+            rows = tl.load(p_base + _slot(top_i, offs_k, k).to(tl.int64)[:, None] * stride_pn
+                           + offs_d[None, :] * stride_pd, mask=mask_od, other=0.0).to(tl.float32)
+            out += _slot(wgt, offs_k, k)[:, None] * rows
         tl.store(LOCAL + b * stride_lb + offs_o[:, None] * stride_lo + offs_d[None, :] * stride_ld,
-                 out.to(LOCAL.dtype.element_ty), mask=mask_o[:, None] & mask_d[None, :])
+                 out.to(LOCAL.dtype.element_ty), mask=mask_od)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _similarity_pool_bwd_kernel(
     P, DLOCAL, DSIM, IDX, WGT, G, A,
     N, O, D, inv_t,
     stride_pb, stride_pn, stride_pd,
     stride_lb, stride_lo, stride_ld,
     stride_sb, stride_sn, stride_so,   # shared by DSIM, G and A (all [B, N, O] contiguous)
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_DSIM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_DSIM: tl.constexpr,
 ):
-    b, offs_n, offs_o, mask_n, mask_o = _tile(N, O, BLOCK_N, BLOCK_O)
-    mask_no = mask_n[:, None] & mask_o[None, :]
+    b, offs_o, mask_o, offs_k = _prompt_block(O, BLOCK_O, K_PAD)
+    mask_ok = mask_o[:, None] & (offs_k[None, :] < K)
+    ik = (b * O + offs_o[:, None]) * K + offs_k[None, :]
+    top_i = tl.load(IDX + ik, mask=mask_ok, other=-1)
+    wgt = tl.load(WGT + ik, mask=mask_ok, other=0.0)
 
-    # pd[n, o] = <patches[b, n], dlocal[b, o]>: d loss / d pooling weight, for every patch.
-    pd = _patch_products(P + b * stride_pb, DLOCAL + b * stride_lb, stride_pn, stride_pd, stride_lo, stride_ld,
-                         offs_n, offs_o, mask_n, mask_o, D, BLOCK_N, BLOCK_O, BLOCK_D, UPCAST, IEEE)
+    # pd[o, k] = <P[b, idx[o, k]], dlocal[b, o]>: d loss / d pooling weight, at the selection only.
+    pd = tl.zeros((BLOCK_O, K_PAD), dtype=tl.float32)
+    p_base = P + b * stride_pb
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_od = mask_o[:, None] & (offs_d[None, :] < D)
+        dl = tl.load(DLOCAL + b * stride_lb + offs_o[:, None] * stride_lo + offs_d[None, :] * stride_ld,
+                     mask=mask_od, other=0.0).to(tl.float32)
+        for k in range(K):
+            rows = tl.load(p_base + _slot(top_i, offs_k, k).to(tl.int64)[:, None] * stride_pn
+                           + offs_d[None, :] * stride_pd, mask=mask_od, other=0.0).to(tl.float32)
+            pd += tl.where(offs_k[None, :] == k, tl.sum(rows * dl, axis=1)[:, None], 0.0)
+    # Softmax Jacobian: ds = a / T * (pd - sum_k a * pd).
+    grad = wgt * inv_t * (pd - tl.sum(wgt * pd, axis=1)[:, None])
 
-    # Dense pooling weights from the forward's selection.
-    pool = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
-    for k in range(K):
-        ik = (b * O + offs_o) * K + k
-        idx = tl.load(IDX + ik, mask=mask_o, other=-1)
-        wk = tl.load(WGT + ik, mask=mask_o, other=0.0)
-        pool = tl.where(offs_n[:, None] == idx[None, :], wk[None, :], pool)
-    # Softmax Jacobian: ds = a / T * (pd - sum_n a * pd), zero off the selection.
-    inner = tl.sum(pool * pd, axis=0)
-    grad = pool * inv_t * (pd - inner[None, :])
-    so = b * stride_sb + offs_n[:, None] * stride_sn + offs_o[None, :] * stride_so
-    if HAS_DSIM:
-        grad += tl.load(DSIM + so, mask=mask_no, other=0.0).to(tl.float32)
-    tl.store(G + so, grad.to(G.dtype.element_ty), mask=mask_no)
-    tl.store(A + so, pool.to(A.dtype.element_ty), mask=mask_no)
+    # Dense G = dsim + scatter(grad) and A = scatter(wgt) over [N, O], tile by tile.
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_on = mask_o[:, None] & (offs_n[None, :] < N)
+        so = b * stride_sb + offs_n[None, :] * stride_sn + offs_o[:, None] * stride_so
+        g = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+        if HAS_DSIM:
+            g += tl.load(DSIM + so, mask=mask_on, other=0.0).to(tl.float32)
+        a = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+        for k in range(K):
+            hit = offs_n[None, :] == _slot(top_i, offs_k, k)[:, None]
+            g += tl.where(hit, _slot(grad, offs_k, k)[:, None], 0.0)
+            a += tl.where(hit, _slot(wgt, offs_k, k)[:, None], 0.0)
+        tl.store(G + so, g.to(G.dtype.element_ty), mask=mask_on)
+        tl.store(A + so, a.to(A.dtype.element_ty), mask=mask_on)
 
 
-def _blocks(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_O, BLOCK_D, num_warps). The whole patch column must sit in one tile
-    for the top-K; two [BLOCK_N, BLOCK_O] fp32 tiles live through the selection, so BLOCK_O
-    shrinks as N grows to keep them in registers (16 is tl.dot's minimum). A first guess, to
-    be tuned on a GPU: autotuning with several configs cannot run in the CPU interpreter."""
-    block_n = max(16, next_pow2(n))
-    block_o = 32 if block_n <= 256 else 16
-    return block_n, block_o, 64, 8 if block_n >= 256 else 4
+# Beyond this K the [BLOCK_O, K_PAD] top-K lists and the K merge rounds per patch tile stop
+# paying off: the op runs its reference (BAC-GCN uses K <= 16).
+MAX_TRITON_TOPK = 64
+
+
+def _k_pad(topk: int) -> int:
+    return max(2, next_pow2(topk))
+
+
+def launch_config(kernel: str, topk: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of the "forward" or "backward" kernel.
+
+    Patch tiles of BLOCK_N = 64 walk N (the running top-K merge makes N free), so nothing here
+    grows with N: every N up to 1024 (ViT-L/14 at 448 px) compiles to the same resources. The
+    old design held a whole patch column per tile (BLOCK_N = next_pow2(N)) and asked for
+    399,360 B of shared memory at N = 784 in bf16 (the limit is 232,448 on sm_90), with 255
+    registers and spills in fp32. Chosen with bench/compile_check.py (sm_90, ptxas 12.8 of
+    triton 3.8; worst over K <= 16, N <= 1024, D <= 768): bf16/fp16 at 8 warps, forward 98-100
+    registers, backward 95-117, no spill (at 4 warps ptxas capped the forward at 128 registers
+    and spilled 8-12 B); fp32 forward at 4 warps 156-193 registers, no spill (8 warps spilled at
+    K = 16), fp32 backward at 8 warps 95-97. BLOCK_O = 32 halves the K-lists' registers when
+    K > 32.
+    """
+    block_o = 32 if _k_pad(topk) <= 32 else 16
+    if dtype != torch.float32:
+        return {"BLOCK_N": 64, "BLOCK_O": block_o, "BLOCK_D": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_N": 64, "BLOCK_O": block_o, "BLOCK_D": 32, "num_warps": 4 if kernel == "forward" else 8,
+            "num_stages": 2}
 
 
 def _flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": interpret_mode() and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
+
+
+def forward_launch(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
+                   temperature: float) -> tuple[Launch, tuple[torch.Tensor, ...]]:
+    """The forward kernel's launch and its outputs (local, sim, idx, wgt), allocated here."""
+    b, n, d = patches.shape
+    o = prompts.shape[0]
+    sim = torch.empty((b, n, o), device=patches.device, dtype=patches.dtype)
+    local = torch.empty((b, o, d), device=patches.device, dtype=patches.dtype)
+    idx = torch.empty((b, o, topk), device=patches.device, dtype=torch.int32)
+    wgt = torch.empty((b, o, topk), device=patches.device, dtype=torch.float32)
+    options = launch_config("forward", topk, patches.dtype)
+    grid = (b, triton.cdiv(o, options["BLOCK_O"]))
+    args = (patches, prompts, sim, local, idx, wgt, n, o, d, 1.0 / temperature,
+            *patches.stride(), *prompts.stride(), *sim.stride(), *local.stride())
+    options.update(K=topk, K_PAD=_k_pad(topk), **_flags(patches.dtype))
+    return Launch(_similarity_pool_fwd_kernel, grid, args, options), (local, sim, idx, wgt)
+
+
+def backward_launch(patches: torch.Tensor, dlocal: torch.Tensor, dsim: Optional[torch.Tensor], idx: torch.Tensor,
+                    wgt: torch.Tensor, temperature: float) -> tuple[Launch, tuple[torch.Tensor, ...]]:
+    """The backward kernel's launch and its outputs (G, A), allocated here."""
+    b, n, d = patches.shape
+    o, topk = idx.shape[1], idx.shape[2]
+    g = torch.empty((b, n, o), device=patches.device, dtype=patches.dtype)
+    a = torch.empty_like(g)
+    options = launch_config("backward", topk, patches.dtype)
+    grid = (b, triton.cdiv(o, options["BLOCK_O"]))
+    args = (patches, dlocal, dsim if dsim is not None else g, idx, wgt, g, a, n, o, d, 1.0 / temperature,
+            *patches.stride(), *dlocal.stride(), *g.stride())
+    options.update(K=topk, K_PAD=_k_pad(topk), HAS_DSIM=dsim is not None)
+    return Launch(_similarity_pool_bwd_kernel, grid, args, options), (g, a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,38 +299,18 @@ def _flags(dtype: torch.dtype) -> dict:
 @register_op("bacgcn::similarity_pool_fwd")
 def _similarity_pool_fwd(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
                          temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, n, d = patches.shape
-    o = prompts.shape[0]
-    sim = torch.empty((b, n, o), device=patches.device, dtype=patches.dtype)
-    local = torch.empty((b, o, d), device=patches.device, dtype=patches.dtype)
-    idx = torch.empty((b, o, topk), device=patches.device, dtype=torch.int32)
-    wgt = torch.empty((b, o, topk), device=patches.device, dtype=torch.float32)
-    block_n, block_o, block_d, warps = _blocks(n, topk)
-    grid = (b, triton.cdiv(o, block_o))
-    wrap_triton(_similarity_pool_fwd_kernel)[grid](
-        patches, prompts, sim, local, idx, wgt, n, o, d, 1.0 / temperature,
-        *patches.stride(), *prompts.stride(), *sim.stride(), *local.stride(),
-        K=topk, K_PAD=max(2, next_pow2(topk)), BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_D=block_d,
-        num_warps=warps, **_flags(patches.dtype))
-    return local, sim, idx, wgt
+    launch, outputs = forward_launch(patches, prompts, topk, temperature)
+    launch()
+    return outputs
 
 
 @register_op("bacgcn::similarity_pool_bwd")
 def _similarity_pool_bwd(patches: torch.Tensor, dlocal: torch.Tensor, dsim: Optional[torch.Tensor],
                          idx: torch.Tensor, wgt: torch.Tensor,
                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n, d = patches.shape
-    o, topk = idx.shape[1], idx.shape[2]
-    g = torch.empty((b, n, o), device=patches.device, dtype=patches.dtype)
-    a = torch.empty_like(g)
-    block_n, block_o, block_d, warps = _blocks(n, topk)
-    grid = (b, triton.cdiv(o, block_o))
-    wrap_triton(_similarity_pool_bwd_kernel)[grid](
-        patches, dlocal, dsim if dsim is not None else g, idx, wgt, g, a, n, o, d, 1.0 / temperature,
-        *patches.stride(), *dlocal.stride(), *g.stride(),
-        K=topk, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_D=block_d,
-        HAS_DSIM=dsim is not None, num_warps=warps, **_flags(patches.dtype))
-    return g, a
+    launch, outputs = backward_launch(patches, dlocal, dsim, idx, wgt, temperature)
+    launch()
+    return outputs
 
 
 def _setup_context(ctx, inputs, output):
@@ -297,9 +356,11 @@ if interpret_mode():
         return patches.new_empty(shape), patches.new_empty(shape)
 
 
-def similarity_pool(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local [B, O, D], sim [B, N, O]) for patches [B, N, D] and prompts [O, D].
+def similarity_pool(patches: torch.Tensor, prompts: torch.Tensor, topk: int, temperature: float,
+                    with_indices: bool = False) -> tuple[torch.Tensor, ...]:
+    """(local [B, O, D], sim [B, N, O]) for patches [B, N, D] and prompts [O, D]; with
+    `with_indices`, also the pooled patches [B, O, K] (int64, best first), the very selection
+    the op made (on CUDA it selects on fp32 similarities, finer than the sim it returns).
 
     The caller normalises both; output in the input dtype, accumulation in fp32.
     """
@@ -312,8 +373,11 @@ def similarity_pool(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if patches.dtype != prompts.dtype:
         raise ValueError(f"patches ({patches.dtype}) and prompts ({prompts.dtype}) differ in dtype")
-    if not use_triton(patches, prompts):
-        return similarity_pool_ref(patches, prompts, topk, temperature)
-    local, sim, _, _ = torch.ops.bacgcn.similarity_pool_fwd(
+    if not use_triton(patches, prompts) or topk > MAX_TRITON_TOPK:
+        local, sim = similarity_pool_ref(patches, prompts, topk, temperature)
+        if not with_indices:
+            return local, sim
+        return local, sim, topk_lowest_index(sim, topk).transpose(1, 2)
+    local, sim, idx, _ = torch.ops.bacgcn.similarity_pool_fwd(
         patches.contiguous(), prompts.contiguous(), int(topk), float(temperature))
-    return local, sim
+    return (local, sim, idx.long()) if with_indices else (local, sim)

@@ -2,12 +2,15 @@ import os
 import sys
 from pathlib import Path
 
-# Before anything imports triton or huggingface_hub: kernels run in the Triton interpreter on
-# the CPU, and nothing may reach a model hub.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["HF_HUB_OFFLINE"] = "1"
+import pytest
+import torch  # (imports no triton: the interpreter switch below still takes effect)
 
-import pytest  # noqa: E402
+# Before anything imports triton or huggingface_hub. Without CUDA the kernels run in the Triton
+# interpreter on the CPU; with CUDA they are compiled and run on the GPU (the interpreter there
+# would skip the compile, the one step a GPU can fail). Nothing may reach a model hub.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

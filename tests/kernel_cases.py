@@ -11,7 +11,7 @@ CPU_DTYPES = [torch.float32, torch.float16]
 def assert_close(actual, expected, dtype, reduction_len, what):
     rtol, atol = TOL[dtype]
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol,
+    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=rtol,
                                atol=atol * reduction_len ** 0.5 * scale, msg=lambda m: f"{what}: {m}")
 
 
