@@ -735,11 +735,12 @@ class SimilarityKernel(nn.Module):
         self.prompts = nn.Parameter(prompts.clone().float())
         self.topk, self.temperature = topk, temperature
 
-    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, patches: torch.Tensor, with_indices: bool = False) -> tuple[torch.Tensor, ...]:
+        """(L, S), and with `with_indices` the pooled patches [B, O, K] the kernel itself chose."""
         from kernels import similarity_pool
 
         w = F.normalize(self.prompts, dim=-1).to(patches.dtype)
-        return similarity_pool(patches, w, min(self.topk, patches.shape[1]), self.temperature)
+        return similarity_pool(patches, w, min(self.topk, patches.shape[1]), self.temperature, with_indices)
 
 
 class CLIPGCN(nn.Module):
@@ -748,10 +749,17 @@ class CLIPGCN(nn.Module):
 
     def __init__(self, adjacency: torch.Tensor, dim: int, layers: int, activation: str):
         super().__init__()
+        from kernels.gcn_propagate import csr_plan
+
         indptr, indices, values = dense_to_csr(adjacency)
         self.register_buffer("indptr", indptr)
         self.register_buffer("indices", indices)
         self.register_buffer("values", values)
+        # The backward's view of the graph (edge rows, the transposed CSR), made once here and
+        # moved with the module: derived from the graph, so not saved in checkpoints.
+        for name, tensor in zip(("edge_rows", "t_indptr", "t_indices", "t_order"),
+                                csr_plan(indptr, indices, adjacency.shape[0])):
+            self.register_buffer(name, tensor, persistent=False)
         self.weights = nn.ParameterList([nn.Parameter(torch.zeros(dim, dim)) for _ in range(layers)])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in range(layers)])
         self.activation = activation
@@ -762,7 +770,8 @@ class CLIPGCN(nn.Module):
         h = nodes
         for w, b in zip(self.weights, self.biases):
             h = gcn_propagate(h @ w.to(h.dtype), self.indptr, self.indices, self.values.to(h.dtype),
-                              b.to(h.dtype), self.activation, h)
+                              b.to(h.dtype), self.activation, h,
+                              plan=(self.edge_rows, self.t_indptr, self.t_indices, self.t_order))
         return h
 
 
@@ -791,9 +800,10 @@ class BACGCN(nn.Module):
         self.branch = nn.Parameter(torch.zeros(3))            # a_H, a_Hc, a_L
         self.bias = nn.Parameter(torch.zeros(self.num_categories))
 
-    def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, feats: dict[str, torch.Tensor], with_indices: bool = False) -> dict[str, torch.Tensor]:
+        """{"logits" [B, O], "sim" [B, N, O]}, and "pooled" [B, O, K] with `with_indices`."""
         patches = feats["patches"]
-        local, sim = self.kernel(patches)
+        local, sim, *pooled = self.kernel(patches, with_indices)
         globals_ = torch.stack([feats["g"], feats["gH"], feats["gHc"]], dim=1).to(local.dtype)
         nodes = torch.cat([local, globals_], dim=1)
         if self.gcn is not None:
@@ -807,7 +817,7 @@ class BACGCN(nn.Module):
         if self.cfg.use_local:
             score = score + self.branch[2] * cos_local
         logits = self.log_gamma.exp() * self.logit_scale * score.float() + self.bias
-        return {"logits": logits, "sim": sim}
+        return {"logits": logits, "sim": sim, **({"pooled": pooled[0]} if pooled else {})}
 
 
 # ============================================================================================

@@ -101,6 +101,9 @@ def init_distributed(requested_device: str) -> str:
         return device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"torchrun: local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                             f"CUDA device(s)); start at most that many processes per node, or pass --device=cpu")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -132,6 +135,23 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     torch.distributed.all_reduce(value)
     return value / world
+
+
+def max_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The maximum of a scalar over the processes (itself outside a distributed job)."""
+    if rank_and_world()[1] == 1:
+        return value
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value
+
+
+def to_device_once(tensors: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """`tensors` on `device` through one pinned copy (views of it, in order); as they are on the CPU."""
+    if not device.startswith("cuda") or not tensors:
+        return tensors
+    flat = torch.cat(tensors).pin_memory().to(device, non_blocking=True)
+    return list(flat.split([len(t) for t in tensors]))
 
 
 def gather_rows(rows: np.ndarray) -> np.ndarray:
@@ -191,17 +211,42 @@ def feature_spec(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone, datase
                  kind: str) -> dict:
     """Everything that changes the cached features of `dataset`: the cache key."""
     import hashlib
+    device = next(backbone.parameters()).device.type
     return {"kind": kind, "clip_model": cfg.clip_model, "weights": data.file_digest(cfg.clip_weights),
+            # A CPU fp32 cache is not a GPU bf16 one: the features differ past bf16's rounding.
+            "device": device, "precision": encode_precision(device, cfg.amp),
             "image_size": backbone.image_size, "patch_readout": cfg.patch_readout, "h_fraction": cfg.h_fraction,
             "subset_readout": cfg.subset_readout,
             "dataset": dataset.name, "root": str(Path(cfg.data_root).resolve()),
             "ids": hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest(), "files": dataset.files_stamp()}
 
 
+def encode_precision(device_type: str, amp: bool) -> str:
+    """How the frozen encoder computes on this device: bf16 autocast on CUDA with amp, TF32
+    matmuls on CUDA without (fp32 storage, the tensor cores' 10-bit mantissa), fp32 on the CPU."""
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16-autocast" if amp else "tf32"
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for the matmuls and convolutions inside, restored after: the frozen encoder in fp32 on
+    CUDA would otherwise run at a fraction of the tensor cores' rate; the head keeps fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def encode_features(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """uint8 images on the device -> everything BAC-GCN caches per image."""
     x = bacgcn.preprocess(images, backbone.image_size)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and cfg.amp):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and cfg.amp), \
+            tf32_matmuls(encode_precision(x.device.type, cfg.amp) == "tf32"):
         return backbone.features(x, cfg.h_fraction, cfg.subset_readout)
 
 
@@ -508,14 +553,11 @@ def predict_images(cfg, backbone, model, dataset: data.MultiLabelImages, device:
 def explain_image(cfg, backbone, model, image: torch.Tensor, device: str) -> dict[str, np.ndarray]:
     """What the head saw in one uint8 image [3, H, W]: logits [O], the similarity maps
     sim [N, O] over the patch grid, and `pooled` [K, O], the patches the Similarity Kernel
-    pooled for each category (its top-K, ties to the lower index)."""
-    from kernels.similarity_pool import topk_lowest_index
-
+    pooled for each category: the kernel's own selection, not one recomputed from the returned
+    sim, whose bf16 rounding on a GPU reorders near-ties the kernel told apart in fp32."""
     # Not compiled even when cfg.compile: one forward would pay the whole compile time.
     model.eval()
     x = image_transform(backbone.image_size)(image)[None].to(device)
-    out = model(head_inputs(encode_features(backbone, x, cfg), compute_dtype(device, cfg.amp)))
-    sim = out["sim"].float()
-    pooled = topk_lowest_index(sim, min(model.kernel.topk, sim.shape[1]))
-    return {"logits": out["logits"][0].float().cpu().numpy(), "sim": sim[0].cpu().numpy(),
-            "pooled": pooled[0].cpu().numpy()}
+    out = model(head_inputs(encode_features(backbone, x, cfg), compute_dtype(device, cfg.amp)), with_indices=True)
+    return {"logits": out["logits"][0].float().cpu().numpy(), "sim": out["sim"][0].float().cpu().numpy(),
+            "pooled": out["pooled"][0].t().cpu().numpy()}

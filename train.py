@@ -343,7 +343,8 @@ def build_reso_crops(cfg, backbone, train: Split, found: list, targets: torch.Te
     crop_targets[torch.arange(len(found)), cls] = 1.0
     crop_masks = (targets[parents] <= 0.05).float()
     crop_masks[torch.arange(len(found)), cls] = 1.0
-    return ResoCrops(feats, crop_targets, crop_masks, cls, found)
+    # On the device once: copied per batch from pageable memory, each step waited for the host.
+    return ResoCrops(feats, crop_targets.to(device), crop_masks.to(device), cls.to(device), found)
 
 
 def make_optimizer(cfg, model) -> torch.optim.Optimizer:
@@ -368,17 +369,18 @@ def epoch_batches(cfg, num_images: int, crops: ResoCrops | None, gen: torch.Gene
 
 
 def batch_loss(cfg, step_fn, kind: str, idx: torch.Tensor, x: dict[str, torch.Tensor], targets: torch.Tensor,
-               crops: ResoCrops | None, device: str, dtype) -> torch.Tensor:
-    """Loss of one batch (`x`: its features on the device, rows `idx` of the images or crops)."""
+               crops: ResoCrops | None, dtype) -> torch.Tensor:
+    """Loss of one batch (`x`: its features, rows `idx` of the images or crops; `idx`, `targets`
+    and the crops' tensors on the device already)."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = step_fn(x)
         if kind == "image":
-            return multilabel_loss(out["logits"], targets[idx].to(device), cfg)
+            return multilabel_loss(out["logits"], targets[idx], cfg)
         logits = out["logits"].float()
-        cls = crops.classes[idx].to(device)
+        cls = crops.classes[idx]
         p_own = torch.sigmoid(logits.gather(1, cls[:, None]))[:, 0].detach()
         weight = 1 + (1 - p_own).pow(cfg.reso_gamma)   # harder crops weigh more
-        return multilabel_loss(logits, crops.targets[idx].to(device), cfg, weight, crops.masks[idx].to(device))
+        return multilabel_loss(logits, crops.targets[idx], cfg, weight, crops.masks[idx])
 
 
 def wrap_for_training(cfg, model, device: str):
@@ -499,6 +501,8 @@ def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, dev
     batches = [(kind, idx[rank::world]) for kind, idx in epoch_batches(cfg, len(train.ids), crops, loop.gen,
                                                                        loop.epoch)]
     sources = [(train.feats if kind == "image" else crops.feats, idx) for kind, idx in batches]
+    # The epoch's row indices reach the device in one copy, not one small blocking copy per step.
+    on_device = pipeline.to_device_once([idx for _, idx in batches], device)
     running, first_bad = torch.zeros((), device=device), torch.full((), -1, device=device)
     # closing(): an exception (Ctrl-C) must stop the reader thread here, not when the traceback
     # lets go of the generator at interpreter exit, where a thread inside torch aborts the process.
@@ -506,7 +510,7 @@ def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, dev
         for count, ((kind, idx), x) in enumerate(zip(batches, stream), 1):
             for g, lr in zip(loop.opt.param_groups, loop.base_lr):
                 g["lr"] = lr * pipeline.warmup_cosine(loop.step, loop.warmup, loop.total)
-            loss = batch_loss(cfg, step_fn, kind, idx, x, targets, crops, device, dtype)
+            loss = batch_loss(cfg, step_fn, kind, on_device[count - 1], x, targets, crops, dtype)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), loop.step + 1, first_bad)
             loop.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -514,7 +518,10 @@ def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, dev
             running += loss.detach()
             loop.step += 1
             if loop.step % cfg.log_every == 0 or count == len(batches):
-                if int(first_bad) >= 0:                   # a sync only at log intervals
+                # A sync only at log intervals, and every process stops together: a rank that
+                # raised alone left the others waiting in the next all-reduce until NCCL's timeout.
+                first_bad = pipeline.max_over_processes(first_bad)
+                if int(first_bad) >= 0:
                     raise NonFiniteLoss(f"the loss became NaN or infinite at step {int(first_bad)} (epoch "
                                         f"{loop.epoch + 1}); lower --lr or check the inputs")
                 if loop.step % cfg.log_every == 0:
@@ -538,6 +545,7 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
     steps_per_epoch = math.ceil(len(train.ids) / cfg.batch_size)
     loop = Loop(opt, [g["lr"] for g in opt.param_groups], torch.Generator().manual_seed(cfg.seed),
                 warmup=max(1, int(cfg.warmup_epochs * steps_per_epoch)), total=cfg.epochs * steps_per_epoch)
+    targets = targets.to(device)         # once: batches index it on the device
     if resume is not None:
         found = restore_state(resume, model, loop)
         loop.crops = build_reso_crops(cfg, backbone, train, found, targets, device) if found else None

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(world, out, cache, nproc):
-    args = [f"--data-root={world}", f"--out={out}", f"--cache-dir={cache}", "--workers=0", "--epochs=2",
+    # --device=cpu: on a one-GPU machine two ranks would ask for cuda:1, and the gloo test would run NCCL.
+    args = [f"--data-root={world}", f"--out={out}", f"--cache-dir={cache}", "--device=cpu", "--workers=0", "--epochs=2",
             "--batch-size=16", "--reso-epoch=1", "--reso-eps=0.5", "--log-every=2"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "train.py"), *args]

@@ -68,7 +68,7 @@ def test_vitb16_preset_trains_and_evaluates_on_real_photos(shared_data, tmp_path
     common = [f"--clip-weights={weights}", "--clip-weights-format=openai-torchscript", f"--cache-dir={tmp_path / 'c'}"]
     printed = _command("train.py", "--preset=voc2007-vitb16", f"--data-root={devkit}",
                        f"--captions={tmp_path / 'captions'}", "--epochs=1", "--reso-epoch=0", "--reso-eps=0.5",
-                       "--batch-size=4", "--workers=0", f"--out={out}", *common)
+                       "--batch-size=4", "--workers=0", f"--out={out}", "--device=cpu", *common)
     assert "ReSO found" in printed and "voc2007/test" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "voc2007" and report["world_size"] == 1

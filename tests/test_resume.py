@@ -26,7 +26,7 @@ def world(tmp_path_factory):
 
 
 def _args(world, cache, out, *more):
-    return [f"--data-root={world}", f"--cache-dir={cache}", f"--out={out}", "--workers=0", "--epochs=6",
+    return [f"--data-root={world}", f"--cache-dir={cache}", f"--out={out}", "--device=cpu", "--workers=0", "--epochs=6",
             "--reso-epoch=1", "--reso-eps=0.5", "--batch-size=16", "--log-every=5", *more]
 
 
