@@ -1,6 +1,6 @@
 """Compile every kernel launch for NVIDIA GPUs that are not there, and check it would launch.
 
-  python bench/compile_check.py [--arch 90 80] [--triton DIR] [--json report.json] [--quick]
+  python bench/compile_check.py [--arch 90 80] [--triton DIR] [--json report.json] [--markdown table.md] [--quick]
 
 The Triton interpreter enforces none of a GPU's limits, so a kernel that passes every CPU test
 can still fail its first launch on the card. This script takes the launches the launchers
@@ -162,6 +162,16 @@ def check(arch: int, quick: bool, progress: bool = True) -> list[dict]:
     return list(rows.values())
 
 
+def condensed(row: dict) -> dict:
+    """A compiled kernel's row with its launches as a count and, per shape field, the values seen."""
+    fields: dict[str, set] = {}
+    for shape in row["shapes"]:
+        for key, value in shape.items():
+            fields.setdefault(key, set()).add(value)
+    return {**{k: v for k, v in row.items() if k != "shapes"}, "launches": len(row["shapes"]),
+            "shapes": {k: sorted(v, key=str) for k, v in fields.items()}}
+
+
 def failures(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
@@ -189,12 +199,23 @@ def summary(rows: list[dict]) -> list[dict]:
     return list(worst.values())
 
 
+def markdown(table: list[dict], version: str) -> str:
+    """The summary as the bench/README.md table: worst case per kernel, dtype and arch."""
+    lines = [f"triton {version}: worst case over every launch", "",
+             "| kernel | dtype | arch | shared memory (limit) | registers | spill bytes | kernels / launches |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {w['kernel']} | {w['dtype']} | {w['arch']} | {w['shared_max']:,} B ({w['limit']:,}) | "
+              f"{w['registers_max']} | {w['spill_bytes_max']} | {w['kernels']} / {w['launches']} |" for w in table]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--triton", metavar="DIR", help="import Triton from this folder (an unpacked wheel)")
     parser.add_argument("--json", metavar="FILE", help="write every compiled kernel and the summary here")
     parser.add_argument("--quick", action="store_true", help="a subset of the shapes (every kernel still compiled)")
+    parser.add_argument("--markdown", metavar="FILE", help="write the summary table (markdown) here")
     args = parser.parse_args(argv)
     # Before triton is imported: compile for real (no interpreter), and let the kernel files
     # import Triton although this machine has no GPU.
@@ -222,8 +243,11 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     print(f"\n{len(rows)} kernels compiled for {sum(w['launches'] for w in table)} launches in {seconds:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "summary": table, "kernels": rows,
-                                               "failures": bad, "seconds": round(seconds, 1)}, indent=1) + "\n")
+        report = {"triton": triton.__version__, "archs": [f"sm_{a}" for a in args.arch], "summary": table,
+                  "kernels": [condensed(r) for r in rows], "failures": bad, "seconds": round(seconds, 1)}
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(table, triton.__version__))
     for line in bad:
         print(f"FAIL {line}", file=sys.stderr)
     return 1 if bad else 0

@@ -88,6 +88,27 @@ def _slot(tile, offs_k, k):
     return tl.sum(tl.where(offs_k[None, :] == k, tile, 0), axis=1)
 
 
+@triton.jit
+def _merge_topk(s, offs_n, top_v, top_i, offs_k, K: tl.constexpr, BLOCK_O: tl.constexpr, K_PAD: tl.constexpr):
+    """The top-K of (a tile's values s [BLOCK_O, BLOCK_N] at patches offs_n) and (the running list
+    top_v, top_i [BLOCK_O, K_PAD]), by K rounds of max. The list's patches all precede the
+    tile's, so on equal values the list wins; within each, the lowest index does."""
+    new_v = tl.full((BLOCK_O, K_PAD), float("-inf"), tl.float32)
+    new_i = tl.full((BLOCK_O, K_PAD), 2147483647, tl.int32)
+    rest = top_v
+    for k in range(K):
+        m_tile = tl.max(s, axis=1)
+        m_list = tl.max(rest, axis=1)
+        from_tile = m_tile > m_list
+        i_tile = tl.min(tl.where(s == m_tile[:, None], offs_n[None, :], 2147483647), axis=1)
+        i_list = tl.min(tl.where(rest == m_list[:, None], top_i, 2147483647), axis=1)
+        new_v = tl.where(offs_k[None, :] == k, tl.where(from_tile, m_tile, m_list)[:, None], new_v)
+        new_i = tl.where(offs_k[None, :] == k, tl.where(from_tile, i_tile, i_list)[:, None], new_i)
+        s = tl.where(from_tile[:, None] & (offs_n[None, :] == i_tile[:, None]), float("-inf"), s)
+        rest = tl.where(~from_tile[:, None] & (top_i == i_list[:, None]), float("-inf"), rest)
+    return new_v, new_i
+
+
 # N is only a loop bound and a mask across rows (never a stride), so specialising on N % 16 buys
 # no vectorisation; it did change ptxas's register choice: at N % 16 == 0 (64 ... 1024) the
 # forward was capped at 80 registers and spilled 16-24 B (bf16, K = 1 and 4), at N = 49 or 196
@@ -138,22 +159,7 @@ def _similarity_pool_fwd_kernel(
         s = tl.where(mask_n[None, :], acc, float("-inf"))
         gain = tl.where(mask_o, tl.max(s, axis=1) - kth, -1.0)
         if tl.max(gain, axis=0) > 0:
-            new_v = tl.full((BLOCK_O, K_PAD), float("-inf"), tl.float32)
-            new_i = tl.full((BLOCK_O, K_PAD), 2147483647, tl.int32)
-            rest = top_v
-            for k in range(K):
-                m_tile = tl.max(s, axis=1)
-                m_list = tl.max(rest, axis=1)
-                from_tile = m_tile > m_list
-                i_tile = tl.min(tl.where(s == m_tile[:, None], offs_n[None, :], 2147483647), axis=1)
-                i_list = tl.min(tl.where(rest == m_list[:, None], top_i, 2147483647), axis=1)
-                v = tl.where(from_tile, m_tile, m_list)
-                i = tl.where(from_tile, i_tile, i_list)
-                new_v = tl.where(offs_k[None, :] == k, v[:, None], new_v)
-                new_i = tl.where(offs_k[None, :] == k, i[:, None], new_i)
-                s = tl.where(from_tile[:, None] & (offs_n[None, :] == i_tile[:, None]), float("-inf"), s)
-                rest = tl.where(~from_tile[:, None] & (top_i == i_list[:, None]), float("-inf"), rest)
-            top_v, top_i = new_v, new_i
+            top_v, top_i = _merge_topk(s, offs_n, top_v, top_i, offs_k, K, BLOCK_O, K_PAD)
             kth = tl.min(tl.where(offs_k[None, :] < K, top_v, float("inf")), axis=1)
 
     # 3. softmax over the K selected values (slot 0 holds the maximum, so exp cannot overflow).
