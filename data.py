@@ -370,18 +370,22 @@ def decode_image(path: str | os.PathLike):
 
     Pillow decodes: pillow-simd (the setup installs it) and current Pillow wheels both link
     libjpeg-turbo, and unlike torchvision.io (deprecated for decoding since 0.29) it reads
-    every format the datasets ship. CMYK and greyscale JPEGs come out RGB.
+    every format the datasets ship. CMYK and greyscale JPEGs come out RGB. A file declaring
+    more pixels than Pillow's limit (a few hundred bytes can claim 30000 x 30000) raises
+    DecompressionBombError, which is no OSError: caught here like every other decode failure.
     """
     import torch
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.exists() and not path.is_file():      # a FIFO or a device: reading it may never end
+        raise DataError(path, "cannot decode image (not a regular file)")
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise DataError(path, f"cannot decode image ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
@@ -1019,8 +1023,16 @@ def image_folder(root: str | os.PathLike) -> MultiLabelImages:
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "image folder not found")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in root.rglob("*") if _is_image_entry(p))
     return MultiLabelImages(_unlabelled_samples(root, paths), [], name=f"folder {root}")
+
+
+def _is_image_entry(path: Path) -> bool:
+    """A JPEG/PNG name that is a file, or a symlink that leads nowhere (looping or broken): kept,
+    so that the decoder names it and it is counted with the skipped images, not silently lost.
+    Anything else (a folder, a FIFO, a device, a link to one) is no image, and reading a FIFO
+    would wait forever."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or (path.is_symlink() and not path.exists()))
 
 
 def _unlabelled_samples(base: Path, paths: Sequence[Path]) -> list[Sample]:
@@ -1051,14 +1063,14 @@ def image_files(spec: str) -> MultiLabelImages:
         return found
     parts = Path(spec).parts
     fixed = next((k for k, part in enumerate(parts) if GLOB_MAGIC & set(part)), None)
-    if Path(spec).is_file():
+    if Path(spec).is_file() or Path(spec).is_symlink():
         base, paths = Path(spec).parent, [Path(spec)]
     elif fixed is None:
         raise DataError(spec, "no such image file or folder")
     else:
         base = Path(*parts[:fixed]) if fixed else Path(".")
         paths = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
-    paths = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    paths = [p for p in paths if _is_image_entry(p)]
     if not paths:
         raise DataError(spec, "matches no JPEG or PNG file")
     return MultiLabelImages(_unlabelled_samples(base, paths), [], name=spec)

@@ -1,0 +1,145 @@
+"""What a hostile user tries, by family: images that end an image job, resource limits, run states
+that lie, outputs that lie, caches named "read only", errors that name the wrong thing. The rule
+is the README's: one line naming the file or option, a non-zero exit, nothing half-written,
+nothing lost that was good, never a hang."""
+import contextlib
+import io
+import os
+import resource
+import shutil
+import signal
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import bacgcn
+import data
+import eval as eval_cli
+import synthetic as S
+from tests.test_trust_cli import _checkpoint
+
+FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    S.build(out, S.WorldConfig(seed=5, train=16, test=16), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(world, tmp_path_factory):
+    """An untrained head over the world's categories with the shipped tiny CLIP (no cache dir of
+    its own: each test gives one)."""
+    dim = bacgcn.create_clip(S.TINY_CLIP).visual.proj.shape[1]
+    cfg = bacgcn.BACGCNConfig(data_root=str(world), clip_weights=str(S.TINY_CLIP_WEIGHTS), test_split="test",
+                              workers=0)
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.safetensors", cfg, dim)
+
+
+@pytest.fixture
+def photos(world, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for jpg in sorted((world / "JPEGImages").glob("*.jpg"))[:3]:
+        shutil.copy(jpg, folder)
+    return folder
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """`ulimit -f` for this process and the processes it starts (Python ignores SIGXFSZ, so a
+    write past the limit fails with EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 60):
+    """Fail instead of waiting forever."""
+    def give_up(*_):
+        raise TimeoutError(f"still waiting after {seconds} s: a hang")
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _error_line(capsys) -> str:
+    """The last stderr line, which must be the only error line (progress bars may come before it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [x for x in err.strip().splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. One crafted image never ends an image job
+# --------------------------------------------------------------------------------------------
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _declaring(fmt: str, width: int, height: int) -> bytes:
+    """A small image file whose header declares width x height pixels."""
+    if fmt == "PNG":
+        header = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        return b"\x89PNG\r\n\x1a\n" + header + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b"")
+    small = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(small, format=fmt)
+    raw = bytearray(small.getvalue())
+    if fmt == "GIF":       # logical screen and image descriptor
+        raw[6:10] = struct.pack("<HH", width, height)
+        at = raw.index(b",")
+        raw[at + 5:at + 9] = struct.pack("<HH", width, height)
+    else:                  # BMP: BITMAPINFOHEADER
+        raw[18:26] = struct.pack("<ii", width, height)
+    return bytes(raw)
+
+
+@FEW
+@given(fmt=st.sampled_from(["PNG", "GIF", "BMP"]), width=st.integers(20_000, 65_535),
+       height=st.integers(20_000, 65_535))
+def test_decompression_bombs_are_skipped_and_named(tmp_path_factory, fmt, width, height):
+    path = tmp_path_factory.mktemp("bomb") / f"bomb.{fmt.lower()}"
+    path.write_bytes(_declaring(fmt, width, height))
+    with pytest.raises(data.DataError) as e:
+        data.decode_image(path)
+    assert str(e.value).startswith(f"{path}: cannot decode image") and "\n" not in str(e.value)
+    images = data.MultiLabelImages([data.Sample("bomb", path, np.zeros(0, dtype=np.int8))], [])
+    with pytest.warns(UserWarning, match="skipping image"):
+        assert images[0] is None                   # the feature cache and the captioner read this way
+
+
+@pytest.mark.filterwarnings("ignore:skipping image")
+def test_images_job_survives_a_bomb_and_counts_a_looping_symlink(ckpt, photos, tmp_path, capsys):
+    (photos / "bomb.png").write_bytes(_declaring("PNG", 30_000, 30_000))
+    (photos / "loop.jpg").symlink_to(photos / "loop2.jpg")
+    (photos / "loop2.jpg").symlink_to(photos / "loop.jpg")
+    assert sorted(data.image_files(str(photos)).ids)[-2:] == ["loop", "loop2"]
+    out = tmp_path / "tags.csv"
+    assert eval_cli.main([str(ckpt), "--images", str(photos), "--out", str(out)]) == 0
+    assert "3 images tagged, 3 skipped (corrupt)" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 1 + 3
+    assert eval_cli.main([str(ckpt), "--visualize", str(photos / "bomb.png"), "--out", str(tmp_path / "m.png")]) == 2
+    assert f"{photos / 'bomb.png'}: cannot decode image" in _error_line(capsys)
+    assert not (tmp_path / "m.png").exists()
+    os.mkfifo(tmp_path / "fifo.jpg")       # no writer: reading it would wait for ever
+    with no_hang(), pytest.raises(data.DataError, match="not a regular file"):
+        data.decode_image(tmp_path / "fifo.jpg")
