@@ -452,7 +452,12 @@ class MultiLabelImages:
 
 
 def collate_images(batch: list[dict | None]) -> dict:
-    """Stack the good items; `skipped` counts the bad ones (see MultiLabelImages)."""
+    """Stack the good items; `skipped` counts the bad ones (see MultiLabelImages).
+
+    In a loader worker the tensors are moved to shared memory here, as torch's default_collate
+    does: when that memory cannot be had (a full disk, `ulimit -f`), the error is then raised in
+    the worker's loop and reaches the main process. Left to the queue's sending thread, it was
+    printed there, the batch was lost, and the main process waited for it forever."""
     import torch
 
     good = [b for b in batch if b is not None]
@@ -461,7 +466,39 @@ def collate_images(batch: list[dict | None]) -> dict:
         out["image"] = torch.stack([b["image"] for b in good])
         out["labels"] = torch.stack([b["labels"] for b in good])
         out["index"] = torch.tensor([b["index"] for b in good])
+        if torch.utils.data.get_worker_info() is not None:
+            for key in ("image", "labels", "index"):
+                out[key].share_memory_()
     return out
+
+
+LOADER_TIMEOUT_S = 600   # no batch of images takes this long to read; a worker stuck for good does
+
+
+def image_batches(dataset, batch_size: int, workers: int, pin_memory: bool = False):
+    """The `collate_images` batches of `dataset`, read by `workers` processes. A worker that
+    fails (its shared memory cannot be had), dies (killed for memory) or sends nothing for
+    LOADER_TIMEOUT_S ends the job with a one-line DataError naming the images, never a hang."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_images, pin_memory=pin_memory,
+                                         timeout=LOADER_TIMEOUT_S if workers else 0)
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError) as e:
+            if not workers:      # read in this process: an error of its own, with its traceback
+                raise
+            # a worker's error arrives as "Caught X in DataLoader worker ...\n<traceback>\nX: why"
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise DataError(getattr(dataset, "name", "images"), f"reading images in {workers} worker process(es) "
+                                                                f"failed: {why} (--workers 0 reads them in this "
+                                                                "process)") from None
+        yield batch
 
 
 class SkipReport:
@@ -849,13 +886,20 @@ def conditional_probability(m: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same folder and rename, so a crash leaves no half file.
-    The one writer of every file the project produces."""
+    The one writer of every file the project produces: a write that fails (a full disk, a quota,
+    `ulimit -f`) is a one-line DataError naming `path`, and the temp file is removed."""
+    from safetensors import SafetensorError  # save_file reports I/O errors as its own type
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(path, f"cannot be written ({e.strerror or e})") from None
+    except SafetensorError as e:
+        raise DataError(path, f"cannot be written ({str(e).splitlines()[0][:160]})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -1217,13 +1261,11 @@ def caption_images(images: MultiLabelImages, model, processor, progress: Caption
                             _BlipPreprocess(processor.image_processor), images.name)
     names = [*images.class_names, *dictionary.categories[len(images.class_names):]] if dictionary else []
     device, dtype = model.device, model.dtype
-    loader = torch.utils.data.DataLoader(todo, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_images, pin_memory=device.type == "cuda")
     report, captioned = SkipReport(), 0
     bar = tqdm(total=len(todo), desc="captioning", unit="img", file=sys.stderr, disable=quiet)
     try:
         with torch.inference_mode():
-            for n, batch in enumerate(loader, 1):
+            for n, batch in enumerate(image_batches(todo, batch_size, workers, device.type == "cuda"), 1):
                 report.update(batch)
                 if batch["id"]:
                     features = _image_features(model, batch["image"].to(device, dtype, non_blocking=True))
@@ -1572,17 +1614,17 @@ def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int 
     import torch
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_images, pin_memory=pin_memory)
     report = SkipReport()
     bar = tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, mininterval=2, disable=not progress)
-    with torch.no_grad():
-        for batch in loader:
-            report.update(batch)
-            bar.update(batch["skipped"] + len(batch["id"]))
-            if batch["id"]:
-                yield batch["id"], batch["index"], encode(batch["image"].to(device, non_blocking=True))
-    bar.close()
+    try:                  # closed on an error too, so that the error line stands on a line of its own
+        with torch.no_grad():
+            for batch in image_batches(dataset, batch_size, workers, pin_memory):
+                report.update(batch)
+                bar.update(batch["skipped"] + len(batch["id"]))
+                if batch["id"]:
+                    yield batch["id"], batch["index"], encode(batch["image"].to(device, non_blocking=True))
+    finally:
+        bar.close()
     if report.skipped:
         print(f"{getattr(dataset, 'name', 'images')}: {report.summary()}", file=sys.stderr)
 

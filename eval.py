@@ -93,7 +93,8 @@ def checkpoint_config(cfg, split: str | None, given: dict[str, str | None], weig
     split, splits = split or cfg.test_split, SPLITS[cfg.dataset]
     if split not in splits:
         raise ValueError(f"--split {split}: not a split of {cfg.dataset} (its splits: {', '.join(splits)})")
-    cfg = cfg.replace(test_split=split, clip_weights_format=weights_format, **{k: v for k, v in given.items() if v})
+    cfg = cfg.replace(test_split=split, clip_weights_format=weights_format,
+                      **{k: v for k, v in given.items() if v not in (None, "")})    # --workers 0 is given
     bacgcn.validate(cfg)
 
     def source(key: str) -> str:
@@ -126,7 +127,7 @@ def open_checkpoint(path: str, split: str | None = None, overrides: dict | None 
     import pipeline
 
     cfg, classes, categories, tensors, meta = pipeline.read_checkpoint(path)
-    given = {"clip_weights": None, "data_root": None, "cache_dir": None, **(overrides or {})}
+    given = {"clip_weights": None, "data_root": None, "cache_dir": None, "workers": None, **(overrides or {})}
     return checkpoint_config(cfg, split, given, weights_format), classes, categories, tensors, meta
 
 
@@ -166,11 +167,11 @@ def checkpoint_logits(path: str, split: str | None = None, overrides: dict | Non
 
 def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
                         difficult: str = "ignore", clip_weights: str | None = None, cache_dir: str | None = None,
-                        clip_weights_format: str = "auto") -> dict:
+                        clip_weights_format: str = "auto", workers: int | None = None) -> dict:
     """Rebuild the model from the checkpoint alone and evaluate it on a split."""
     import pipeline
 
-    overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir}
+    overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir, "workers": workers}
     cfg, classes, test, logits, meta = checkpoint_logits(path, split, overrides, clip_weights_format)
     result = pipeline.evaluate_split(cfg, logits, test, len(classes), difficult)
     result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
@@ -192,10 +193,7 @@ def check_out(out: str | None, option: str) -> Path:
 
 
 def write_png(image, out: Path) -> None:
-    try:
-        atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
-    except OSError as e:
-        raise DataError(out, f"cannot write ({e.strerror or e})") from None
+    atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -307,13 +305,26 @@ def plot_ap(paths: Sequence[str], out: str) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
+def integer_from(least: int):
+    """argparse type: an integer >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+    return parse
+
+
+def finite_float(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = float("nan")
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -328,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "never taken from the checkpoint")
     parser.add_argument("--cache-dir", help="feature cache to read and write (default: read the checkpoint's, "
                                             "encode what it lacks into ./.cache/features)")
+    parser.add_argument("--workers", type=integer_from(0), metavar="N",
+                        help="image-reading processes for the feature cache and --images (default: "
+                             "the checkpoint's; 0 reads in this process)")
     parser.add_argument("--scores", help="predictions CSV (image_id + one column per class; a 'tags' column is "
                                          "skipped)")
     parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
@@ -341,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tag every JPEG/PNG of a folder (recursive), a glob pattern ('**' recurses) or one "
                              "file; --out gets image_id, the sigmoid probability of each of the C classes, and "
                              "tags (the classes at or above --threshold, best first, ';'-separated)")
-    parser.add_argument("--top-k", type=positive_int, metavar="K", help="with --images: at most K tags per image")
+    parser.add_argument("--top-k", type=integer_from(1), metavar="K", help="with --images: at most K tags per image")
     parser.add_argument("--visualize", metavar="IMG",
                         help="draw IMG beside the similarity maps of chosen categories (PNG to --out)")
     parser.add_argument("--categories", metavar="A,B,...",
@@ -371,7 +385,7 @@ def after_training(args: argparse.Namespace) -> bool:
         return True
     if not args.checkpoint:
         raise DataError(chosen[0], "needs a checkpoint (eval.py ckpt.safetensors " + chosen[0] + " ...)")
-    overrides = {"clip_weights": args.clip_weights}
+    overrides = {"clip_weights": args.clip_weights, "workers": args.workers}
     if args.images:
         done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k, overrides,
                           args.clip_weights_format)

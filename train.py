@@ -15,6 +15,7 @@ and report.json to the run folder.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -676,6 +677,10 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
         raise RunStopped(130, f"interrupted; {stopped_note(out_dir)}") from None
     except NonFiniteLoss as e:
         raise RunStopped(2, f"{e}; {stopped_note(out_dir)}") from None
+    except OSError as e:     # a full disk or a file-size limit under the unnamed writes of metrics.jsonl
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise data.DataError(metrics_path, f"cannot be written ({e.strerror})") from None
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},

@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,7 +21,9 @@ from PIL import Image
 import bacgcn
 import data
 import eval as eval_cli
+import pipeline
 import synthetic as S
+import train
 from tests.test_trust_cli import _checkpoint
 
 FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None,
@@ -143,3 +146,73 @@ def test_images_job_survives_a_bomb_and_counts_a_looping_symlink(ckpt, photos, t
     os.mkfifo(tmp_path / "fifo.jpg")       # no writer: reading it would wait for ever
     with no_hang(), pytest.raises(data.DataError, match="not a regular file"):
         data.decode_image(tmp_path / "fifo.jpg")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Resource limits: one line naming the file, never a hang
+# --------------------------------------------------------------------------------------------
+
+WRITERS = {
+    "csv": lambda p: data.write_scores_csv(p, [f"image{k}" for k in range(2000)], ["a", "b"], np.ones((2000, 2))),
+    "json": lambda p: data.write_json(p, {"AP": {str(k): 50.0 for k in range(2000)}}),
+    "safetensors": lambda p: data.atomic_write(p, lambda tmp: __import__("safetensors.torch").torch.save_file(
+        {"w": torch.zeros(10_000)}, str(tmp))),
+    "png": lambda p: eval_cli.write_png(Image.fromarray(np.random.default_rng(0).integers(
+        0, 255, (200, 200, 3), dtype=np.uint8)), p),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_a_write_past_a_file_size_limit_names_the_file_and_leaves_nothing(kind, tmp_path):
+    path = tmp_path / f"out.{kind}"
+    with file_size_limit(4096), pytest.raises(data.DataError) as e:
+        WRITERS[kind](path)
+    assert str(e.value).startswith(f"{path}: cannot be written (") and "File too large" in str(e.value)
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
+
+
+def test_clis_under_a_file_size_limit_give_one_line(world, tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    with file_size_limit(1024):
+        code = data.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--out", str(out),
+                          "--quiet"])
+    assert code == 2 and f"{out}: cannot be written (File too large)" in _error_line(capsys)
+    assert not out.exists()
+    cache = tmp_path / "cache"
+    with file_size_limit(64 * 1024):    # the feature cache's first shard is larger
+        code = train.main([f"--data-root={world}", f"--out={tmp_path / 'run'}", f"--cache-dir={cache}", "--workers=0",
+                           "--epochs=1"])
+    assert code == 2 and "shard-00000.safetensors: cannot be written (" in _error_line(capsys)
+    assert not list(cache.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("failure", ["no shared memory", "killed", "stuck"])
+def test_a_failing_worker_ends_the_images_job_in_one_line(failure, ckpt, photos, tmp_path, monkeypatch, capsys):
+    resize = pipeline.image_transform
+
+    def in_worker(size):
+        def transform(image):
+            if torch.utils.data.get_worker_info() is not None and failure == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if torch.utils.data.get_worker_info() is not None and failure == "stuck":
+                import time
+                time.sleep(3)
+            return resize(size)(image)
+        return transform
+    monkeypatch.setattr(pipeline, "image_transform", in_worker)
+    monkeypatch.setattr(data, "LOADER_TIMEOUT_S", 1)
+    out = tmp_path / "tags.csv"
+    argv = [str(ckpt), "--images", str(photos), "--out", str(out), "--workers", "1"]
+    with no_hang(), (file_size_limit(16 * 1024) if failure == "no shared memory" else contextlib.nullcontext()):
+        assert eval_cli.main(argv) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: folder {photos}: reading images in 1 worker process(es) failed: "), line
+    why = {"no shared memory": "File too large", "killed": "exited unexpectedly", "stuck": "timed out"}[failure]
+    assert why in line
+    assert line.endswith("(--workers 0 reads them in this process)") and not out.exists()
+
+
+def test_eval_workers_is_checked(ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main([str(ckpt), "--workers", "-1"])
+    assert e.value.code == 2 and "--workers: expected an integer >= 0, got '-1'" in capsys.readouterr().err
