@@ -435,11 +435,12 @@ def save_state(path: Path, model, loop: Loop, cfg, preset: str) -> None:
             "param_groups": json.dumps(opt["param_groups"]), "numpy_rng": json.dumps(list(numpy_rng[2:])),
             "python_rng": json.dumps(random.getstate()),
             "reso_found": json.dumps(None if loop.crops is None else loop.crops.found)}
-    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=pipeline.with_digest(tensors, meta)))
 
 
 def read_state(run_dir: str | Path) -> dict:
-    """The state a run folder holds: {"config", "tensors", "meta"}; one-line errors otherwise."""
+    """The state a run folder holds: {"config", "tensors", "meta", "path"}; one-line errors
+    otherwise, naming the file: unreadable, changed since it was written (its digest), NaN."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(run_dir) / STATE_FILE
@@ -450,21 +451,34 @@ def read_state(run_dir: str | Path) -> dict:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("format") != STATE_FORMAT:
             raise ValueError("not a train.py run state")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise data.DataError(path, f"unreadable run state ({e})") from None
+    pipeline.check_digest(path, tensors, meta)
+    try:
         cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
         bacgcn.validate(cfg)
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise data.DataError(path, f"unreadable run state ({e})") from None
-    return {"config": cfg, "tensors": tensors, "meta": meta}
+    pipeline.check_finite(path, tensors)
+    return {"config": cfg, "tensors": tensors, "meta": meta, "path": path}
 
 
 def restore_state(state: dict, model, loop: Loop) -> list | None:
-    """Put a saved state back into the model and the loop; returns the ReSO regions, if any."""
-    tensors, meta = state["tensors"], state["meta"]
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    """Put a saved state back into the model and the loop; returns the ReSO regions, if any.
+    Tensors that do not fit the model its config builds are one line with both shapes."""
+    tensors, meta, path = state["tensors"], state["meta"], state["path"]
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    pipeline.check_fits(path, weights, model.state_dict(), "model.")
+    model.load_state_dict(weights, strict=True)
+    params = [p for g in loop.opt.param_groups for p in g["params"]]
     moments: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, index, name = key.split(".", 2)
+            if name != "step" and (int(index) >= len(params) or value.shape != params[int(index)].shape):
+                shape = pipeline.shape_text(params[int(index)]) if int(index) < len(params) else "no parameter"
+                raise data.DataError(path, f"tensor {key} has shape {pipeline.shape_text(value)}, the recorded "
+                                           f"config gives {shape}")
             moments.setdefault(int(index), {})[name] = value
     loop.opt.load_state_dict({"state": moments, "param_groups": json.loads(meta["param_groups"])})
     loop.gen.set_state(tensors["rng.batches"])
@@ -732,6 +746,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         resume_dir, overwrite, args = run_options(args)
         if resume_dir is not None:
+            if (Path(resume_dir) / "ckpt.safetensors").is_file():
+                raise data.DataError(resume_dir, "this run has finished (its ckpt.safetensors is written): nothing "
+                                                 "to resume; train a new one with another --out")
             state = read_state(resume_dir)
             cfg, preset = state["config"].replace(out=str(Path(resume_dir).resolve())), state["meta"].get("preset", "")
         else:

@@ -24,7 +24,7 @@ import eval as eval_cli
 import pipeline
 import synthetic as S
 import train
-from tests.test_trust_cli import _checkpoint
+from tests.test_trust_cli import _checkpoint, _one_line, _rewrite
 
 FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -216,3 +216,81 @@ def test_eval_workers_is_checked(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         eval_cli.main([str(ckpt), "--workers", "-1"])
     assert e.value.code == 2 and "--workers: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Run states are checked like checkpoints
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    assert train.main([f"--data-root={world}", f"--out={root / 'run'}", f"--cache-dir={root / 'cache'}",
+                       "--workers=0", "--epochs=1", "--use-reso=false", "--batch-size=8"]) == 0
+    return root
+
+
+def _contents(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_of_a_finished_run_is_refused(finished, capsys):
+    run = finished / "run"
+    before = _contents(run)
+    assert train.main(["--resume", str(run)]) == 2
+    assert _one_line(capsys, f"{run}: this run has finished", "nothing to resume")
+    assert _contents(run) == before
+
+
+@pytest.fixture
+def unfinished(finished, tmp_path):
+    """A copy of the finished run as if stopped after its last epoch's state was saved."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(finished / "run" / train.STATE_FILE, run)
+    return run
+
+
+@FEW
+@given(where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
+def test_any_byte_changed_in_a_state_or_checkpoint_is_refused(unfinished, ckpt, tmp_path_factory, where, mask):
+    """The digest written with the file: a changed byte is refused, or changed nothing read."""
+    for original, read in ((unfinished / train.STATE_FILE, lambda p: train.read_state(p.parent)),
+                           (ckpt, lambda p: pipeline.read_checkpoint(str(p)))):
+        path = tmp_path_factory.mktemp("flip") / original.name
+        raw = bytearray(original.read_bytes())
+        at = int(where * len(raw))
+        raw[at] ^= mask
+        path.write_bytes(bytes(raw))
+        try:
+            got = read(path)
+        except data.DataError as e:
+            assert str(e).startswith(str(path)) and "\n" not in str(e)
+            continue
+        want = read(original)
+        tensors = (got["tensors"], want["tensors"]) if isinstance(got, dict) else (got[3], want[3])
+        assert tensors[0].keys() == tensors[1].keys()
+        assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0]), f"byte {at} changed a tensor"
+
+
+def test_a_state_changed_on_disk_is_refused_before_any_work(unfinished, capsys):
+    path = unfinished / train.STATE_FILE
+    _rewrite(path, tensors={"model.bias": torch.ones(20)}, digest=False)
+    assert train.main(["--resume", str(unfinished)]) == 2
+    _one_line(capsys, f"{path}: its content does not match the digest written with it")
+
+
+def test_nan_in_a_state_names_the_file(unfinished, capsys):
+    path = unfinished / train.STATE_FILE
+    _rewrite(path, tensors={"model.bias": torch.full((20,), float("nan"))})
+    assert train.main(["--resume", str(unfinished)]) == 2
+    assert _one_line(capsys) == f"error: {path}: tensor model.bias holds NaN or infinite values"
+
+
+@pytest.mark.parametrize("key", ["model.gcn.weights.0", "opt.3.exp_avg"])
+def test_a_state_that_does_not_fit_its_config_gives_both_shapes(key, unfinished, capsys):
+    path = unfinished / train.STATE_FILE
+    _rewrite(path, tensors={key: torch.zeros(7, 3)})
+    assert train.main(["--resume", str(unfinished)]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: {path}: tensor {key} has shape [7, 3], the recorded config gives ["), line
