@@ -40,11 +40,12 @@ class DataError(ValueError):
         self.path = str(path)
 
 
-def read_json(path: str | os.PathLike, what: str):
-    """Parsed JSON, or a one-line DataError naming the file (missing, or not JSON)."""
+def read_json(path: str | os.PathLike, what: str, object_pairs_hook: Callable | None = None):
+    """Parsed JSON, or a one-line DataError naming the file (missing, or not JSON).
+    `object_pairs_hook` is json.loads's (it sees every key of an object, duplicates included)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
     except FileNotFoundError:
         raise DataError(path, f"{what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -734,10 +735,16 @@ def dictionary_path(dataset: str, synonyms: str | None = None) -> Path:
     return Path(synonyms)
 
 
+class _KeyValuePairs(list):
+    """A JSON object as its (key, value) pairs in file order, a key given twice included."""
+
+
 def read_captions(directory: str | os.PathLike) -> dict[str, list[str]]:
     """captions.json (+ re_captions.json when present) -> {image id: [caption, ...]}.
 
-    Ids lose the trailing dot of the official files ("000012." -> "000012").
+    Ids lose the trailing dot of the official files ("000012." -> "000012"). An id twice in one
+    file (the same key twice, or "000012." beside "000012") is refused: merged or dropped, its
+    captions would change the votes unseen. A captions.json naming no image is refused too.
     """
     directory = Path(directory)
     main = directory / "captions.json"
@@ -747,13 +754,21 @@ def read_captions(directory: str | os.PathLike) -> dict[str, list[str]]:
     for path in (main, directory / "re_captions.json"):
         if not path.is_file():
             continue
-        raw = read_json(path, "captions file")
-        if not isinstance(raw, dict):
+        raw = read_json(path, "captions file", object_pairs_hook=_KeyValuePairs)     # duplicates kept
+        if not isinstance(raw, _KeyValuePairs):
             raise DataError(path, "expected an object {image_id: [caption, ...]}")
-        for key, caps in raw.items():
+        seen: dict[str, str] = {}
+        for key, caps in raw:
             if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
                 raise DataError(path, f"entry {key!r} is not a list of strings")
-            out.setdefault(key.rstrip("."), []).extend(caps)
+            image_id = key.rstrip(".")
+            if image_id in seen:
+                raise DataError(path, f"image id {image_id!r} appears more than once (keys {seen[image_id]!r} "
+                                      f"and {key!r})")
+            seen[image_id] = key
+            out.setdefault(image_id, []).extend(caps)
+        if path == main and not seen:
+            raise DataError(path, "names no image (an empty object)")
     return out
 
 

@@ -200,6 +200,14 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))   # no overflow for large |x|
 
 
+def check_finite_scores(checkpoint: str, ids: Sequence[str], logits: np.ndarray) -> None:
+    """Scores that overflowed to NaN or infinity are the checkpoint's failure, not tags to write."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise DataError(checkpoint, f"its head gives NaN or infinite scores for {int(bad.sum())} of {len(ids)} "
+                                    f"images (first: {ids[int(np.argmax(bad))]!r}): its weights overflow")
+
+
 def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: int | None) -> list[str]:
     """Per image: the classes scoring >= threshold (the CF1 rule), best first, at most top_k,
     joined by ';'."""
@@ -223,11 +231,9 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     ids, logits = pipeline.predict_images(cfg, backbone, model, dataset, device)
     if not ids:
         raise DataError(images, f"none of its {len(dataset)} image files could be read")
+    check_finite_scores(checkpoint, ids, logits)
     probs = sigmoid(logits[:, :len(classes)])
-    try:
-        write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
-    except OSError as e:
-        raise DataError(target, f"cannot write ({e.strerror or e})") from None
+    write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
     return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target)}
 
 
@@ -261,6 +267,7 @@ def visualize(checkpoint: str, image_path: str, out: str, requested: str | None 
     image = decode_image(image_path)
     backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
     seen = pipeline.explain_image(cfg, backbone, model, image, device)
+    check_finite_scores(checkpoint, [image_path], seen["logits"][None])
     probs = sigmoid(seen["logits"])
     chosen = choose_categories(requested, categories, len(classes), probs)
     grid = int(round(seen["sim"].shape[0] ** 0.5))
@@ -347,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
     parser.add_argument("--difficult", choices=DIFFICULT_MODES, default="ignore",
                         help="how difficult-only (0) labels count (default: ignore)")
-    parser.add_argument("--threshold", type=float, default=0.5,
+    parser.add_argument("--threshold", type=finite_float, default=0.5,
                         help="score threshold of CP/CR/CF1, OP/OR/OF1; with --images the probability at or above "
                              "which a class becomes a tag (default: 0.5)")
     parser.add_argument("--json", help="also write the report here")

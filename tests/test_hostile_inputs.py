@@ -4,6 +4,7 @@ is the README's: one line naming the file or option, a non-zero exit, nothing ha
 nothing lost that was good, never a hang."""
 import contextlib
 import io
+import json
 import os
 import resource
 import shutil
@@ -294,3 +295,59 @@ def test_a_state_that_does_not_fit_its_config_gives_both_shapes(key, unfinished,
     assert train.main(["--resume", str(unfinished)]) == 2
     line = _error_line(capsys)
     assert line.startswith(f"error: {path}: tensor {key} has shape [7, 3], the recorded config gives ["), line
+
+
+# --------------------------------------------------------------------------------------------
+# 4. No output that lies with exit 0
+# --------------------------------------------------------------------------------------------
+
+def test_scores_that_overflow_are_refused_not_tagged(ckpt, photos, tmp_path, capsys):
+    overflowing = tmp_path / "overflow.safetensors"
+    shutil.copy(ckpt, overflowing)
+    _rewrite(overflowing, tensors={"model.branch": torch.tensor([3e38, -3e38, 3e38])})
+    out = tmp_path / "tags.csv"
+    assert eval_cli.main([str(overflowing), "--images", str(photos), "--out", str(out)]) == 2
+    assert f"{overflowing}: its head gives NaN or infinite scores for 3 of 3 images" in _error_line(capsys)
+    assert eval_cli.main([str(overflowing), "--visualize", str(next(photos.iterdir())), "--out", str(out)]) == 2
+    assert "NaN or infinite scores" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_pseudo_labels_of_no_caption_is_an_error(tmp_path, capsys):
+    (tmp_path / "captions.json").write_text("{}")
+    out = tmp_path / "scores.csv"
+    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path), "--out", str(out),
+                      "--quiet"]) == 2
+    assert _one_line(capsys) == f"error: {tmp_path / 'captions.json'}: names no image (an empty object)"
+    assert not out.exists()
+
+
+caption_ids = st.lists(st.from_regex(r"[0-9a-z_]{1,8}", fullmatch=True), min_size=1, max_size=6, unique=True)
+
+
+@FEW
+@given(ids=caption_ids, pick=st.integers(0, 5), twin=st.sampled_from(["same key", "dot", "two dots"]),
+       in_re_captions=st.booleans())
+def test_duplicate_caption_ids_are_refused_by_name(tmp_path_factory, ids, pick, twin, in_re_captions):
+    folder = tmp_path_factory.mktemp("captions")
+    dup, suffix = ids[pick % len(ids)], {"same key": ".", "dot": "", "two dots": ".."}[twin]
+    entries = [f'"{i}.": ["a photo of {i}"]' for i in ids] + [f'"{dup}{suffix}": ["another photo"]']
+    text = "{" + ", ".join(entries) + "}"
+    plain = json.dumps({f"{i}.": ["a photo"] for i in ids})
+    (folder / "captions.json").write_text(plain if in_re_captions else text)
+    (folder / "re_captions.json").write_text(text if in_re_captions else plain)
+    with pytest.raises(data.DataError) as e:
+        data.read_captions(folder)
+    named = "re_captions.json" if in_re_captions else "captions.json"
+    assert str(e.value).startswith(f"{folder / named}: image id {dup!r} appears more than once")
+    (folder / "re_captions.json").write_text(plain)
+    (folder / "captions.json").write_text(plain)   # an id in both files is a caption and its re-caption
+    assert data.read_captions(folder) == {i: ["a photo", "a photo"] for i in ids}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "half"])
+def test_threshold_must_be_a_finite_number(value, world, capsys):
+    labels = str(world / "labels_test.csv")
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--scores", labels, "--labels", labels, f"--threshold={value}"])
+    assert e.value.code == 2 and f"--threshold: expected a finite number, got '{value}'" in capsys.readouterr().err
