@@ -106,16 +106,21 @@ def checkpoint_config(cfg, split: str | None, given: dict[str, str | None], weig
 
 
 def read_only_cache(cfg, backbone, dataset):
-    """A cache dir named by a checkpoint is only read: when it lacks this split's features, they
-    are encoded into the default cache of the current folder instead."""
+    """A cache dir named by a checkpoint is only read, never written: when it lacks this split's
+    features, or holds them damaged, they are encoded into the default cache of the current
+    folder instead (a damaged cache is rebuilt where it lies only when it is the user's own)."""
     import bacgcn
     import pipeline
     from data import FeatureCache
 
-    if FeatureCache(cfg.cache_dir, pipeline.feature_spec(cfg, backbone, dataset, "images")).complete:
+    cache = FeatureCache(cfg.cache_dir, pipeline.feature_spec(cfg, backbone, dataset, "images"))
+    problem = cache.problem() if cache.complete else f"lacks {dataset.name}"
+    if problem is None:
         return cfg
     local = str(Path(bacgcn.BACGCNConfig.cache_dir).resolve())
-    print(f"the checkpoint's feature cache {cfg.cache_dir} lacks {dataset.name}: encoding into {local} "
+    if cache.complete:
+        problem = f"is damaged ({problem})"
+    print(f"the checkpoint's feature cache {cfg.cache_dir} {problem}: encoding into {local} "
           "(--cache-dir to choose)", flush=True)
     return cfg.replace(cache_dir=local)
 

@@ -351,3 +351,28 @@ def test_threshold_must_be_a_finite_number(value, world, capsys):
     with pytest.raises(SystemExit) as e:
         eval_cli.main(["--scores", labels, "--labels", labels, f"--threshold={value}"])
     assert e.value.code == 2 and f"--threshold: expected a finite number, got '{value}'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# 5. A read-only cache is never written
+# --------------------------------------------------------------------------------------------
+
+def test_a_damaged_read_only_cache_is_encoded_into_the_local_one(world, tmp_path, monkeypatch, capsys):
+    recorded = tmp_path / "recorded"
+    dim = bacgcn.create_clip(S.TINY_CLIP).visual.proj.shape[1]
+    cfg = bacgcn.BACGCNConfig(data_root=str(world), clip_weights=str(S.TINY_CLIP_WEIGHTS), test_split="test",
+                              cache_dir=str(recorded), workers=0)
+    path = _checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
+    assert eval_cli.main([str(path), "--cache-dir", str(recorded)]) == 0
+    shard = next(recorded.rglob("*shard*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    before = _contents(recorded)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    capsys.readouterr()
+    assert eval_cli.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    local = tmp_path / "here" / ".cache" / "features"
+    assert f"the checkpoint's feature cache {recorded} is damaged ({shard}: truncated" in out
+    assert f"encoding into {local}" in out
+    assert _contents(recorded) == before and list(local.rglob("meta.json"))
