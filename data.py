@@ -920,6 +920,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             tmp.unlink()
 
 
+def os_error_line(e: OSError) -> str:
+    """An OSError that reached a command line, as its one line: the file it names and why."""
+    if e.filename is None:
+        return e.strerror or str(e)
+    return f"{e.filename}: {e.strerror or e}"
+
+
+def quiet_broken_pipe() -> int:
+    """stdout's reader went away (`eval.py ... | head`): stop quietly, as Unix tools do. Later
+    writes (Python's own flush at exit) go to /dev/null; the status is a shell's for SIGPIPE."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -> None:
     """Refuse an output that cannot be written before any work is done: a file where a folder
     is wanted or the reverse, or a place under a file or in a read-only folder. A one-line
@@ -1649,6 +1663,9 @@ def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int 
 # ============================================================================================
 
 def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")                 # every output before any work
+    if args.graph:
+        check_writable(args.graph, "--graph")
     if args.dataset == "synthetic":
         # A world carries its classes and dictionary beside its captions.
         class_names = synthetic_classes(args.captions)
@@ -1716,8 +1733,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_pseudo_labels(args)
         elif args.command == "captions":
             _cmd_captions(args)
-    except DataError as e:
+        sys.stdout.flush()           # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except ValueError as e:             # DataError is one
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

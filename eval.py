@@ -246,7 +246,7 @@ def choose_categories(requested: str | None, categories: list[str], num_classes:
                       probs: np.ndarray | None = None, classes_shown: int = 3, backgrounds_shown: int = 2) -> list[int]:
     """Indices of the categories to draw: the requested names (comma-separated; an unknown one
     is an error listing the valid ones), or the best classes and backgrounds by `probs`."""
-    if requested:
+    if requested is not None:               # --categories "" names nothing: an error, not the defaults
         names = [n.strip() for n in requested.split(",") if n.strip()]
         unknown = [n for n in names if n not in categories]
         if unknown or not names:
@@ -267,7 +267,7 @@ def visualize(checkpoint: str, image_path: str, out: str, requested: str | None 
 
     target = check_out(out, "--visualize")
     cfg, classes, categories, tensors, _ = open_checkpoint(checkpoint, None, overrides, weights_format)
-    if requested:
+    if requested is not None:
         choose_categories(requested, categories, len(classes))      # a typo fails before the model loads
     image = decode_image(image_path)
     backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
@@ -293,10 +293,17 @@ def read_report(path: str) -> tuple[dict, float | None]:
     ap = raw.get("AP") if isinstance(raw, dict) else None
     if not isinstance(ap, dict) or not ap:
         raise DataError(path, "not an eval.py --json report (no per-class 'AP' object)")
-    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in ap.values()):
-        raise DataError(path, "a per-class AP is not a number")
+    for name, value in ap.items():
+        if value is not None and not is_percentage(value):
+            raise DataError(path, f"the AP of {name!r} is {value!r}, not a number from 0 to 100")
     mean = raw.get("mAP")
-    return ap, float(mean) if isinstance(mean, (int, float)) and not isinstance(mean, bool) else None
+    if mean is not None and not is_percentage(mean):
+        raise DataError(path, f"its mAP is {mean!r}, not a number from 0 to 100")
+    return ap, None if mean is None else float(mean)
+
+
+def is_percentage(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100   # NaN is not
 
 
 def plot_ap(paths: Sequence[str], out: str) -> None:
@@ -412,34 +419,45 @@ def after_training(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from data import os_error_line, quiet_broken_pipe
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if after_training(args):
-            return 0
-        if args.checkpoint is None and not (args.scores and args.labels):
-            parser.error("give a checkpoint, or --scores and --labels")
-        if args.json:
-            check_writable(args.json, "--json")       # before the expensive part
-        if args.checkpoint:
-            report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult,
-                                         args.clip_weights, args.cache_dir, args.clip_weights_format)
-            report["threshold"] = 0.0
-            print_checkpoint_report(report, args.difficult)
-        else:
-            report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
-            print_report(report)
-        if args.json:
-            out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
-            out.update({k: v for k, v in report.items() if k not in out})
-            write_json(args.json, out, indent=2)
-    except (ValueError, FileNotFoundError) as e:   # DataError is a ValueError
+        if not after_training(args):
+            evaluate_command(parser, args)
+        sys.stdout.flush()           # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except ValueError as e:          # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: --json={args.json}: cannot be written ({e.strerror})", file=sys.stderr)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A checkpoint on a split, or --scores against --labels; the report printed (and --json)."""
+    if args.checkpoint is None and not (args.scores and args.labels):
+        parser.error("give a checkpoint, or --scores and --labels")
+    if args.json:
+        check_writable(args.json, "--json")       # before the expensive part
+    if args.cache_dir:
+        check_writable(args.cache_dir, "--cache-dir", folder=True)
+    if args.checkpoint:
+        report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult,
+                                     args.clip_weights, args.cache_dir, args.clip_weights_format, args.workers)
+        report["threshold"] = 0.0
+        print_checkpoint_report(report, args.difficult)
+    else:
+        report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
+        print_report(report)
+    if args.json:
+        out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
+        out.update({k: v for k, v in report.items() if k not in out})
+        write_json(args.json, out, indent=2)
 
 
 def print_checkpoint_report(report: dict, difficult: str) -> None:

@@ -742,7 +742,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--help" in args or "-h" in args:
         print(__doc__.strip() + "\n\n" + bacgcn.options_help())
         return 0
-    main_process = True
     try:
         resume_dir, overwrite, args = run_options(args)
         if resume_dir is not None:
@@ -759,10 +758,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline.resolve_device(cfg.device)
         if cfg.out:
             data.check_writable(cfg.out, "--out", folder=True)
+        data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)
         report = run(cfg, preset, state, overwrite)
-        main_process = pipeline.is_main_process()
-    except (ValueError, FileNotFoundError, data.DataError) as e:
+        if pipeline.is_main_process():
+            print_table(report)
+            print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
+            sys.stdout.flush()       # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        return data.quiet_broken_pipe()
+    except ValueError as e:          # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {data.os_error_line(e)}", file=sys.stderr)
         return 2
     except RunStopped as e:
         if pipeline.is_main_process():
@@ -771,10 +779,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if not main_process:
-        return 0
-    print_table(report)
-    print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
     return 0
 
 

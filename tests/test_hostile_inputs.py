@@ -376,3 +376,65 @@ def test_a_damaged_read_only_cache_is_encoded_into_the_local_one(world, tmp_path
     assert f"the checkpoint's feature cache {recorded} is damaged ({shard}: truncated" in out
     assert f"encoding into {local}" in out
     assert _contents(recorded) == before and list(local.rglob("meta.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Errors name the right thing
+# --------------------------------------------------------------------------------------------
+
+def test_a_cache_dir_that_is_a_file_is_named_before_any_work(ckpt, world, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert eval_cli.main([str(ckpt), "--cache-dir", str(a_file)]) == 2
+    assert _one_line(capsys) == f"error: --cache-dir={a_file}: exists and is not a folder"
+    assert train.main([f"--data-root={world}", f"--out={tmp_path / 'run'}", f"--cache-dir={a_file}"]) == 2
+    assert _one_line(capsys) == f"error: --cache-dir={a_file}: exists and is not a folder"
+    assert a_file.read_text() == "keep" and not (tmp_path / "run").exists()
+
+
+def test_pseudo_labels_outputs_are_checked_before_any_work(world, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    out = tmp_path / "scores.csv"
+    for extra, problem in (([f"--out={tmp_path}"], f"--out={tmp_path}: is a folder, not a file"),
+                           ([f"--out={a_file / 'x.csv'}"], f"--out={a_file / 'x.csv'}: cannot be written"),
+                           ([f"--out={out}", f"--graph={tmp_path}"], f"--graph={tmp_path}: is a folder, not a file")):
+        assert data.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--quiet",
+                          *extra]) == 2
+        assert _one_line(capsys).startswith(f"error: {problem}")
+    assert not out.exists() and a_file.read_text() == "keep"
+
+
+@FEW
+@given(value=st.one_of(st.floats().filter(lambda x: not 0 <= x <= 100), st.just(1e300)), on_map=st.booleans())
+def test_plot_ap_refuses_a_report_whose_ap_is_no_percentage(tmp_path_factory, value, on_map, capsys):
+    folder = tmp_path_factory.mktemp("report")
+    report = folder / "report.json"
+    ap = {"cat": 50.0, "dog": 70.0}
+    report.write_text(json.dumps({"mAP": value, "AP": ap} if on_map else {"mAP": 60.0, "AP": {**ap, "dog": value}}))
+    assert eval_cli.main(["--plot-ap", str(report), "--out", str(folder / "ap.png")]) == 2
+    assert _one_line(capsys, f"{report}: ", "not a number from 0 to 100")
+    assert not (folder / "ap.png").exists()
+
+
+def test_visualize_with_empty_categories_is_an_error(ckpt, photos, tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    for names in ("", " , "):
+        assert eval_cli.main([str(ckpt), "--visualize", str(next(photos.iterdir())), "--categories", names,
+                              "--out", str(out)]) == 2
+        assert _one_line(capsys).startswith("error: --categories: names no category; valid: ")
+    assert not out.exists()
+
+
+def test_a_closed_stdout_pipe_ends_quietly(world, tmp_path, monkeypatch, capsys):
+    """`eval.py ... | head`: the reader goes away; the command stops without a word."""
+    labels = str(world / "labels_test.csv")
+    for main, argv in ((eval_cli.main, ["--scores", labels, "--labels", labels]),
+                       (data.main, ["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--quiet",
+                                    "--out", str(tmp_path / "scores.csv")])):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        with os.fdopen(write_end, "w") as closed:
+            monkeypatch.setattr("sys.stdout", closed)
+            assert main(argv) == 141
+        assert capsys.readouterr().err == ""
