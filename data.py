@@ -37,7 +37,10 @@ class DataError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str):
         super().__init__(f"{path}: {problem}")
-        self.path = str(path)
+        self.path, self.problem = str(path), problem
+
+    def __reduce__(self):      # raised in a worker process, it is pickled back to the main one whole
+        return type(self), (self.path, self.problem)
 
 
 def read_json(path: str | os.PathLike, what: str, object_pairs_hook: Callable | None = None):

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -185,6 +186,15 @@ def test_clis_under_a_file_size_limit_give_one_line(world, tmp_path, capsys):
                            "--epochs=1"])
     assert code == 2 and "shard-00000.safetensors: cannot be written (" in _error_line(capsys)
     assert not list(cache.rglob("*.safetensors"))
+
+
+def test_a_world_build_under_a_file_size_limit_names_the_file(tmp_path):
+    with file_size_limit(1024), pytest.raises(data.DataError) as e:
+        S.build(tmp_path / "world", S.WorldConfig(seed=1, train=2, test=2), progress=False)
+    assert "JPEGImages" in e.value.path and str(e.value).endswith("cannot be written (File too large)")
+    assert not (tmp_path / "world" / "world.json").exists()
+    copy = pickle.loads(pickle.dumps(e.value))      # as a render process hands it back
+    assert str(copy) == str(e.value) and copy.path == e.value.path
 
 
 @pytest.mark.parametrize("failure", ["no shared memory", "killed", "stuck"])
