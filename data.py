@@ -37,14 +37,18 @@ class DataError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str):
         super().__init__(f"{path}: {problem}")
-        self.path = str(path)
+        self.path, self.problem = str(path), problem
+
+    def __reduce__(self):      # raised in a worker process, it is pickled back to the main one whole
+        return type(self), (self.path, self.problem)
 
 
-def read_json(path: str | os.PathLike, what: str):
-    """Parsed JSON, or a one-line DataError naming the file (missing, or not JSON)."""
+def read_json(path: str | os.PathLike, what: str, object_pairs_hook: Callable | None = None):
+    """Parsed JSON, or a one-line DataError naming the file (missing, or not JSON).
+    `object_pairs_hook` is json.loads's (it sees every key of an object, duplicates included)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
     except FileNotFoundError:
         raise DataError(path, f"{what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -370,18 +374,22 @@ def decode_image(path: str | os.PathLike):
 
     Pillow decodes: pillow-simd (the setup installs it) and current Pillow wheels both link
     libjpeg-turbo, and unlike torchvision.io (deprecated for decoding since 0.29) it reads
-    every format the datasets ship. CMYK and greyscale JPEGs come out RGB.
+    every format the datasets ship. CMYK and greyscale JPEGs come out RGB. A file declaring
+    more pixels than Pillow's limit (a few hundred bytes can claim 30000 x 30000) raises
+    DecompressionBombError, which is no OSError: caught here like every other decode failure.
     """
     import torch
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.exists() and not path.is_file():      # a FIFO or a device: reading it may never end
+        raise DataError(path, "cannot decode image (not a regular file)")
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise DataError(path, f"cannot decode image ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
@@ -448,7 +456,12 @@ class MultiLabelImages:
 
 
 def collate_images(batch: list[dict | None]) -> dict:
-    """Stack the good items; `skipped` counts the bad ones (see MultiLabelImages)."""
+    """Stack the good items; `skipped` counts the bad ones (see MultiLabelImages).
+
+    In a loader worker the tensors are moved to shared memory here, as torch's default_collate
+    does: when that memory cannot be had (a full disk, `ulimit -f`), the error is then raised in
+    the worker's loop and reaches the main process. Left to the queue's sending thread, it was
+    printed there, the batch was lost, and the main process waited for it forever."""
     import torch
 
     good = [b for b in batch if b is not None]
@@ -457,7 +470,39 @@ def collate_images(batch: list[dict | None]) -> dict:
         out["image"] = torch.stack([b["image"] for b in good])
         out["labels"] = torch.stack([b["labels"] for b in good])
         out["index"] = torch.tensor([b["index"] for b in good])
+        if torch.utils.data.get_worker_info() is not None:
+            for key in ("image", "labels", "index"):
+                out[key].share_memory_()
     return out
+
+
+LOADER_TIMEOUT_S = 600   # no batch of images takes this long to read; a worker stuck for good does
+
+
+def image_batches(dataset, batch_size: int, workers: int, pin_memory: bool = False):
+    """The `collate_images` batches of `dataset`, read by `workers` processes. A worker that
+    fails (its shared memory cannot be had), dies (killed for memory) or sends nothing for
+    LOADER_TIMEOUT_S ends the job with a one-line DataError naming the images, never a hang."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_images, pin_memory=pin_memory,
+                                         timeout=LOADER_TIMEOUT_S if workers else 0)
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError) as e:
+            if not workers:      # read in this process: an error of its own, with its traceback
+                raise
+            # a worker's error arrives as "Caught X in DataLoader worker ...\n<traceback>\nX: why"
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise DataError(getattr(dataset, "name", "images"), f"reading images in {workers} worker process(es) "
+                                                                f"failed: {why} (--workers 0 reads them in this "
+                                                                "process)") from None
+        yield batch
 
 
 class SkipReport:
@@ -693,10 +738,16 @@ def dictionary_path(dataset: str, synonyms: str | None = None) -> Path:
     return Path(synonyms)
 
 
+class _KeyValuePairs(list):
+    """A JSON object as its (key, value) pairs in file order, a key given twice included."""
+
+
 def read_captions(directory: str | os.PathLike) -> dict[str, list[str]]:
     """captions.json (+ re_captions.json when present) -> {image id: [caption, ...]}.
 
-    Ids lose the trailing dot of the official files ("000012." -> "000012").
+    Ids lose the trailing dot of the official files ("000012." -> "000012"). An id twice in one
+    file (the same key twice, or "000012." beside "000012") is refused: merged or dropped, its
+    captions would change the votes unseen. A captions.json naming no image is refused too.
     """
     directory = Path(directory)
     main = directory / "captions.json"
@@ -706,13 +757,21 @@ def read_captions(directory: str | os.PathLike) -> dict[str, list[str]]:
     for path in (main, directory / "re_captions.json"):
         if not path.is_file():
             continue
-        raw = read_json(path, "captions file")
-        if not isinstance(raw, dict):
+        raw = read_json(path, "captions file", object_pairs_hook=_KeyValuePairs)     # duplicates kept
+        if not isinstance(raw, _KeyValuePairs):
             raise DataError(path, "expected an object {image_id: [caption, ...]}")
-        for key, caps in raw.items():
+        seen: dict[str, str] = {}
+        for key, caps in raw:
             if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
                 raise DataError(path, f"entry {key!r} is not a list of strings")
-            out.setdefault(key.rstrip("."), []).extend(caps)
+            image_id = key.rstrip(".")
+            if image_id in seen:
+                raise DataError(path, f"image id {image_id!r} appears more than once (keys {seen[image_id]!r} "
+                                      f"and {key!r})")
+            seen[image_id] = key
+            out.setdefault(image_id, []).extend(caps)
+        if path == main and not seen:
+            raise DataError(path, "names no image (an empty object)")
     return out
 
 
@@ -845,16 +904,37 @@ def conditional_probability(m: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same folder and rename, so a crash leaves no half file.
-    The one writer of every file the project produces."""
+    The one writer of every file the project produces: a write that fails (a full disk, a quota,
+    `ulimit -f`) is a one-line DataError naming `path`, and the temp file is removed."""
+    from safetensors import SafetensorError  # save_file reports I/O errors as its own type
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(path, f"cannot be written ({e.strerror or e})") from None
+    except SafetensorError as e:
+        raise DataError(path, f"cannot be written ({str(e).splitlines()[0][:160]})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError that reached a command line, as its one line: the file it names and why."""
+    if e.filename is None:
+        return e.strerror or str(e)
+    return f"{e.filename}: {e.strerror or e}"
+
+
+def quiet_broken_pipe() -> int:
+    """stdout's reader went away (`eval.py ... | head`): stop quietly, as Unix tools do. Later
+    writes (Python's own flush at exit) go to /dev/null; the status is a shell's for SIGPIPE."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -> None:
@@ -1019,8 +1099,16 @@ def image_folder(root: str | os.PathLike) -> MultiLabelImages:
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "image folder not found")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in root.rglob("*") if _is_image_entry(p))
     return MultiLabelImages(_unlabelled_samples(root, paths), [], name=f"folder {root}")
+
+
+def _is_image_entry(path: Path) -> bool:
+    """A JPEG/PNG name that is a file, or a symlink that leads nowhere (looping or broken): kept,
+    so that the decoder names it and it is counted with the skipped images, not silently lost.
+    Anything else (a folder, a FIFO, a device, a link to one) is no image, and reading a FIFO
+    would wait forever."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or (path.is_symlink() and not path.exists()))
 
 
 def _unlabelled_samples(base: Path, paths: Sequence[Path]) -> list[Sample]:
@@ -1051,14 +1139,14 @@ def image_files(spec: str) -> MultiLabelImages:
         return found
     parts = Path(spec).parts
     fixed = next((k for k, part in enumerate(parts) if GLOB_MAGIC & set(part)), None)
-    if Path(spec).is_file():
+    if Path(spec).is_file() or Path(spec).is_symlink():
         base, paths = Path(spec).parent, [Path(spec)]
     elif fixed is None:
         raise DataError(spec, "no such image file or folder")
     else:
         base = Path(*parts[:fixed]) if fixed else Path(".")
         paths = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
-    paths = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    paths = [p for p in paths if _is_image_entry(p)]
     if not paths:
         raise DataError(spec, "matches no JPEG or PNG file")
     return MultiLabelImages(_unlabelled_samples(base, paths), [], name=spec)
@@ -1205,13 +1293,11 @@ def caption_images(images: MultiLabelImages, model, processor, progress: Caption
                             _BlipPreprocess(processor.image_processor), images.name)
     names = [*images.class_names, *dictionary.categories[len(images.class_names):]] if dictionary else []
     device, dtype = model.device, model.dtype
-    loader = torch.utils.data.DataLoader(todo, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_images, pin_memory=device.type == "cuda")
     report, captioned = SkipReport(), 0
     bar = tqdm(total=len(todo), desc="captioning", unit="img", file=sys.stderr, disable=quiet)
     try:
         with torch.inference_mode():
-            for n, batch in enumerate(loader, 1):
+            for n, batch in enumerate(image_batches(todo, batch_size, workers, device.type == "cuda"), 1):
                 report.update(batch)
                 if batch["id"]:
                     features = _image_features(model, batch["image"].to(device, dtype, non_blocking=True))
@@ -1560,17 +1646,17 @@ def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int 
     import torch
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_images, pin_memory=pin_memory)
     report = SkipReport()
     bar = tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, mininterval=2, disable=not progress)
-    with torch.no_grad():
-        for batch in loader:
-            report.update(batch)
-            bar.update(batch["skipped"] + len(batch["id"]))
-            if batch["id"]:
-                yield batch["id"], batch["index"], encode(batch["image"].to(device, non_blocking=True))
-    bar.close()
+    try:                  # closed on an error too, so that the error line stands on a line of its own
+        with torch.no_grad():
+            for batch in image_batches(dataset, batch_size, workers, pin_memory):
+                report.update(batch)
+                bar.update(batch["skipped"] + len(batch["id"]))
+                if batch["id"]:
+                    yield batch["id"], batch["index"], encode(batch["image"].to(device, non_blocking=True))
+    finally:
+        bar.close()
     if report.skipped:
         print(f"{getattr(dataset, 'name', 'images')}: {report.summary()}", file=sys.stderr)
 
@@ -1580,6 +1666,9 @@ def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int 
 # ============================================================================================
 
 def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out")                 # every output before any work
+    if args.graph:
+        check_writable(args.graph, "--graph")
     if args.dataset == "synthetic":
         # A world carries its classes and dictionary beside its captions.
         class_names = synthetic_classes(args.captions)
@@ -1647,8 +1736,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_pseudo_labels(args)
         elif args.command == "captions":
             _cmd_captions(args)
-    except DataError as e:
+        sys.stdout.flush()           # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except ValueError as e:             # DataError is one
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

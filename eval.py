@@ -93,7 +93,8 @@ def checkpoint_config(cfg, split: str | None, given: dict[str, str | None], weig
     split, splits = split or cfg.test_split, SPLITS[cfg.dataset]
     if split not in splits:
         raise ValueError(f"--split {split}: not a split of {cfg.dataset} (its splits: {', '.join(splits)})")
-    cfg = cfg.replace(test_split=split, clip_weights_format=weights_format, **{k: v for k, v in given.items() if v})
+    cfg = cfg.replace(test_split=split, clip_weights_format=weights_format,
+                      **{k: v for k, v in given.items() if v not in (None, "")})    # --workers 0 is given
     bacgcn.validate(cfg)
 
     def source(key: str) -> str:
@@ -105,16 +106,21 @@ def checkpoint_config(cfg, split: str | None, given: dict[str, str | None], weig
 
 
 def read_only_cache(cfg, backbone, dataset):
-    """A cache dir named by a checkpoint is only read: when it lacks this split's features, they
-    are encoded into the default cache of the current folder instead."""
+    """A cache dir named by a checkpoint is only read, never written: when it lacks this split's
+    features, or holds them damaged, they are encoded into the default cache of the current
+    folder instead (a damaged cache is rebuilt where it lies only when it is the user's own)."""
     import bacgcn
     import pipeline
     from data import FeatureCache
 
-    if FeatureCache(cfg.cache_dir, pipeline.feature_spec(cfg, backbone, dataset, "images")).complete:
+    cache = FeatureCache(cfg.cache_dir, pipeline.feature_spec(cfg, backbone, dataset, "images"))
+    problem = cache.problem() if cache.complete else f"lacks {dataset.name}"
+    if problem is None:
         return cfg
     local = str(Path(bacgcn.BACGCNConfig.cache_dir).resolve())
-    print(f"the checkpoint's feature cache {cfg.cache_dir} lacks {dataset.name}: encoding into {local} "
+    if cache.complete:
+        problem = f"is damaged ({problem})"
+    print(f"the checkpoint's feature cache {cfg.cache_dir} {problem}: encoding into {local} "
           "(--cache-dir to choose)", flush=True)
     return cfg.replace(cache_dir=local)
 
@@ -126,7 +132,7 @@ def open_checkpoint(path: str, split: str | None = None, overrides: dict | None 
     import pipeline
 
     cfg, classes, categories, tensors, meta = pipeline.read_checkpoint(path)
-    given = {"clip_weights": None, "data_root": None, "cache_dir": None, **(overrides or {})}
+    given = {"clip_weights": None, "data_root": None, "cache_dir": None, "workers": None, **(overrides or {})}
     return checkpoint_config(cfg, split, given, weights_format), classes, categories, tensors, meta
 
 
@@ -166,11 +172,11 @@ def checkpoint_logits(path: str, split: str | None = None, overrides: dict | Non
 
 def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
                         difficult: str = "ignore", clip_weights: str | None = None, cache_dir: str | None = None,
-                        clip_weights_format: str = "auto") -> dict:
+                        clip_weights_format: str = "auto", workers: int | None = None) -> dict:
     """Rebuild the model from the checkpoint alone and evaluate it on a split."""
     import pipeline
 
-    overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir}
+    overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir, "workers": workers}
     cfg, classes, test, logits, meta = checkpoint_logits(path, split, overrides, clip_weights_format)
     result = pipeline.evaluate_split(cfg, logits, test, len(classes), difficult)
     result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
@@ -192,14 +198,19 @@ def check_out(out: str | None, option: str) -> Path:
 
 
 def write_png(image, out: Path) -> None:
-    try:
-        atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
-    except OSError as e:
-        raise DataError(out, f"cannot write ({e.strerror or e})") from None
+    atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))   # no overflow for large |x|
+
+
+def check_finite_scores(checkpoint: str, ids: Sequence[str], logits: np.ndarray) -> None:
+    """Scores that overflowed to NaN or infinity are the checkpoint's failure, not tags to write."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise DataError(checkpoint, f"its head gives NaN or infinite scores for {int(bad.sum())} of {len(ids)} "
+                                    f"images (first: {ids[int(np.argmax(bad))]!r}): its weights overflow")
 
 
 def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: int | None) -> list[str]:
@@ -225,11 +236,9 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     ids, logits = pipeline.predict_images(cfg, backbone, model, dataset, device)
     if not ids:
         raise DataError(images, f"none of its {len(dataset)} image files could be read")
+    check_finite_scores(checkpoint, ids, logits)
     probs = sigmoid(logits[:, :len(classes)])
-    try:
-        write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
-    except OSError as e:
-        raise DataError(target, f"cannot write ({e.strerror or e})") from None
+    write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
     return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target)}
 
 
@@ -237,7 +246,7 @@ def choose_categories(requested: str | None, categories: list[str], num_classes:
                       probs: np.ndarray | None = None, classes_shown: int = 3, backgrounds_shown: int = 2) -> list[int]:
     """Indices of the categories to draw: the requested names (comma-separated; an unknown one
     is an error listing the valid ones), or the best classes and backgrounds by `probs`."""
-    if requested:
+    if requested is not None:               # --categories "" names nothing: an error, not the defaults
         names = [n.strip() for n in requested.split(",") if n.strip()]
         unknown = [n for n in names if n not in categories]
         if unknown or not names:
@@ -258,11 +267,12 @@ def visualize(checkpoint: str, image_path: str, out: str, requested: str | None 
 
     target = check_out(out, "--visualize")
     cfg, classes, categories, tensors, _ = open_checkpoint(checkpoint, None, overrides, weights_format)
-    if requested:
+    if requested is not None:
         choose_categories(requested, categories, len(classes))      # a typo fails before the model loads
     image = decode_image(image_path)
     backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
     seen = pipeline.explain_image(cfg, backbone, model, image, device)
+    check_finite_scores(checkpoint, [image_path], seen["logits"][None])
     probs = sigmoid(seen["logits"])
     chosen = choose_categories(requested, categories, len(classes), probs)
     grid = int(round(seen["sim"].shape[0] ** 0.5))
@@ -283,10 +293,17 @@ def read_report(path: str) -> tuple[dict, float | None]:
     ap = raw.get("AP") if isinstance(raw, dict) else None
     if not isinstance(ap, dict) or not ap:
         raise DataError(path, "not an eval.py --json report (no per-class 'AP' object)")
-    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in ap.values()):
-        raise DataError(path, "a per-class AP is not a number")
+    for name, value in ap.items():
+        if value is not None and not is_percentage(value):
+            raise DataError(path, f"the AP of {name!r} is {value!r}, not a number from 0 to 100")
     mean = raw.get("mAP")
-    return ap, float(mean) if isinstance(mean, (int, float)) and not isinstance(mean, bool) else None
+    if mean is not None and not is_percentage(mean):
+        raise DataError(path, f"its mAP is {mean!r}, not a number from 0 to 100")
+    return ap, None if mean is None else float(mean)
+
+
+def is_percentage(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100   # NaN is not
 
 
 def plot_ap(paths: Sequence[str], out: str) -> None:
@@ -307,13 +324,26 @@ def plot_ap(paths: Sequence[str], out: str) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
+def integer_from(least: int):
+    """argparse type: an integer >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+    return parse
+
+
+def finite_float(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = float("nan")
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -328,12 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "never taken from the checkpoint")
     parser.add_argument("--cache-dir", help="feature cache to read and write (default: read the checkpoint's, "
                                             "encode what it lacks into ./.cache/features)")
+    parser.add_argument("--workers", type=integer_from(0), metavar="N",
+                        help="image-reading processes for the feature cache and --images (default: "
+                             "the checkpoint's; 0 reads in this process)")
     parser.add_argument("--scores", help="predictions CSV (image_id + one column per class; a 'tags' column is "
                                          "skipped)")
     parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
     parser.add_argument("--difficult", choices=DIFFICULT_MODES, default="ignore",
                         help="how difficult-only (0) labels count (default: ignore)")
-    parser.add_argument("--threshold", type=float, default=0.5,
+    parser.add_argument("--threshold", type=finite_float, default=0.5,
                         help="score threshold of CP/CR/CF1, OP/OR/OF1; with --images the probability at or above "
                              "which a class becomes a tag (default: 0.5)")
     parser.add_argument("--json", help="also write the report here")
@@ -341,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tag every JPEG/PNG of a folder (recursive), a glob pattern ('**' recurses) or one "
                              "file; --out gets image_id, the sigmoid probability of each of the C classes, and "
                              "tags (the classes at or above --threshold, best first, ';'-separated)")
-    parser.add_argument("--top-k", type=positive_int, metavar="K", help="with --images: at most K tags per image")
+    parser.add_argument("--top-k", type=integer_from(1), metavar="K", help="with --images: at most K tags per image")
     parser.add_argument("--visualize", metavar="IMG",
                         help="draw IMG beside the similarity maps of chosen categories (PNG to --out)")
     parser.add_argument("--categories", metavar="A,B,...",
@@ -371,7 +404,7 @@ def after_training(args: argparse.Namespace) -> bool:
         return True
     if not args.checkpoint:
         raise DataError(chosen[0], "needs a checkpoint (eval.py ckpt.safetensors " + chosen[0] + " ...)")
-    overrides = {"clip_weights": args.clip_weights}
+    overrides = {"clip_weights": args.clip_weights, "workers": args.workers}
     if args.images:
         done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k, overrides,
                           args.clip_weights_format)
@@ -386,34 +419,45 @@ def after_training(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from data import os_error_line, quiet_broken_pipe
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if after_training(args):
-            return 0
-        if args.checkpoint is None and not (args.scores and args.labels):
-            parser.error("give a checkpoint, or --scores and --labels")
-        if args.json:
-            check_writable(args.json, "--json")       # before the expensive part
-        if args.checkpoint:
-            report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult,
-                                         args.clip_weights, args.cache_dir, args.clip_weights_format)
-            report["threshold"] = 0.0
-            print_checkpoint_report(report, args.difficult)
-        else:
-            report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
-            print_report(report)
-        if args.json:
-            out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
-            out.update({k: v for k, v in report.items() if k not in out})
-            write_json(args.json, out, indent=2)
-    except (ValueError, FileNotFoundError) as e:   # DataError is a ValueError
+        if not after_training(args):
+            evaluate_command(parser, args)
+        sys.stdout.flush()           # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except ValueError as e:          # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: --json={args.json}: cannot be written ({e.strerror})", file=sys.stderr)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A checkpoint on a split, or --scores against --labels; the report printed (and --json)."""
+    if args.checkpoint is None and not (args.scores and args.labels):
+        parser.error("give a checkpoint, or --scores and --labels")
+    if args.json:
+        check_writable(args.json, "--json")       # before the expensive part
+    if args.cache_dir:
+        check_writable(args.cache_dir, "--cache-dir", folder=True)
+    if args.checkpoint:
+        report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult,
+                                     args.clip_weights, args.cache_dir, args.clip_weights_format, args.workers)
+        report["threshold"] = 0.0
+        print_checkpoint_report(report, args.difficult)
+    else:
+        report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
+        print_report(report)
+    if args.json:
+        out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}
+        out.update({k: v for k, v in report.items() if k not in out})
+        write_json(args.json, out, indent=2)
 
 
 def print_checkpoint_report(report: dict, difficult: str) -> None:

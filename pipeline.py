@@ -399,6 +399,41 @@ def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, diff
 RECORDED_PATHS = ("clip_weights", "data_root", "cache_dir")
 
 
+DIGEST_KEY = "sha256"   # metadata key of the digest of a file's tensors and other metadata
+
+
+def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the
+    digest itself: written with a checkpoint or run state, checked when it is read, so a byte
+    changed on disk is refused instead of training or scoring with other weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    for key in sorted(k for k in meta if k != DIGEST_KEY):
+        digest.update(f"{key}\0{meta[key]}\0".encode())
+    return digest.hexdigest()
+
+
+def with_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
+    return {**meta, DIGEST_KEY: content_digest(tensors, meta)}
+
+
+def check_digest(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    if meta.get(DIGEST_KEY) != content_digest(tensors, meta):
+        raise data.DataError(path, "its content does not match the digest written with it (changed or damaged "
+                                   "on disk since)" if DIGEST_KEY in meta else "holds no digest of its content")
+
+
+def check_finite(path, tensors: dict[str, torch.Tensor]) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise data.DataError(path, f"tensor {key} holds NaN or infinite values")
+
+
 def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:
     from safetensors.torch import save_file
 
@@ -409,7 +444,7 @@ def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, p
     meta = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "classes": json.dumps(list(classes)),
             "categories": json.dumps(list(categories)), "metrics": json.dumps(data.json_safe(report)),
             "commit": git_commit(), "preset": preset}
-    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=with_digest(tensors, meta)))
 
 
 def _recorded_json(path: str, meta: dict, key: str):
@@ -443,6 +478,7 @@ def read_checkpoint(path: str):
         raise data.DataError(path, f"not a safetensors checkpoint ({str(e).splitlines()[0][:160]})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise data.DataError(path, "not a checkpoint written by train.py (no bacgcn metadata)")
+    check_digest(path, tensors, meta)
     if "config" not in meta:
         raise data.DataError(path, "checkpoint metadata lacks 'config'")
     try:
@@ -460,7 +496,7 @@ def read_checkpoint(path: str):
     return cfg, classes, categories, tensors, meta
 
 
-def _shape(t: torch.Tensor) -> str:
+def shape_text(t: torch.Tensor) -> str:
     return "[" + ", ".join(map(str, t.shape)) + "]"
 
 
@@ -473,15 +509,28 @@ def check_checkpoint_tensors(path: str, tensors: dict[str, torch.Tensor], num_ca
             raise data.DataError(path, f"checkpoint lacks the tensor {key}")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
-            raise data.DataError(path, f"tensor {key} has shape {_shape(tensors[key])}, expected "
+            raise data.DataError(path, f"tensor {key} has shape {shape_text(tensors[key])}, expected "
                                        f"[{', '.join(map(str, shape))}] for {o} categories")
     prompts = tensors["model.kernel.prompts"]
     if prompts.dim() != 2 or prompts.shape[0] != o or prompts.shape[1] == 0:
-        raise data.DataError(path, f"tensor model.kernel.prompts has shape {_shape(prompts)}, expected "
+        raise data.DataError(path, f"tensor model.kernel.prompts has shape {shape_text(prompts)}, expected "
                                    f"[{o}, embedding size] for {o} categories")
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise data.DataError(path, f"tensor {key} holds NaN or infinite values")
+    check_finite(path, tensors)
+
+
+def check_fits(path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], prefix: str) -> None:
+    """The saved tensors are those of the model the recorded config builds (`own`), shape for
+    shape; else one line naming the tensor and both shapes (load_state_dict's is a traceback)."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    if missing or unexpected:
+        what = f"lacks the tensor {prefix}{missing[0]}" if missing else \
+            f"has an unexpected tensor {prefix}{unexpected[0]}"
+        raise data.DataError(path, f"{what} for the recorded config")
+    for k, v in own.items():
+        if saved[k].shape != v.shape:
+            raise data.DataError(path, f"tensor {prefix}{k} has shape {shape_text(saved[k])}, the recorded config "
+                                       f"gives {shape_text(v)}")
 
 
 # The GCN's sparse graph is rebuilt from graph.M, graph.N and the config; the stored copy must
@@ -496,15 +545,8 @@ def model_from_checkpoint(path: str, cfg, classes, tensors) -> bacgcn.BACGCN:
     model = build_model(cfg, prompts, len(classes), tensors["graph.M"], tensors["graph.N"],
                         float(state["logit_scale"]))
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        what = f"lacks the tensor model.{missing[0]}" if missing else f"has an unexpected tensor model.{unexpected[0]}"
-        raise data.DataError(path, f"{what} for the recorded config")
+    check_fits(path, state, own, "model.")
     for k, v in own.items():
-        if state[k].shape != v.shape:
-            raise data.DataError(path, f"tensor model.{k} has shape {_shape(state[k])}, the recorded config "
-                                       f"gives {_shape(v)}")
         if k in GRAPH_BUFFERS and not torch.allclose(state[k].to(v.dtype), v, rtol=1e-5, atol=1e-6):
             raise data.DataError(path, f"tensor model.{k} does not match the graph rebuilt from graph.M, graph.N "
                                        "and the recorded config")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from data import DataError, check_writable, write_json
+from data import DataError, atomic_write, check_writable, write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used: `build` needs only numpy and Pillow
     import torch
@@ -458,6 +458,11 @@ def _jpeg_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write(path: Path, content: str | bytes) -> None:
+    """A file of the world, through atomic_write: a full disk or `ulimit -f` is one line naming it."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(content.encode() if isinstance(content, str) else content))
+
+
 def _render_image(job: tuple[str, WorldConfig, str, int, str]) -> tuple[str, str, set[int], list | None, list | None]:
     """Render and write one image of the world and its annotation; return (image id, split,
     classes, captions, re-captions). Every image has its own RNG stream, so any process can
@@ -465,8 +470,8 @@ def _render_image(job: tuple[str, WorldConfig, str, int, str]) -> tuple[str, str
     base, cfg, split, k, image_id = job
     rng = _scene_rng(cfg.seed, split, k)
     scene = render_scene(rng, cfg)
-    (Path(base) / "JPEGImages" / f"{image_id}.jpg").write_bytes(_jpeg_bytes(scene.image))
-    (Path(base) / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(image_id, scene))
+    _write(Path(base) / "JPEGImages" / f"{image_id}.jpg", _jpeg_bytes(scene.image))
+    _write(Path(base) / "Annotations" / f"{image_id}.xml", _voc_xml(image_id, scene))
     if split != "trainval":
         return image_id, split, scene.classes, None, None
     first = blip_captions(rng, scene)
@@ -510,15 +515,15 @@ def build(out: str | os.PathLike, cfg: WorldConfig, progress: bool = True, worke
     bar.close()
     main = base / "ImageSets" / "Main"
     for split, table in labels.items():
-        (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in table))
+        _write(main / f"{split}.txt", "".join(f"{i}\n" for i in table))
         for c, name in enumerate(CLASS_NAMES):
-            (main / f"{name}_{split}.txt").write_text(
-                "".join(f"{i} {1 if c in cl else -1:2d}\n" for i, cl in table.items()))
+            _write(main / f"{name}_{split}.txt",
+                   "".join(f"{i} {1 if c in cl else -1:2d}\n" for i, cl in table.items()))
         # the same labels in the eval.py --labels format
-        (base / f"labels_{split}.csv").write_text(
-            "image_id," + ",".join(CLASS_NAMES) + "\n" + "".join(
-                i + "," + ",".join("1" if c in cl else "-1" for c in range(len(CLASSES))) + "\n"
-                for i, cl in table.items()))
+        _write(base / f"labels_{split}.csv",
+               "image_id," + ",".join(CLASS_NAMES) + "\n" + "".join(
+                   i + "," + ",".join("1" if c in cl else "-1" for c in range(len(CLASSES))) + "\n"
+                   for i, cl in table.items()))
     write_json(base / "captions.json", captions, indent=None)
     write_json(base / "re_captions.json", re_captions, indent=None)
     write_json(base / "synonyms.json", synonyms_dictionary())

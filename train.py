@@ -15,6 +15,7 @@ and report.json to the run folder.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -436,11 +437,12 @@ def save_state(path: Path, model, loop: Loop, cfg, preset: str) -> None:
             "param_groups": json.dumps(opt["param_groups"]), "numpy_rng": json.dumps(list(numpy_rng[2:])),
             "python_rng": json.dumps(random.getstate()),
             "reso_found": json.dumps(None if loop.crops is None else loop.crops.found)}
-    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=pipeline.with_digest(tensors, meta)))
 
 
 def read_state(run_dir: str | Path) -> dict:
-    """The state a run folder holds: {"config", "tensors", "meta"}; one-line errors otherwise."""
+    """The state a run folder holds: {"config", "tensors", "meta", "path"}; one-line errors
+    otherwise, naming the file: unreadable, changed since it was written (its digest), NaN."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(run_dir) / STATE_FILE
@@ -451,21 +453,34 @@ def read_state(run_dir: str | Path) -> dict:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("format") != STATE_FORMAT:
             raise ValueError("not a train.py run state")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise data.DataError(path, f"unreadable run state ({e})") from None
+    pipeline.check_digest(path, tensors, meta)
+    try:
         cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
         bacgcn.validate(cfg)
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise data.DataError(path, f"unreadable run state ({e})") from None
-    return {"config": cfg, "tensors": tensors, "meta": meta}
+    pipeline.check_finite(path, tensors)
+    return {"config": cfg, "tensors": tensors, "meta": meta, "path": path}
 
 
 def restore_state(state: dict, model, loop: Loop) -> list | None:
-    """Put a saved state back into the model and the loop; returns the ReSO regions, if any."""
-    tensors, meta = state["tensors"], state["meta"]
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    """Put a saved state back into the model and the loop; returns the ReSO regions, if any.
+    Tensors that do not fit the model its config builds are one line with both shapes."""
+    tensors, meta, path = state["tensors"], state["meta"], state["path"]
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    pipeline.check_fits(path, weights, model.state_dict(), "model.")
+    model.load_state_dict(weights, strict=True)
+    params = [p for g in loop.opt.param_groups for p in g["params"]]
     moments: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, index, name = key.split(".", 2)
+            if name != "step" and (int(index) >= len(params) or value.shape != params[int(index)].shape):
+                shape = pipeline.shape_text(params[int(index)]) if int(index) < len(params) else "no parameter"
+                raise data.DataError(path, f"tensor {key} has shape {pipeline.shape_text(value)}, the recorded "
+                                           f"config gives {shape}")
             moments.setdefault(int(index), {})[name] = value
     loop.opt.load_state_dict({"state": moments, "param_groups": json.loads(meta["param_groups"])})
     loop.gen.set_state(tensors["rng.batches"])
@@ -684,6 +699,10 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
         raise RunStopped(130, f"interrupted; {stopped_note(out_dir)}") from None
     except NonFiniteLoss as e:
         raise RunStopped(2, f"{e}; {stopped_note(out_dir)}") from None
+    except OSError as e:     # a full disk or a file-size limit under the unnamed writes of metrics.jsonl
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise data.DataError(metrics_path, f"cannot be written ({e.strerror})") from None
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
@@ -731,10 +750,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--help" in args or "-h" in args:
         print(__doc__.strip() + "\n\n" + bacgcn.options_help())
         return 0
-    main_process = True
     try:
         resume_dir, overwrite, args = run_options(args)
         if resume_dir is not None:
+            if (Path(resume_dir) / "ckpt.safetensors").is_file():
+                raise data.DataError(resume_dir, "this run has finished (its ckpt.safetensors is written): nothing "
+                                                 "to resume; train a new one with another --out")
             state = read_state(resume_dir)
             cfg, preset = state["config"].replace(out=str(Path(resume_dir).resolve())), state["meta"].get("preset", "")
         else:
@@ -745,10 +766,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline.resolve_device(cfg.device)
         if cfg.out:
             data.check_writable(cfg.out, "--out", folder=True)
+        data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)
         report = run(cfg, preset, state, overwrite)
-        main_process = pipeline.is_main_process()
-    except (ValueError, FileNotFoundError, data.DataError) as e:
+        if pipeline.is_main_process():
+            print_table(report)
+            print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
+            sys.stdout.flush()       # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        return data.quiet_broken_pipe()
+    except ValueError as e:          # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {data.os_error_line(e)}", file=sys.stderr)
         return 2
     except RunStopped as e:
         if pipeline.is_main_process():
@@ -757,10 +787,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if not main_process:
-        return 0
-    print_table(report)
-    print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
     return 0
 
 
