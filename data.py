@@ -726,8 +726,8 @@ class CaptionFilterConfig:
     # Bayes over all caption words, fit on the hard pseudo labels themselves (no human label),
     # says which of the tied images are likelier ("living room", "window" for potted plant).
     # Kept below 1/(2 * captions) so it reorders ties and never outranks a single vote.
-    # VOC2007 dev (2,500 images), our dictionary: mAP 84.4 -> 88.0, best F1 0.848 -> 0.851;
-    # the paper's dictionary: 78.5 -> 85.2. 0 turns it off (plain vote fraction).
+    # VOC2007 dev (2,500 images), our dictionary: mAP 84.1 -> 88.2, best F1 0.845 -> 0.848;
+    # the paper's dictionary: 78.5 -> 85.4 (bench/caption_table.py). 0 turns it off (plain vote fraction).
     context_weight: float = 1e-3
     # Words in fewer images than this are left out of the context model (noise, names).
     context_min_images: int = 3
