@@ -1,11 +1,22 @@
 """Train BAC-GCN.
 
   python train.py                                   # the proving ground, end to end, on the CPU
-  python train.py --preset=voc2007-vitb16 --data-root=VOCdevkit --clip-weights=ViT-B-16.safetensors \\
-      --captions=DIR                                # real data (also voc2012, coco2014, nuswide)
+  python train.py --dataset voc07                   # real data (also voc12, coco, nus), its ViT-B/16 preset
   python bacgcn.py convert ViT-B-16.pt ViT-B-16.safetensors   # OpenAI's TorchScript archive, once
   python train.py --key=value ...                   # any field of bacgcn.BACGCNConfig
   python train.py --help                            # every option, its type, default and meaning
+
+Real data is looked for where the paper's release puts it (--data-folder, default data_folder/,
+in the current folder, else in the repo):
+  data_folder/voc2007/VOCtrainval_06-Nov-2007/VOCdevkit/VOC2007, VOCtest_06-Nov-2007/VOCdevkit/VOC2007
+  data_folder/voc2012/VOC2012_train_val/VOCdevkit/VOC2012
+  data_folder/coco2014/train2014, val2014, annotations/instances_{train,val}2014.json
+  data_folder/nuswide/Flickr, ImageList, Groundtruth/TrainTestLabels, Concepts81.txt
+  captions: data_folder/<dataset>/captions.json (+ re_captions.json), or --captions=DIR
+  CLIP weights: ViT-B-16.safetensors (current folder, else the repo), or --clip-weights=FILE;
+    from OpenAI's ViT-B-16.pt with the convert line above
+--data-root=DIR reads one dataset from elsewhere (for VOC also one merged VOCdevkit). Each piece
+that is missing is one line saying what to put where.
 
 Stages: (1) captions -> pseudo labels and the co-occurrence graph; (2) frozen CLIP features,
 cached once per image; (3) the model, which starts at CLIP zero-shot; (4) the Similarity Kernel
@@ -44,11 +55,62 @@ MAX_MISSING_SHARE = 0.05   # above this share of images without captions or unre
 REPORT_KEYS = ("mAP", "mAP_small", "mAP_large", "CF1", "OF1")   # the zero-shot summary of report.json
 DEFAULT_SPLITS = {"synthetic": ("trainval", "test"), "voc2007": ("trainval", "test"),
                   "voc2012": ("train", "val"), "coco2014": ("train", "val"), "nuswide": ("train", "test")}
+# What the paper's release puts in <data_folder>/<dataset>/, said when that folder is missing.
+RELEASE_LAYOUT = {
+    "voc2007": "VOCtrainval_06-Nov-2007/ and VOCtest_06-Nov-2007/ (each tar as it unpacks: VOCdevkit/VOC2007)",
+    "voc2012": "VOC2012_train_val/ (the trainval tar as it unpacks: VOCdevkit/VOC2012)",
+    "coco2014": "train2014/, val2014/ and annotations/instances_{train,val}2014.json",
+    "nuswide": "Flickr/, ImageList/, Groundtruth/TrainTestLabels/ and Concepts81.txt",
+}
+OPENAI_VITB16_URL = ("https://openaipublic.azureedge.net/clip/models/"
+                     "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt")
+
+
+class MissingPieces(ValueError):
+    """What a run lacks before it can start: one line per piece, each saying what to put where."""
+
+
+def here_or_in_repo(path: str) -> Path:
+    """A relative path as given when it exists here, else under the repo root when it exists
+    there (where the default places are: data_folder/, ViT-B-16.safetensors), else as given."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
+        return ROOT / p
+    return p
+
+
+def missing_pieces(cfg: bacgcn.BACGCNConfig) -> list[str]:
+    """One line per piece a run needs and lacks (its data, captions, CLIP weights), each naming
+    the place and what goes there; [] when everything is in place."""
+    lines = []
+    root = Path(cfg.data_root)
+    if cfg.dataset != "synthetic" and not root.is_dir():
+        lines.append(f"{root}: no {cfg.dataset} here: put {RELEASE_LAYOUT[cfg.dataset]} there (the paper's "
+                     "layout), or pass --data-root=DIR")
+    elif cfg.dataset in ("voc2007", "voc2012"):
+        for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
+            try:
+                data.voc_root(root, cfg.dataset[3:], split)
+            except data.DataError as e:
+                lines.append(str(e))
+    captions = Path(cfg.captions) / "captions.json"
+    if cfg.dataset != "synthetic" and not captions.is_file():
+        lines.append(f"{captions}: no captions: put the paper's captions.json (and re_captions.json) for "
+                     f"{cfg.dataset} there, make them with `python data.py captions --dataset {cfg.dataset} ...`, "
+                     "or pass --captions=DIR")
+    weights = Path(cfg.clip_weights)
+    if not weights.is_file():
+        how = (f": download OpenAI's ViT-B-16.pt ({OPENAI_VITB16_URL}), then `python bacgcn.py convert ViT-B-16.pt "
+               f"{weights}`, or pass --clip-weights=FILE" if cfg.clip_model == "ViT-B-16-quickgelu" else "")
+        lines.append(f"{weights}: CLIP weights not found{how}")
+    return lines
 
 
 def resolve_paths(cfg: bacgcn.BACGCNConfig) -> bacgcn.BACGCNConfig:
-    """Fill the defaults that depend on the dataset; build the proving ground if absent, at its
-    default path or where --build-world=true asks (a mistyped --data-root builds nothing)."""
+    """Fill the defaults that depend on the dataset (a real one in the paper's layout under
+    --data-folder); build the proving ground if absent, at its default path or where
+    --build-world=true asks (a mistyped --data-root builds nothing). Every piece still missing
+    is one line of MissingPieces."""
     updates = {}
     if cfg.dataset == "synthetic":
         default = ROOT / "runs" / f"world-seed{cfg.seed}"
@@ -62,15 +124,19 @@ def resolve_paths(cfg: bacgcn.BACGCNConfig) -> bacgcn.BACGCNConfig:
             synthetic.build(root, synthetic.WorldConfig(seed=cfg.seed))
         updates["data_root"] = str(root)
         updates["captions"] = cfg.captions or str(root)
-    elif not cfg.data_root or not cfg.captions:
-        raise ValueError(f"{cfg.dataset} needs --data-root and --captions")
+    else:
+        folder = here_or_in_repo(cfg.data_folder) / cfg.dataset
+        updates["data_root"] = cfg.data_root or str(folder)
+        updates["captions"] = cfg.captions or str(folder)
     train, test = DEFAULT_SPLITS[cfg.dataset]
     updates["train_split"] = cfg.train_split or train
     updates["test_split"] = cfg.test_split or test
-    weights = Path(cfg.clip_weights)
-    if not weights.is_absolute() and not weights.is_file() and (ROOT / weights).is_file():
-        updates["clip_weights"] = str(ROOT / weights)
-    return cfg.replace(**updates)
+    updates["clip_weights"] = str(here_or_in_repo(cfg.clip_weights))
+    cfg = cfg.replace(**updates)
+    missing = missing_pieces(cfg)
+    if missing:
+        raise MissingPieces("\n".join(missing))
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +365,7 @@ def crop_precision(cfg, split: Split, found: list) -> float | None:
     from the VOC-layout boxes (Annotations/); None where the dataset has no boxes."""
     if cfg.dataset not in ("synthetic", "voc2007", "voc2012") or not found:
         return None
-    base = data.voc_root(cfg.data_root, 2012 if cfg.dataset == "voc2012" else 2007)
+    base = data.voc_root(cfg.data_root, 2012 if cfg.dataset == "voc2012" else 2007, cfg.train_split)
     grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
     names, hits = split.dataset.class_names, 0
     for row, cls, patch_box in found:
@@ -740,7 +806,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(cfg, preset, state, overwrite)
         main_process = pipeline.is_main_process()
     except (ValueError, FileNotFoundError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():      # MissingPieces: one line per piece
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except RunStopped as e:
         if pipeline.is_main_process():
