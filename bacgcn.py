@@ -57,6 +57,8 @@ WEIGHT_FORMATS = ("auto", "openai-torchscript")
 # What the head trains on: the caption pseudo labels (the method) or the dataset's human labels
 # (the ceiling of the head on the same features: bench/ablation.py's oracle row).
 TRAIN_LABELS = ("captions", "true")
+# Where a run's numbers and files also go (tracking.py).
+TRACKERS = ("none", "mlflow")
 
 
 # ============================================================================================
@@ -127,6 +129,8 @@ class BACGCNConfig:
     cache_memory_gb: float = 8.0        # cached features held in memory up to this size; larger ones stream from disk
     out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
     log_every: int = 50
+    tracker: str = "none"               # none | mlflow (pip install -r requirements-tracking.txt; main process only)
+    tracker_uri: str = ""               # mlflow tracking URI ('' = runs/mlruns, a local store `mlflow ui` reads)
 
     def replace(self, **kw) -> "BACGCNConfig":
         return dataclasses.replace(self, **kw)
@@ -253,7 +257,7 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 CHOICES = {"dataset": DATASETS, "patch_readout": PATCH_READOUTS, "subset_readout": SUBSET_READOUTS,
            "loss": LOSSES, "clip_weights_format": WEIGHT_FORMATS, "train_labels": TRAIN_LABELS,
-           "graph_direction": GRAPH_DIRECTIONS}
+           "graph_direction": GRAPH_DIRECTIONS, "tracker": TRACKERS}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda(:\d+)?)?")
 
 

@@ -4,6 +4,7 @@
   python train.py --dataset voc07                   # real data (also voc12, coco, nus), its ViT-B/16 preset
   python bacgcn.py convert ViT-B-16.pt ViT-B-16.safetensors   # OpenAI's TorchScript archive, once
   python train.py --key=value ...                   # any field of bacgcn.BACGCNConfig
+  python train.py --tracker=mlflow                  # also log to mlflow (pip install -r requirements-tracking.txt)
   python train.py --help                            # every option, its type, default and meaning
 
 Real data is looked for where the paper's release puts it (--data-folder, default data_folder/,
@@ -43,7 +44,9 @@ import torch.nn.functional as F
 
 import bacgcn
 import data
+import metrics
 import pipeline
+import tracking
 from pipeline import Split, log
 
 ROOT = Path(__file__).resolve().parent
@@ -152,6 +155,7 @@ class CaptionLabels:
     pseudo: data.PseudoLabels
     m: np.ndarray                # co-occurrence counts of the hard labels [O, O]
     n: np.ndarray                # label counts [O]
+    quality: dict                # the captions' pseudo labels against the training split's human labels
 
     def targets_for(self, ids: Sequence[str], min_votes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft targets, hard labels) [len(ids), O], rows in the order of `ids`."""
@@ -200,6 +204,20 @@ def with_true_labels(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages,
     return replace(pseudo, scores=scores, votes=votes)
 
 
+def caption_quality(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages) -> dict:
+    """How well the caption pseudo labels rank the training images' human labels over the C
+    classes (the figure the caption filter is tuned on): {"mAP", "best_F1"}; {} where the split
+    has no positive label to rank."""
+    labels = train_ds.labels_for(pseudo.ids)
+    if not metrics.positive_counts(labels).any():
+        return {}
+    scores = pseudo.scores[:, :pseudo.num_classes]
+    quality = {"mAP": metrics.mean_ap(scores, labels), "best_F1": metrics.best_f1(scores, labels)[0]}
+    log(f"caption pseudo labels against the training split's labels: mAP {quality['mAP']:.2f}, "
+        f"best F1 {quality['best_F1']:.3f}")
+    return quality
+
+
 def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
     if cfg.dataset == "synthetic":
@@ -211,6 +229,7 @@ def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) ->
     pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
                                 ids=train_ds.ids)
     check_captions_match(cfg, captions, pseudo, train_ds)
+    quality = caption_quality(pseudo, train_ds)
     if cfg.train_labels == "true":
         pseudo = with_true_labels(pseudo, train_ds, cfg.min_votes)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
@@ -221,7 +240,7 @@ def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) ->
         f"{hard[:, :len(classes)].sum(1).mean():.2f} classes per image")
     # The dictionary's own spelling reads better in a prompt than the dataset's ("dining table")
     prompt_names = [PROMPT_SPELLING.get(c, c) for c in dictionary.categories[:num_cat]]
-    return CaptionLabels(classes, pseudo.categories[:num_cat], prompt_names, pseudo, m, n)
+    return CaptionLabels(classes, pseudo.categories[:num_cat], prompt_names, pseudo, m, n, quality)
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,8 +575,22 @@ def planned_steps(cfg, num_images: int, loop: Loop) -> int:
     return loop.step + (cfg.epochs - loop.epoch) * per_epoch
 
 
+class MetricsLog:
+    """metrics.jsonl, one JSON record a line, each record's numbers also sent to the tracker
+    at `step` (the training step for losses, the epoch for per-epoch figures)."""
+
+    def __init__(self, file, tracker: tracking.Tracker):
+        self.file, self.tracker = file, tracker
+
+    def record(self, values: dict, step: int | None) -> None:
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+        if step is not None:
+            self.tracker.log_metrics({k: v for k, v in values.items() if k not in ("step", "epoch")}, step)
+
+
 def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, device: str, dtype,
-              metrics_file) -> tuple[float, int]:
+              metrics_log: MetricsLog) -> tuple[float, int]:
     """One epoch of steps: (mean loss over the processes, steps). A non-finite loss is noticed
     on the device and raised at the next log interval, naming the first bad step."""
     rank, world = pipeline.rank_and_world()
@@ -585,16 +618,15 @@ def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, dev
                                         f"{loop.epoch + 1}); lower --lr or check the inputs")
                 if loop.step % cfg.log_every == 0:
                     value = pipeline.mean_over_processes(running / count).item()   # .item() only at log intervals
-                    metrics_file.write(json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": value,
-                                                   "lr": loop.opt.param_groups[0]["lr"]}) + "\n")
-                    metrics_file.flush()
+                    metrics_log.record({"step": loop.step, "epoch": loop.epoch, "loss": value,
+                                    "lr": loop.opt.param_groups[0]["lr"]}, loop.step)
     return pipeline.mean_over_processes(running / max(len(batches), 1)).item(), len(batches)
 
 
 def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard: torch.Tensor, num_classes: int,
-                 device: str, dtype, metrics_file, on_epoch_end=None, resume: dict | None = None) -> dict:
+                 device: str, dtype, metrics_log: MetricsLog, on_epoch_end=None, resume: dict | None = None) -> dict:
     """The training loop: every epoch over the cached images, plus the ReSO crops from
-    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`;
+    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_log`;
     `on_epoch_end(loop)` after every epoch (the run saves its state there), and `resume` (read
     by `read_state`) continues a saved run exactly. In a torchrun job every process takes its
     slice of each global batch. Returns what ReSO did ({} without ReSO or after a resume past
@@ -616,13 +648,12 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
             precision = crop_precision(cfg, train, found)
             log(f"epoch {loop.epoch + 1}: ReSO found {len(found)} small regions to crop"
                 + ("" if precision is None else f", crop precision {precision:.1f}% (true boxes)"))
-            metrics_file.write(json.dumps({"epoch": loop.epoch, "reso_crops": len(found),
-                                           "reso_crop_precision": precision}) + "\n")
+            metrics_log.record({"epoch": loop.epoch, "reso_crops": len(found), "reso_crop_precision": precision},
+                           loop.epoch)
             reso = {"crops": len(found), "crop_precision": precision}
-        epoch_loss, count = run_epoch(cfg, loop, step_fn, train, targets, device, dtype, metrics_file)
+        epoch_loss, count = run_epoch(cfg, loop, step_fn, train, targets, device, dtype, metrics_log)
         crops = 0 if loop.crops is None else len(loop.crops)
-        metrics_file.write(json.dumps({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}) + "\n")
-        metrics_file.flush()
+        metrics_log.record({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}, loop.epoch)
         log(f"epoch {loop.epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {count} steps"
             + (f", {crops} ReSO crops" if cfg.use_reso and loop.epoch >= cfg.reso_epoch else ""))
         loop.epoch += 1
@@ -635,7 +666,7 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
 # The run: stages 1-5
 # --------------------------------------------------------------------------------------------
 
-RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE)
+RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE, tracking.RUN_ID_FILE)
 
 
 class RunStopped(RuntimeError):
@@ -696,8 +727,24 @@ def stopped_note(out_dir: Path) -> str:
 
 
 def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False) -> dict:
+    """The run, tracked (with --tracker) from its start to its end, failed or not."""
     t_start = time.time()
     cfg, device = start_run(cfg, preset, resume is not None, overwrite)
+    tracker = tracking.open_tracker(cfg, preset, Path(cfg.out), resume is not None, pipeline.is_main_process())
+    status = "FAILED"
+    try:
+        report = train_and_evaluate(cfg, preset, resume, device, tracker, t_start)
+        status = "FINISHED"
+        return report
+    except RunStopped as e:
+        status = "KILLED" if e.code == 130 else "FAILED"
+        raise
+    finally:
+        tracker.end(status)
+
+
+def train_and_evaluate(cfg: bacgcn.BACGCNConfig, preset: str, resume: dict | None, device: str,
+                       tracker: tracking.Tracker, t_start: float) -> dict:
     if cfg.use_reso and cfg.reso_epoch >= cfg.epochs:
         log(f"WARNING: ReSO starts at epoch {cfg.reso_epoch + 1} of {cfg.epochs}: it will not run "
             "(lower --reso-epoch, or --use-reso=false to say so)")
@@ -731,13 +778,14 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
 
     try:
         with open(metrics_path, "a" if resume else "w") as metrics_file:
+            metrics_log = MetricsLog(metrics_file, tracker)
             t_train = time.time()                                                   # 4
-            reso = train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file,
+            reso = train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_log,
                                 save_after_epoch if main_process else None, resume)
             train_s = time.time() - t_train
             logits = pipeline.predict(model, test.feats, device, dtype)             # 5
             result = pipeline.evaluate_split(cfg, logits, test, num_classes)
-            metrics_file.write(json.dumps({"test": {k: v for k, v in result.items() if k != "AP"}}) + "\n")
+            metrics_log.record({"test": {k: v for k, v in result.items() if k != "AP"}}, None)
     except KeyboardInterrupt:
         raise RunStopped(130, f"interrupted; {stopped_note(out_dir)}") from None
     except NonFiniteLoss as e:
@@ -745,13 +793,15 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
-                   "reso": reso, "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
+                   "caption_quality": labels.quality, "reso": reso, "train_seconds": round(train_s, 1),
+                   "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
     if main_process:
         pipeline.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
                                  labels.m, labels.n, report, preset)
         data.write_json(out_dir / "report.json", report)
+        tracker.log_report(report, out_dir / "report.json")
     return report
 
 
@@ -801,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # before any work (a world build, caption labels): a device that is not there, a run
         # folder that cannot be written
         pipeline.resolve_device(cfg.device)
+        tracking.check_available(cfg.tracker)
         if cfg.out:
             data.check_writable(cfg.out, "--out", folder=True)
         report = run(cfg, preset, state, overwrite)

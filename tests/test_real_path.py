@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -79,10 +80,11 @@ def test_card_commands_at_full_size_on_the_release_layout(shared_data, tmp_path,
     _command("bacgcn.py", "convert", "ViT-B-16.pt", "ViT-B-16.safetensors", cwd=tmp_path)
     printed = _command("train.py", "--dataset", "voc07", "--epochs=1", "--reso-epoch=0", "--reso-eps=0.5",
                        "--batch-size=4", "--workers=0", "--out=run", cwd=tmp_path)
-    assert "ReSO found" in printed and "voc2007/test" in printed
+    assert "ReSO found" in printed and "voc2007/test" in printed and "caption pseudo labels against" in printed
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     assert report["preset"] == "voc2007-vitb16" and report["dataset"] == "voc2007" and report["world_size"] == 1
+    assert report["caption_quality"]["mAP"] == pytest.approx(100.0)      # the captions name every class
     with safe_open(str(run / "ckpt.safetensors"), "pt") as f:
         cfg = bacgcn.BACGCNConfig.from_json(f.metadata()["config"])
     assert cfg.image_size == 448 and cfg.clip_model == "ViT-B-16-quickgelu" and cfg.use_reso

@@ -71,5 +71,5 @@ def test_help_names_the_default_places(capsys):
     text = capsys.readouterr().out
     for place in ("data_folder/voc2007/VOCtrainval_06-Nov-2007/VOCdevkit/VOC2007", "VOCtest_06-Nov-2007",
                   "data_folder/<dataset>/captions.json", "ViT-B-16.safetensors", "--data-folder",
-                  "python train.py --dataset voc07"):
+                  "python train.py --dataset voc07", "--tracker"):
         assert place in text
