@@ -117,6 +117,14 @@ class MlflowTracker(Tracker):
 
 
 def open_tracker(cfg, preset: str, out_dir: Path, resumed: bool, main_process: bool) -> Tracker:
-    if cfg.tracker == "mlflow" and main_process:
+    """The run's tracker; a store that refuses the run is a one-line ValueError naming it (a
+    server that does not answer takes mlflow's own retries first)."""
+    if not (cfg.tracker == "mlflow" and main_process):
+        return Tracker()
+    from mlflow.exceptions import MlflowException
+
+    try:
         return MlflowTracker(cfg, preset, out_dir, resumed)
-    return Tracker()
+    except (MlflowException, OSError) as e:     # a server's refusal; a local store that cannot be written
+        where = cfg.tracker_uri or DEFAULT_STORE.as_uri()
+        raise ValueError(f"--tracker-uri={where}: {str(e).splitlines()[0][:200]}") from None

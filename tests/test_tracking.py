@@ -83,3 +83,11 @@ def test_a_missing_tracking_extra_is_one_line(monkeypatch, tmp_path, capsys):
     assert train.main(["--tracker=mlflow", f"--out={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err == "error: --tracker=mlflow needs mlflow: pip install -r requirements-tracking.txt\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_store_that_cannot_be_written_is_one_line(world, tmp_path, capsys):
+    pytest.importorskip("mlflow", reason="the tracking extra is not installed")
+    args = [f"--data-root={world}", f"--out={tmp_path / 'run'}", "--tracker=mlflow", "--tracker-uri=file:///proc/none"]
+    assert train.main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --tracker-uri=file:///proc/none: [Errno 2] No such file or directory: '/proc/none'"]
