@@ -1,7 +1,7 @@
 """Experiment tracking: a training run's numbers and files, sent to mlflow as they are made.
 
   python train.py --tracker=mlflow [--tracker-uri=URI]     # needs: pip install -r requirements-tracking.txt
-  mlflow ui --backend-store-uri runs/mlruns                # browse them (the full `mlflow` package)
+  MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/mlruns   # browse (the full `mlflow` package)
 
 Only the client is used (`mlflow-skinny`): params (the config), the loss at every log interval,
 per-epoch figures, the final mAP / CF1 / OF1 / per-class AP, caption quality and ReSO, and
@@ -11,6 +11,7 @@ into the same mlflow run. Only the main process of a torchrun job tracks.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -39,11 +40,8 @@ class Tracker:
 
 def check_available(tracker: str) -> None:
     """Before any work: the chosen tracker's package is there (one-line ValueError otherwise)."""
-    if tracker == "mlflow":
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            raise ValueError(f"--tracker=mlflow needs mlflow: {INSTALL}") from None
+    if tracker == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise ValueError(f"--tracker=mlflow needs mlflow: {INSTALL}")
 
 
 def numbers(values: dict, prefix: str = "") -> dict[str, float]:
@@ -73,6 +71,8 @@ class MlflowTracker(Tracker):
     """One mlflow run per run folder, through mlflow's client (no global active run)."""
 
     def __init__(self, cfg, preset: str, out_dir: Path, resumed: bool):
+        from mlflow.entities import Param
+
         uri = cfg.tracker_uri or DEFAULT_STORE.as_uri()
         self.client = mlflow_client(uri)
         record = out_dir / RUN_ID_FILE
@@ -86,8 +86,6 @@ class MlflowTracker(Tracker):
         run = self.client.create_run(experiment_id, run_name=out_dir.name, tags={"preset": preset})
         self.run_id = run.info.run_id
         record.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}) + "\n")
-        from mlflow.entities import Param
-
         params = {**json.loads(cfg.to_json()), "preset": preset}
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 

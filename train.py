@@ -579,8 +579,8 @@ class MetricsLog:
     """metrics.jsonl, one JSON record a line, each record's numbers also sent to the tracker
     at `step` (the training step for losses, the epoch for per-epoch figures)."""
 
-    def __init__(self, file, tracker: tracking.Tracker):
-        self.file, self.tracker = file, tracker
+    def __init__(self, file, tracker: tracking.Tracker | None = None):
+        self.file, self.tracker = file, tracker or tracking.Tracker()
 
     def record(self, values: dict, step: int | None) -> None:
         self.file.write(json.dumps(values) + "\n")

@@ -70,16 +70,10 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(world, tmp_path):
 
 
 def test_a_missing_tracking_extra_is_one_line(monkeypatch, tmp_path, capsys):
-    import builtins
+    import importlib.util
 
-    real_import = builtins.__import__
-
-    def no_mlflow(name, *args, **kwargs):
-        if name == "mlflow" or name.startswith("mlflow."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find_spec(name, *a))
     assert train.main(["--tracker=mlflow", f"--out={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err == "error: --tracker=mlflow needs mlflow: pip install -r requirements-tracking.txt\n"
     assert not (tmp_path / "run").exists()
