@@ -12,10 +12,12 @@ PIP := .venv/bin/pip
 	$(PIP) install --force-reinstall --no-deps pillow-simd || echo "pillow-simd not installed; using Pillow"
 	touch $@
 
-.venv/.test-installed: .venv/.installed requirements-captions.txt
+.venv/.test-installed: .venv/.installed requirements-captions.txt requirements-tracking.txt
 	$(PIP) install pytest scikit-learn ruff hypothesis
 	# The captioning extra (transformers, ~150 MB installed, no torch of its own): tests/test_captioner.py.
 	$(PIP) install -r requirements-captions.txt
+	# The tracking extra (the mlflow client, ~4 MB, no server): tests/test_tracking.py.
+	$(PIP) install -r requirements-tracking.txt
 	touch $@
 
 .PHONY: setup run test

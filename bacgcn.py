@@ -57,6 +57,8 @@ WEIGHT_FORMATS = ("auto", "openai-torchscript")
 # What the head trains on: the caption pseudo labels (the method) or the dataset's human labels
 # (the ceiling of the head on the same features: bench/ablation.py's oracle row).
 TRAIN_LABELS = ("captions", "true")
+# Where a run's numbers and files also go (tracking.py).
+TRACKERS = ("none", "mlflow")
 
 
 # ============================================================================================
@@ -67,16 +69,17 @@ TRAIN_LABELS = ("captions", "true")
 class BACGCNConfig:
     """Every knob of the method. The paper leaves most open; the defaults are ours."""
     # data
-    dataset: str = "synthetic"          # synthetic | voc2007 | voc2012 | coco2014 | nuswide
-    data_root: str = ""                 # dataset root; synthetic: the world folder ('' = runs/world-seed{seed})
+    dataset: str = "synthetic"          # synthetic | voc2007 (voc07) | voc2012 (voc12) | coco2014 (coco) | nuswide
+    data_folder: str = "data_folder"    # the paper's release layout: <data_folder>/<dataset>/ (./ first, then the repo)
+    data_root: str = ""                 # '' = <data_folder>/<dataset>; synthetic: '' = runs/world-seed{seed}
     build_world: bool = False           # synthetic: build the world at --data-root when it is missing
-    captions: str = ""                  # folder with captions.json (+ re_captions.json); synthetic: data_root
+    captions: str = ""                  # folder with captions.json (+ re_captions.json) ('' = <data_folder>/<dataset>)
     synonyms: str = ""                  # dictionary JSON ('' = the project's for the dataset, 'paper')
     train_split: str = ""               # '' = the dataset's training split
     test_split: str = ""                # '' = the dataset's test split
     # frozen CLIP (stage 2)
     clip_model: str = "synthclip-vit-t8"   # open_clip name; OpenAI weights need ViT-B-16-quickgelu
-    clip_weights: str = "assets/synthclip.safetensors"   # weights file (safetensors or a torch state dict)
+    clip_weights: str = "assets/synthclip.safetensors"   # safetensors or a torch state dict; ./ first, then the repo
     clip_weights_format: str = "auto"   # auto (safetensors or a weights-only torch state dict) | openai-torchscript
     image_size: int = 0                 # 0 = the model's own; ViT-B/16 at 448 interpolates position embeddings
     patch_readout: str = "self_attention"  # last block: self_attention (residual + MLP kept) | value (MaskCLIP)
@@ -126,6 +129,8 @@ class BACGCNConfig:
     cache_memory_gb: float = 8.0        # cached features held in memory up to this size; larger ones stream from disk
     out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
     log_every: int = 50
+    tracker: str = "none"               # none | mlflow (pip install -r requirements-tracking.txt; main process only)
+    tracker_uri: str = ""               # mlflow tracking URI ('' = runs/mlruns, a local store `mlflow ui` reads)
 
     def replace(self, **kw) -> "BACGCNConfig":
         return dataclasses.replace(self, **kw)
@@ -161,8 +166,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The short names people type (`--dataset voc07`), each for its dataset's name.
+DATASET_ALIASES = {"voc07": "voc2007", "voc12": "voc2012", "coco": "coco2014", "coco14": "coco2014",
+                   "nus": "nuswide", "nus-wide": "nuswide"}
+
+
+def preset_for(dataset: str | None) -> str:
+    """The preset a run takes without --preset: a real dataset's ViT-B/16 one (the tiny CLIP
+    of the proving ground knows nothing of real photos), else the proving ground's."""
+    return f"{dataset}-vitb16" if f"{dataset}-vitb16" in PRESETS else "synthetic-tiny"
+
+
 def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tuple[BACGCNConfig, str]:
     """`--preset=NAME` and `--key=value` (or `--key value`) overrides, checked by field type.
+    `--dataset` takes the short names too and, without --preset, chooses the dataset's preset.
     Returns (config, preset name). An unknown key or a bad value is a one-line ValueError."""
     fields = {f.name: f for f in dataclasses.fields(BACGCNConfig)}
     pairs, i = [], 0
@@ -178,9 +195,11 @@ def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tu
             i += 1
         else:
             k, v = a[2:], "true"
-        pairs.append((k.replace("-", "_"), v))
+        k = k.replace("-", "_")
+        pairs.append((k, DATASET_ALIASES.get(v.lower(), v) if k == "dataset" else v))
         i += 1
-    preset = next((v for k, v in pairs if k == "preset"), "synthetic-tiny")
+    preset = next((v for k, v in pairs if k == "preset"), None) or preset_for(
+        next((v for k, v in pairs if k == "dataset"), None))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     cfg = base or BACGCNConfig(**PRESETS[preset])
@@ -238,7 +257,7 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 CHOICES = {"dataset": DATASETS, "patch_readout": PATCH_READOUTS, "subset_readout": SUBSET_READOUTS,
            "loss": LOSSES, "clip_weights_format": WEIGHT_FORMATS, "train_labels": TRAIN_LABELS,
-           "graph_direction": GRAPH_DIRECTIONS}
+           "graph_direction": GRAPH_DIRECTIONS, "tracker": TRACKERS}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda(:\d+)?)?")
 
 
@@ -275,7 +294,8 @@ def validate(cfg: BACGCNConfig) -> None:
             if not test(value):
                 raise ValueError(f"{_option(f.name)} must be {rule}, got {value!r}")
         if f.name in CHOICES and value not in CHOICES[f.name]:
-            raise ValueError(f"{_option(f.name)} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
+            aliases = f" (or {', '.join(DATASET_ALIASES)})" if f.name == "dataset" else ""
+            raise ValueError(f"{_option(f.name)} must be one of {', '.join(CHOICES[f.name])}{aliases}, got {value!r}")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ValueError(f"--device must be '' (CUDA when there is one), cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.gcn_activation not in GCN_ACTIVATIONS:
@@ -313,7 +333,7 @@ def _config_comments() -> tuple[dict[str, str], dict[str, str]]:
 def options_help() -> str:
     """The presets and every config option with its type, default and documentation."""
     trailing, heading = _config_comments()
-    lines = ["presets (--preset=NAME, default synthetic-tiny):"]
+    lines = ["presets (--preset=NAME; default: the --dataset's vitb16 preset, else synthetic-tiny):"]
     for name, values in PRESETS.items():
         lines.append(f"  {name:<17} " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"))
     lines += ["", "options (--key=value or --key value; a bare --flag means true):"]

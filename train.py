@@ -1,11 +1,23 @@
 """Train BAC-GCN.
 
   python train.py                                   # the proving ground, end to end, on the CPU
-  python train.py --preset=voc2007-vitb16 --data-root=VOCdevkit --clip-weights=ViT-B-16.safetensors \\
-      --captions=DIR                                # real data (also voc2012, coco2014, nuswide)
+  python train.py --dataset voc07                   # real data (also voc12, coco, nus), its ViT-B/16 preset
   python bacgcn.py convert ViT-B-16.pt ViT-B-16.safetensors   # OpenAI's TorchScript archive, once
   python train.py --key=value ...                   # any field of bacgcn.BACGCNConfig
+  python train.py --tracker=mlflow                  # also log to mlflow (pip install -r requirements-tracking.txt)
   python train.py --help                            # every option, its type, default and meaning
+
+Real data is looked for where the paper's release puts it (--data-folder, default data_folder/,
+in the current folder, else in the repo):
+  data_folder/voc2007/VOCtrainval_06-Nov-2007/VOCdevkit/VOC2007, VOCtest_06-Nov-2007/VOCdevkit/VOC2007
+  data_folder/voc2012/VOC2012_train_val/VOCdevkit/VOC2012
+  data_folder/coco2014/train2014, val2014, annotations/instances_{train,val}2014.json
+  data_folder/nuswide/Flickr, ImageList, Groundtruth/TrainTestLabels, Concepts81.txt
+  captions: data_folder/<dataset>/captions.json (+ re_captions.json), or --captions=DIR
+  CLIP weights: ViT-B-16.safetensors (current folder, else the repo), or --clip-weights=FILE;
+    from OpenAI's ViT-B-16.pt with the convert line above
+--data-root=DIR reads one dataset from elsewhere (for VOC also one merged VOCdevkit). Each piece
+that is missing is one line saying what to put where.
 
 Stages: (1) captions -> pseudo labels and the co-occurrence graph; (2) frozen CLIP features,
 cached once per image; (3) the model, which starts at CLIP zero-shot; (4) the Similarity Kernel
@@ -33,7 +45,9 @@ import torch.nn.functional as F
 
 import bacgcn
 import data
+import metrics
 import pipeline
+import tracking
 from pipeline import Split, log
 
 ROOT = Path(__file__).resolve().parent
@@ -45,11 +59,62 @@ MAX_MISSING_SHARE = 0.05   # above this share of images without captions or unre
 REPORT_KEYS = ("mAP", "mAP_small", "mAP_large", "CF1", "OF1")   # the zero-shot summary of report.json
 DEFAULT_SPLITS = {"synthetic": ("trainval", "test"), "voc2007": ("trainval", "test"),
                   "voc2012": ("train", "val"), "coco2014": ("train", "val"), "nuswide": ("train", "test")}
+# What the paper's release puts in <data_folder>/<dataset>/, said when that folder is missing.
+RELEASE_LAYOUT = {
+    "voc2007": "VOCtrainval_06-Nov-2007/ and VOCtest_06-Nov-2007/ (each tar as it unpacks: VOCdevkit/VOC2007)",
+    "voc2012": "VOC2012_train_val/ (the trainval tar as it unpacks: VOCdevkit/VOC2012)",
+    "coco2014": "train2014/, val2014/ and annotations/instances_{train,val}2014.json",
+    "nuswide": "Flickr/, ImageList/, Groundtruth/TrainTestLabels/ and Concepts81.txt",
+}
+OPENAI_VITB16_URL = ("https://openaipublic.azureedge.net/clip/models/"
+                     "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt")
+
+
+class MissingPieces(ValueError):
+    """What a run lacks before it can start: one line per piece, each saying what to put where."""
+
+
+def here_or_in_repo(path: str) -> Path:
+    """A relative path as given when it exists here, else under the repo root when it exists
+    there (where the default places are: data_folder/, ViT-B-16.safetensors), else as given."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
+        return ROOT / p
+    return p
+
+
+def missing_pieces(cfg: bacgcn.BACGCNConfig) -> list[str]:
+    """One line per piece a run needs and lacks (its data, captions, CLIP weights), each naming
+    the place and what goes there; [] when everything is in place."""
+    lines = []
+    root = Path(cfg.data_root)
+    if cfg.dataset != "synthetic" and not root.is_dir():
+        lines.append(f"{root}: no {cfg.dataset} here: put {RELEASE_LAYOUT[cfg.dataset]} there (the paper's "
+                     "layout), or pass --data-root=DIR")
+    elif cfg.dataset in ("voc2007", "voc2012"):
+        for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
+            try:
+                data.voc_root(root, cfg.dataset[3:], split)
+            except data.DataError as e:
+                lines.append(str(e))
+    captions = Path(cfg.captions) / "captions.json"
+    if cfg.dataset != "synthetic" and not captions.is_file():
+        lines.append(f"{captions}: no captions: put the paper's captions.json (and re_captions.json) for "
+                     f"{cfg.dataset} there, make them with `python data.py captions --dataset {cfg.dataset} ...`, "
+                     "or pass --captions=DIR")
+    weights = Path(cfg.clip_weights)
+    if not weights.is_file():
+        how = (f": download OpenAI's ViT-B-16.pt ({OPENAI_VITB16_URL}), then `python bacgcn.py convert ViT-B-16.pt "
+               f"{weights}`, or pass --clip-weights=FILE" if cfg.clip_model == "ViT-B-16-quickgelu" else "")
+        lines.append(f"{weights}: CLIP weights not found{how}")
+    return lines
 
 
 def resolve_paths(cfg: bacgcn.BACGCNConfig) -> bacgcn.BACGCNConfig:
-    """Fill the defaults that depend on the dataset; build the proving ground if absent, at its
-    default path or where --build-world=true asks (a mistyped --data-root builds nothing)."""
+    """Fill the defaults that depend on the dataset (a real one in the paper's layout under
+    --data-folder); build the proving ground if absent, at its default path or where
+    --build-world=true asks (a mistyped --data-root builds nothing). Every piece still missing
+    is one line of MissingPieces."""
     updates = {}
     if cfg.dataset == "synthetic":
         default = ROOT / "runs" / f"world-seed{cfg.seed}"
@@ -63,15 +128,19 @@ def resolve_paths(cfg: bacgcn.BACGCNConfig) -> bacgcn.BACGCNConfig:
             synthetic.build(root, synthetic.WorldConfig(seed=cfg.seed))
         updates["data_root"] = str(root)
         updates["captions"] = cfg.captions or str(root)
-    elif not cfg.data_root or not cfg.captions:
-        raise ValueError(f"{cfg.dataset} needs --data-root and --captions")
+    else:
+        folder = here_or_in_repo(cfg.data_folder) / cfg.dataset
+        updates["data_root"] = cfg.data_root or str(folder)
+        updates["captions"] = cfg.captions or str(folder)
     train, test = DEFAULT_SPLITS[cfg.dataset]
     updates["train_split"] = cfg.train_split or train
     updates["test_split"] = cfg.test_split or test
-    weights = Path(cfg.clip_weights)
-    if not weights.is_absolute() and not weights.is_file() and (ROOT / weights).is_file():
-        updates["clip_weights"] = str(ROOT / weights)
-    return cfg.replace(**updates)
+    updates["clip_weights"] = str(here_or_in_repo(cfg.clip_weights))
+    cfg = cfg.replace(**updates)
+    missing = missing_pieces(cfg)
+    if missing:
+        raise MissingPieces("\n".join(missing))
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +156,7 @@ class CaptionLabels:
     pseudo: data.PseudoLabels
     m: np.ndarray                # co-occurrence counts of the hard labels [O, O]
     n: np.ndarray                # label counts [O]
+    quality: dict                # the captions' pseudo labels against the training split's human labels
 
     def targets_for(self, ids: Sequence[str], min_votes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft targets, hard labels) [len(ids), O], rows in the order of `ids`."""
@@ -135,6 +205,20 @@ def with_true_labels(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages,
     return replace(pseudo, scores=scores, votes=votes)
 
 
+def caption_quality(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages) -> dict:
+    """How well the caption pseudo labels rank the training images' human labels over the C
+    classes (the figure the caption filter is tuned on): {"mAP", "best_F1"}; {} where the split
+    has no positive label to rank."""
+    labels = train_ds.labels_for(pseudo.ids)
+    if not metrics.positive_counts(labels).any():
+        return {}
+    scores = pseudo.scores[:, :pseudo.num_classes]
+    quality = {"mAP": metrics.mean_ap(scores, labels), "best_F1": metrics.best_f1(scores, labels)[0]}
+    log(f"caption pseudo labels against the training split's labels: mAP {quality['mAP']:.2f}, "
+        f"best F1 {quality['best_F1']:.3f}")
+    return quality
+
+
 def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
     if cfg.dataset == "synthetic":
@@ -146,6 +230,7 @@ def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) ->
     pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
                                 ids=train_ds.ids)
     check_captions_match(cfg, captions, pseudo, train_ds)
+    quality = caption_quality(pseudo, train_ds)
     if cfg.train_labels == "true":
         pseudo = with_true_labels(pseudo, train_ds, cfg.min_votes)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
@@ -156,7 +241,7 @@ def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) ->
         f"{hard[:, :len(classes)].sum(1).mean():.2f} classes per image")
     # The dictionary's own spelling reads better in a prompt than the dataset's ("dining table")
     prompt_names = [PROMPT_SPELLING.get(c, c) for c in dictionary.categories[:num_cat]]
-    return CaptionLabels(classes, pseudo.categories[:num_cat], prompt_names, pseudo, m, n)
+    return CaptionLabels(classes, pseudo.categories[:num_cat], prompt_names, pseudo, m, n, quality)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +385,7 @@ def crop_precision(cfg, split: Split, found: list) -> float | None:
     from the VOC-layout boxes (Annotations/); None where the dataset has no boxes."""
     if cfg.dataset not in ("synthetic", "voc2007", "voc2012") or not found:
         return None
-    base = data.voc_root(cfg.data_root, 2012 if cfg.dataset == "voc2012" else 2007)
+    base = data.voc_root(cfg.data_root, 2012 if cfg.dataset == "voc2012" else 2007, cfg.train_split)
     grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
     names, hits = split.dataset.class_names, 0
     for row, cls, patch_box in found:
@@ -507,8 +592,22 @@ def planned_steps(cfg, num_images: int, loop: Loop) -> int:
     return loop.step + (cfg.epochs - loop.epoch) * per_epoch
 
 
+class MetricsLog:
+    """metrics.jsonl, one JSON record a line, each record's numbers also sent to the tracker
+    at `step` (the training step for losses, the epoch for per-epoch figures)."""
+
+    def __init__(self, file, tracker: tracking.Tracker | None = None):
+        self.file, self.tracker = file, tracker or tracking.Tracker()
+
+    def record(self, values: dict, step: int | None) -> None:
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+        if step is not None:
+            self.tracker.log_metrics({k: v for k, v in values.items() if k not in ("step", "epoch")}, step)
+
+
 def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, device: str, dtype,
-              metrics_file) -> tuple[float, int]:
+              metrics_log: MetricsLog) -> tuple[float, int]:
     """One epoch of steps: (mean loss over the processes, steps). A non-finite loss is noticed
     on the device and raised at the next log interval, naming the first bad step."""
     rank, world = pipeline.rank_and_world()
@@ -541,16 +640,15 @@ def run_epoch(cfg, loop: Loop, step_fn, train: Split, targets: torch.Tensor, dev
                                         f"{loop.epoch + 1}); lower --lr or check the inputs")
                 if loop.step % cfg.log_every == 0:
                     value = pipeline.mean_over_processes(running / count).item()   # .item() only at log intervals
-                    metrics_file.write(json.dumps({"step": loop.step, "epoch": loop.epoch, "loss": value,
-                                                   "lr": loop.opt.param_groups[0]["lr"]}) + "\n")
-                    metrics_file.flush()
+                    metrics_log.record({"step": loop.step, "epoch": loop.epoch, "loss": value,
+                                    "lr": loop.opt.param_groups[0]["lr"]}, loop.step)
     return pipeline.mean_over_processes(running / max(len(batches), 1)).item(), len(batches)
 
 
 def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard: torch.Tensor, num_classes: int,
-                 device: str, dtype, metrics_file, on_epoch_end=None, resume: dict | None = None) -> dict:
+                 device: str, dtype, metrics_log: MetricsLog, on_epoch_end=None, resume: dict | None = None) -> dict:
     """The training loop: every epoch over the cached images, plus the ReSO crops from
-    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_file`;
+    `reso_epoch` on; loss lines every `log_every` steps and per epoch in `metrics_log`;
     `on_epoch_end(loop)` after every epoch (the run saves its state there), and `resume` (read
     by `read_state`) continues a saved run exactly. In a torchrun job every process takes its
     slice of each global batch. Returns what ReSO did ({} without ReSO or after a resume past
@@ -573,13 +671,12 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
             precision = crop_precision(cfg, train, found)
             log(f"epoch {loop.epoch + 1}: ReSO found {len(found)} small regions to crop"
                 + ("" if precision is None else f", crop precision {precision:.1f}% (true boxes)"))
-            metrics_file.write(json.dumps({"epoch": loop.epoch, "reso_crops": len(found),
-                                           "reso_crop_precision": precision}) + "\n")
+            metrics_log.record({"epoch": loop.epoch, "reso_crops": len(found), "reso_crop_precision": precision},
+                           loop.epoch)
             reso = {"crops": len(found), "crop_precision": precision}
-        epoch_loss, count = run_epoch(cfg, loop, step_fn, train, targets, device, dtype, metrics_file)
+        epoch_loss, count = run_epoch(cfg, loop, step_fn, train, targets, device, dtype, metrics_log)
         crops = 0 if loop.crops is None else len(loop.crops)
-        metrics_file.write(json.dumps({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}) + "\n")
-        metrics_file.flush()
+        metrics_log.record({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}, loop.epoch)
         log(f"epoch {loop.epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {count} steps"
             + (f", {crops} ReSO crops" if cfg.use_reso and loop.epoch >= cfg.reso_epoch else ""))
         loop.epoch += 1
@@ -592,7 +689,7 @@ def train_epochs(cfg, model, backbone, train: Split, targets: torch.Tensor, hard
 # The run: stages 1-5
 # --------------------------------------------------------------------------------------------
 
-RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE)
+RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE, tracking.RUN_ID_FILE)
 
 
 class RunStopped(RuntimeError):
@@ -653,8 +750,24 @@ def stopped_note(out_dir: Path) -> str:
 
 
 def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False) -> dict:
+    """The run, tracked (with --tracker) from its start to its end, failed or not."""
     t_start = time.time()
     cfg, device = start_run(cfg, preset, resume is not None, overwrite)
+    tracker = tracking.open_tracker(cfg, preset, Path(cfg.out), resume is not None, pipeline.is_main_process())
+    status = "FAILED"
+    try:
+        report = train_and_evaluate(cfg, preset, resume, device, tracker, t_start)
+        status = "FINISHED"
+        return report
+    except RunStopped as e:
+        status = "KILLED" if e.code == 130 else "FAILED"
+        raise
+    finally:
+        tracker.end(status)
+
+
+def train_and_evaluate(cfg: bacgcn.BACGCNConfig, preset: str, resume: dict | None, device: str,
+                       tracker: tracking.Tracker, t_start: float) -> dict:
     if cfg.use_reso and cfg.reso_epoch >= cfg.epochs:
         log(f"WARNING: ReSO starts at epoch {cfg.reso_epoch + 1} of {cfg.epochs}: it will not run "
             "(lower --reso-epoch, or --use-reso=false to say so)")
@@ -688,13 +801,14 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
 
     try:
         with open(metrics_path, "a" if resume else "w") as metrics_file:
+            metrics_log = MetricsLog(metrics_file, tracker)
             t_train = time.time()                                                   # 4
-            reso = train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_file,
+            reso = train_epochs(cfg, model, backbone, train, targets, hard, num_classes, device, dtype, metrics_log,
                                 save_after_epoch if main_process else None, resume)
             train_s = time.time() - t_train
             logits = pipeline.predict(model, test.feats, device, dtype)             # 5
             result = pipeline.evaluate_split(cfg, logits, test, num_classes)
-            metrics_file.write(json.dumps({"test": {k: v for k, v in result.items() if k != "AP"}}) + "\n")
+            metrics_log.record({"test": {k: v for k, v in result.items() if k != "AP"}}, None)
     except KeyboardInterrupt:
         raise RunStopped(130, f"interrupted; {stopped_note(out_dir)}") from None
     except NonFiniteLoss as e:
@@ -706,13 +820,15 @@ def run(cfg: bacgcn.BACGCNConfig, preset: str = "", resume: dict | None = None, 
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
-                   "reso": reso, "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t_start, 1),
+                   "caption_quality": labels.quality, "reso": reso, "train_seconds": round(train_s, 1),
+                   "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
     if main_process:
         pipeline.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
                                  labels.m, labels.n, report, preset)
         data.write_json(out_dir / "report.json", report)
+        tracker.log_report(report, out_dir / "report.json")
     return report
 
 
@@ -764,6 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # before any work (a world build, caption labels): a device that is not there, a run
         # folder that cannot be written
         pipeline.resolve_device(cfg.device)
+        tracking.check_available(cfg.tracker)
         if cfg.out:
             data.check_writable(cfg.out, "--out", folder=True)
         data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)
@@ -774,8 +891,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()       # a closed pipe shows here, not in Python's flush at exit
     except BrokenPipeError:
         return data.quiet_broken_pipe()
-    except ValueError as e:          # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:   # DataError is a ValueError
+        for line in str(e).splitlines():      # MissingPieces: one line per piece
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {data.os_error_line(e)}", file=sys.stderr)

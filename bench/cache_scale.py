@@ -92,7 +92,8 @@ def train_and_score(cache_dir: Path, key_spec: dict, classes: int, memory_gb: fl
     model = pipeline.build_model(cfg, prompts, classes, counts, counts.diagonal(), 100.0)
     split = pipeline.Split(feats.ids, feats, None)
     t0 = time.perf_counter()
-    with open(os.devnull, "w") as sink:
+    with open(os.devnull, "w") as devnull:
+        sink = train.MetricsLog(devnull)
         train.train_epochs(cfg, model, None, split, targets, targets > 0, classes, "cpu", torch.float32, sink)
     train_s = time.perf_counter() - t0
     logits = pipeline.predict(model, feats, "cpu", torch.float32)

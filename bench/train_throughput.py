@@ -110,7 +110,8 @@ def measure_cache_and_training(cfg, backbone, photos: data.MultiLabelImages, dev
     model = pipeline.build_model(cfg, prompts, classes, counts, counts.diagonal(), 100.0).to(device)
     dtype = pipeline.compute_dtype(device, cfg.amp)
     split = pipeline.Split(feats.ids, feats, photos)
-    with open(os.devnull, "w") as sink:
+    with open(os.devnull, "w") as devnull:
+        sink = train.MetricsLog(devnull)
         t0 = time.perf_counter()
         train.train_epochs(cfg.replace(epochs=1), model, backbone, split, targets, targets > 0, classes, device,
                            dtype, sink)

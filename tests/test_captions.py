@@ -1,5 +1,7 @@
 import csv
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +202,25 @@ def test_real_voc2007_captions_meet_quality_target(shared_data):
     scores = pl.scores[[row[i] for i in ids], :20]
     assert mean_ap(scores, labels) >= 83.0
     assert best_f1(scores, labels)[0] >= 0.81
+
+
+def test_caption_table_bench_prints_the_readme_table(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import caption_table
+
+    # "cart" holds "car" as a substring: the naive row counts it, the 4-step filter does not
+    d = _caption_dir(tmp_path, {"1.": ["a red car on a road"] * 6, "2.": ["a cart full of hay"] * 6,
+                                "3.": ["a dog on the grass"] * 6})
+    labels = tmp_path / "labels.csv"
+    car, dog = data.VOC_CLASSES.index("car"), data.VOC_CLASSES.index("dog")
+    rows = [["1" if c == truth else "-1" for c in range(20)] for truth in (car, None, dog)]
+    labels.write_text("image_id," + ",".join(data.VOC_CLASSES) + "\n"
+                      + "".join(f"{i},{','.join(r)}\n" for i, r in zip("123", rows)))
+    out = tmp_path / "table.json"
+    assert caption_table.main(["--captions", str(d), "--labels", str(labels), "--json", str(out)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| filter | dictionary | mAP | best F1 |" and len(table) == 2 + len(caption_table.ROWS)
+    measured = json.loads(out.read_text())["rows"]
+    assert [(r["dictionary"], r["context_weight"]) for r in measured] == [(d, w) for _, d, w in caption_table.ROWS]
+    naive, vote = measured[0], measured[1]
+    assert vote["mAP"] == 100.0 and naive["mAP"] < 100.0     # the cart ranks beside the car

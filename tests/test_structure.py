@@ -34,8 +34,8 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", ["eval.py", "pipeline.py", "data.py", "bacgcn.py", "metrics.py",
-                                  "bench/profile_kernel.py"])
+@pytest.mark.parametrize("path", ["eval.py", "pipeline.py", "data.py", "bacgcn.py", "metrics.py", "tracking.py",
+                                  "bench/profile_kernel.py", "bench/caption_table.py"])
 def test_commands_never_import_the_trainer(path):
     # bench/ablation.py is the one exception: it runs training by design.
     assert "train" not in _imported_modules(ROOT / path)
