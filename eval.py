@@ -111,7 +111,7 @@ def read_only_cache(cfg, backbone, dataset):
     folder instead (a damaged cache is rebuilt where it lies only when it is the user's own)."""
     import bacgcn
     import pipeline
-    from data import FeatureCache
+    from cache import FeatureCache
 
     cache = FeatureCache(cfg.cache_dir, pipeline.feature_spec(cfg, backbone, dataset, "images"))
     problem = cache.problem() if cache.complete else f"lacks {dataset.name}"

@@ -20,6 +20,7 @@ import torch
 
 import bacgcn
 import data
+from cache import CachedFeatures, FeatureCache, encode_images, file_digest
 from metrics import evaluate, size_split_map
 
 ROOT = Path(__file__).resolve().parent
@@ -192,7 +193,7 @@ def check_against_backbone(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbo
 @dataclass
 class Split:
     ids: list[str]
-    feats: data.CachedFeatures         # patches [N, E], g, gH, gHc [E], attn [N] per row (bf16, CPU or disk)
+    feats: CachedFeatures              # patches [N, E], g, gH, gHc [E], attn [N] per row (bf16, CPU or disk)
     dataset: data.MultiLabelImages     # for labels and (ReSO) the original images
 
 
@@ -212,7 +213,7 @@ def feature_spec(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone, datase
     """Everything that changes the cached features of `dataset`: the cache key."""
     import hashlib
     device = next(backbone.parameters()).device.type
-    return {"kind": kind, "clip_model": cfg.clip_model, "weights": data.file_digest(cfg.clip_weights),
+    return {"kind": kind, "clip_model": cfg.clip_model, "weights": file_digest(cfg.clip_weights),
             # A CPU fp32 cache is not a GPU bf16 one: the features differ past bf16's rounding.
             "device": device, "precision": encode_precision(device, cfg.amp),
             "image_size": backbone.image_size, "patch_readout": cfg.patch_readout, "h_fraction": cfg.h_fraction,
@@ -250,13 +251,13 @@ def encode_features(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) ->
         return backbone.features(x, cfg.h_fraction, cfg.subset_readout)
 
 
-def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -> data.CachedFeatures:
+def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -> CachedFeatures:
     """The features of `dataset` from the cache keyed by `spec`, encoding it once on a miss
     (each process of a distributed job encodes its share) or when the cache is damaged."""
     import shutil
     import time
 
-    cache = data.FeatureCache(cfg.cache_dir, spec)
+    cache = FeatureCache(cfg.cache_dir, spec)
     state = "miss"
     if is_main_process() and cache.complete:
         problem = cache.problem()
@@ -306,7 +307,7 @@ def build_model(cfg, prompts: torch.Tensor, num_classes: int, m, n, logit_scale:
 FEATURE_KEYS = ("patches", "g", "gH", "gHc")   # what the head reads per image
 
 
-def batch_feats(feats: data.CachedFeatures, idx, device: str, dtype) -> dict[str, torch.Tensor]:
+def batch_feats(feats: CachedFeatures, idx, device: str, dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True).to(dtype) for k, v in feats.gather(idx, FEATURE_KEYS).items()}
 
 
@@ -353,7 +354,7 @@ def prefetched(items, device: str, dtype, depth: int = 2):
         worker.join()
 
 
-def scoring_batch(feats: data.CachedFeatures, batch: int = PREDICT_BATCH) -> int:
+def scoring_batch(feats: CachedFeatures, batch: int = PREDICT_BATCH) -> int:
     """Images per scoring forward: few enough that the batches in flight (read ahead, converted
     to fp32) stay small next to a streamed cache (measured on a 3.9 GB cache of 784 x 512
     patches: 256 images a batch held the peak at 2.7 GB)."""
@@ -362,7 +363,7 @@ def scoring_batch(feats: data.CachedFeatures, batch: int = PREDICT_BATCH) -> int
 
 
 @torch.no_grad()
-def predict(model, feats: data.CachedFeatures, device, dtype, batch: int = PREDICT_BATCH) -> np.ndarray:
+def predict(model, feats: CachedFeatures, device, dtype, batch: int = PREDICT_BATCH) -> np.ndarray:
     """Logits [n, O] of every cached image; in a distributed job each process scores its share
     and every process gets all rows."""
     model.eval()
@@ -573,7 +574,7 @@ def predict_images(cfg, backbone, model, dataset: data.MultiLabelImages, device:
                    desc: str = "tagging") -> tuple[list[str], np.ndarray]:
     """(ids, logits [n, O]) of the readable images of `dataset`, encoded in batches with a
     progress bar and no feature cache (a folder is scored once). Corrupt files are skipped
-    and counted by `data.encode_images`; the ids say which images the rows are."""
+    and counted by `cache.encode_images`; the ids say which images the rows are."""
     dtype = compute_dtype(device, cfg.amp)
     model.eval()
     head = torch.compile(model) if cfg.compile and device.startswith("cuda") else model    # as in training
@@ -581,7 +582,7 @@ def predict_images(cfg, backbone, model, dataset: data.MultiLabelImages, device:
     ids: list[str] = []
     logits = []
     try:
-        for batch_ids, _, feats in data.encode_images(
+        for batch_ids, _, feats in encode_images(
                 dataset, lambda x: encode_features(backbone, x, cfg), batch_size=CACHE_BATCH, workers=cfg.workers,
                 device=device, desc=desc, pin_memory=device.startswith("cuda")):
             logits.append(head(head_inputs(feats, dtype))["logits"].float().cpu())

@@ -549,7 +549,7 @@ def encode_split(backbone, dataset, batch: int = 256, progress: bool = True) -> 
     import torch
 
     from bacgcn import preprocess
-    from data import encode_images
+    from cache import encode_images
 
     out = {"g": [], "patches": [], "index": []}
     for _, index, feats in encode_images(dataset, lambda x: backbone.encode_image(preprocess(x, backbone.image_size)),

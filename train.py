@@ -35,7 +35,7 @@ import random
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 
 import bacgcn
+import captions
 import data
-import metrics
 import pipeline
 import tracking
+from cache import CachedFeatures
 from pipeline import Split, log
 
 ROOT = Path(__file__).resolve().parent
@@ -97,10 +98,10 @@ def missing_pieces(cfg: bacgcn.BACGCNConfig) -> list[str]:
                 data.voc_root(root, cfg.dataset[3:], split)
             except data.DataError as e:
                 lines.append(str(e))
-    captions = Path(cfg.captions) / "captions.json"
-    if cfg.dataset != "synthetic" and not captions.is_file():
-        lines.append(f"{captions}: no captions: put the paper's captions.json (and re_captions.json) for "
-                     f"{cfg.dataset} there, make them with `python data.py captions --dataset {cfg.dataset} ...`, "
+    captions_file = Path(cfg.captions) / "captions.json"
+    if cfg.dataset != "synthetic" and not captions_file.is_file():
+        lines.append(f"{captions_file}: no captions: put the paper's captions.json (and re_captions.json) for "
+                     f"{cfg.dataset} there, make them with `python captions.py generate --dataset {cfg.dataset} ...`, "
                      "or pass --captions=DIR")
     weights = Path(cfg.clip_weights)
     if not weights.is_file():
@@ -153,7 +154,7 @@ class CaptionLabels:
     classes: list[str]
     categories: list[str]        # the C classes, then the backgrounds when they are used
     prompt_names: list[str]      # what the text encoder reads for each category
-    pseudo: data.PseudoLabels
+    pseudo: captions.PseudoLabels
     m: np.ndarray                # co-occurrence counts of the hard labels [O, O]
     n: np.ndarray                # label counts [O]
     quality: dict                # the captions' pseudo labels against the training split's human labels
@@ -168,12 +169,13 @@ class CaptionLabels:
         return targets, hard
 
 
-def check_captions_match(cfg, captions: dict, pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages) -> None:
+def check_captions_match(cfg, caption_texts: dict, pseudo: captions.PseudoLabels,
+                         train_ds: data.MultiLabelImages) -> None:
     """Captions that name none of the training images would train on all-zero targets: refuse;
     a few without a caption train as negatives of every class: say so loudly past 5 %."""
     matched, total = int((pseudo.num_captions > 0).sum()), len(pseudo.ids)
     if total and not matched:
-        first = next(iter(captions), None)
+        first = next(iter(caption_texts), None)
         raise data.DataError(Path(cfg.captions) / "captions.json",
                              f"no caption id matches an image of {train_ds.name} (captions name {first!r}, the "
                              f"images are named like {train_ds.ids[0]!r})")
@@ -193,46 +195,23 @@ def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> N
             "could not be read and are left out")
 
 
-def with_true_labels(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages, min_votes: int) -> data.PseudoLabels:
-    """The oracle's labels: the dataset's human labels in place of what the captions say of the
-    C classes, as soft targets and hard labels (so the graph and ReSO see them too). Background
-    categories have no human labels and keep the captions'."""
-    positive = train_ds.labels_for(pseudo.ids) == 1
-    c = pseudo.num_classes
-    scores, votes = pseudo.scores.copy(), pseudo.votes.copy()
-    scores[:, :c] = positive
-    votes[:, :c] = np.where(positive, max(min_votes, 1), 0)
-    return replace(pseudo, scores=scores, votes=votes)
-
-
-def caption_quality(pseudo: data.PseudoLabels, train_ds: data.MultiLabelImages) -> dict:
-    """How well the caption pseudo labels rank the training images' human labels over the C
-    classes (the figure the caption filter is tuned on): {"mAP", "best_F1"}; {} where the split
-    has no positive label to rank."""
-    labels = train_ds.labels_for(pseudo.ids)
-    if not metrics.positive_counts(labels).any():
-        return {}
-    scores = pseudo.scores[:, :pseudo.num_classes]
-    quality = {"mAP": metrics.mean_ap(scores, labels), "best_F1": metrics.best_f1(scores, labels)[0]}
-    log(f"caption pseudo labels against the training split's labels: mAP {quality['mAP']:.2f}, "
-        f"best F1 {quality['best_F1']:.3f}")
-    return quality
-
-
 def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
     if cfg.dataset == "synthetic":
         syn_path = Path(cfg.synonyms) if cfg.synonyms else Path(cfg.captions) / "synonyms.json"
     else:
-        syn_path = data.dictionary_path(cfg.dataset, cfg.synonyms or None)
-    dictionary = data.SynonymDictionary.from_json(syn_path, len(classes))
-    captions = data.read_captions(cfg.captions)
-    pseudo = data.pseudo_labels(captions, dictionary, classes, data.CaptionFilterConfig(min_votes=cfg.min_votes),
-                                ids=train_ds.ids)
-    check_captions_match(cfg, captions, pseudo, train_ds)
-    quality = caption_quality(pseudo, train_ds)
+        syn_path = captions.dictionary_path(cfg.dataset, cfg.synonyms or None)
+    dictionary = captions.SynonymDictionary.from_json(syn_path, len(classes))
+    caption_texts = captions.read_captions(cfg.captions)
+    config = captions.CaptionFilterConfig(min_votes=cfg.min_votes)
+    pseudo = captions.pseudo_labels(caption_texts, dictionary, classes, config, ids=train_ds.ids)
+    check_captions_match(cfg, caption_texts, pseudo, train_ds)
+    quality = captions.caption_quality(pseudo, train_ds)
+    if quality:
+        log(f"caption pseudo labels against the training split's labels: mAP {quality['mAP']:.2f}, "
+            f"best F1 {quality['best_F1']:.3f}")
     if cfg.train_labels == "true":
-        pseudo = with_true_labels(pseudo, train_ds, cfg.min_votes)
+        pseudo = captions.with_true_labels(pseudo, train_ds, cfg.min_votes)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
     hard = pseudo.hard(cfg.min_votes)
     m, n = data.cooccurrence(hard[:, :num_cat])
@@ -342,7 +321,7 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, weight: to
 @dataclass
 class ResoCrops:
     """The ReSO crops of a run, ready to train on: row k is crop k."""
-    feats: data.CachedFeatures       # cached features, as for images
+    feats: CachedFeatures            # cached features, as for images
     targets: torch.Tensor            # [n, O] its class 1, the parent's uncaptioned categories 0
     masks: torch.Tensor              # [n, O] 1 where an entry is trained
     classes: torch.Tensor            # [n] the class each crop was cut for
@@ -400,7 +379,7 @@ def crop_precision(cfg, split: Split, found: list) -> float | None:
     return 100.0 * hits / len(found)
 
 
-def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> tuple[data.CachedFeatures, list]:
+def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> tuple[CachedFeatures, list]:
     """(features, the crops kept) of the crops `found` [(row, class, patch box)], each encoded
     once (cached under the crops' list). A crop whose image could not be read is dropped."""
     grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import pipeline  # noqa: E402
+from cache import FeatureCache  # noqa: E402
 
 FIELDS = ("patches", "g", "gH", "gHc", "attn")
 
@@ -47,7 +48,7 @@ class _Blank(torch.utils.data.Dataset):
                 "id": f"{k:08d}", "index": k}
 
 
-def write_cache(root: Path, images: int, patches: int, dim: int) -> data.FeatureCache:
+def write_cache(root: Path, images: int, patches: int, dim: int) -> FeatureCache:
     gen = torch.Generator().manual_seed(0)
 
     def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -56,7 +57,7 @@ def write_cache(root: Path, images: int, patches: int, dim: int) -> data.Feature
         g = [torch.nn.functional.normalize(torch.randn(b, dim, generator=gen), dim=-1) for _ in range(3)]
         return {"patches": p, "g": g[0], "gH": g[1], "gHc": g[2], "attn": torch.rand(b, patches, generator=gen)}
 
-    cache = data.FeatureCache(root, {"bench": "cache_scale", "images": images, "patches": patches, "dim": dim})
+    cache = FeatureCache(root, {"bench": "cache_scale", "images": images, "patches": patches, "dim": dim})
     if not cache.complete:
         cache.build(_Blank(images), encode, batch_size=64, desc="writing random features")
     return cache
@@ -83,7 +84,7 @@ def train_and_score(cache_dir: Path, key_spec: dict, classes: int, memory_gb: fl
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = bacgcn.BACGCNConfig(epochs=1, use_reso=False, cache_memory_gb=memory_gb, log_every=10**9)
     baseline = peak_rss_bytes()      # before the cache is opened: what the process needs without it
-    feats = data.FeatureCache(cache_dir, key_spec).open(memory_gb * 2**30)
+    feats = FeatureCache(cache_dir, key_spec).open(memory_gb * 2**30)
     n, dim = len(feats), feats.row_shapes["g"][0]
     gen = torch.Generator().manual_seed(1)
     prompts = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=-1)
@@ -103,7 +104,7 @@ def train_and_score(cache_dir: Path, key_spec: dict, classes: int, memory_gb: fl
             "held_in_memory": feats.tensors is not None}
 
 
-def run_child(args: argparse.Namespace, cache: data.FeatureCache, memory_gb: float) -> dict:
+def run_child(args: argparse.Namespace, cache: FeatureCache, memory_gb: float) -> dict:
     cmd = [sys.executable, __file__, "--child", str(cache.dir.parent), json.dumps(cache.spec),
            "--classes", str(args.classes), "--memory-gb", str(memory_gb)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)

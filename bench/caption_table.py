@@ -5,7 +5,7 @@
 Defaults: the VOC2007 captions and the 2,500 dev labels of ../shared/data/voc2007/. Rows:
   naive substring match   a category is named by a caption holding one of its phrases as a
                           substring of its lower-cased text (no tokens, no plurals, no spans)
-  4-step filter           `python data.py pseudo-labels --dataset voc2007 --context-weight 0`
+  4-step filter           `python captions.py pseudo-labels --dataset voc2007 --context-weight 0`
   + context tie-break     the same with the default --context-weight (the pipeline's labels)
 each with the paper's dictionary (`--synonyms paper`) and ours. Captions and re-captions are
 voted over together; the context model is fit on every captioned image, as the command does,
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+from captions import CaptionFilterConfig, SynonymDictionary, dictionary_path, pseudo_labels, read_captions  # noqa: E402
 from metrics import best_f1, mean_ap  # noqa: E402
 
 VOC2007 = ROOT.parent / "shared" / "data" / "voc2007"
@@ -32,8 +33,8 @@ ROWS = (
     ("naive substring match, captions + re-captions", "paper", None),
     ("4-step filter, vote fraction", "paper", 0.0),
     ("4-step filter, vote fraction", "ours", 0.0),
-    ("4-step filter + caption-context tie-break (default)", "paper", data.CaptionFilterConfig.context_weight),
-    ("4-step filter + caption-context tie-break (default)", "ours", data.CaptionFilterConfig.context_weight),
+    ("4-step filter + caption-context tie-break (default)", "paper", CaptionFilterConfig.context_weight),
+    ("4-step filter + caption-context tie-break (default)", "ours", CaptionFilterConfig.context_weight),
 )
 
 
@@ -52,23 +53,22 @@ def substring_scores(captions: dict[str, list[str]], synonyms_file: Path, ids: l
 
 def filter_scores(captions: dict[str, list[str]], synonyms_file: Path, ids: list[str], num_classes: int,
                   context_weight: float) -> np.ndarray:
-    """The caption filter's soft labels [len(ids), C], as `data.py pseudo-labels` computes them."""
-    dictionary = data.SynonymDictionary.from_json(synonyms_file, num_classes)
-    labels = data.pseudo_labels(captions, dictionary, data.VOC_CLASSES,
-                                data.CaptionFilterConfig(context_weight=context_weight))
+    """The caption filter's soft labels [len(ids), C], as `captions.py pseudo-labels` computes them."""
+    dictionary = SynonymDictionary.from_json(synonyms_file, num_classes)
+    labels = pseudo_labels(captions, dictionary, data.VOC_CLASSES, CaptionFilterConfig(context_weight=context_weight))
     row = {i: k for k, i in enumerate(labels.ids)}
     return labels.scores[[row[i] for i in ids], :num_classes]
 
 
 def measure(captions_dir: Path, labels_file: Path) -> list[dict]:
-    captions = data.read_captions(captions_dir)
+    captions = read_captions(captions_dir)
     ids, classes, labels = data.read_table_csv(labels_file, "labels")
     if list(classes) != list(data.VOC_CLASSES):
         raise data.DataError(labels_file, "columns must be the 20 VOC classes in the standard order")
     labels = labels.astype(np.int8)
     rows = []
     for name, dictionary, context_weight in ROWS:
-        synonyms = data.dictionary_path("voc2007", "paper" if dictionary == "paper" else None)
+        synonyms = dictionary_path("voc2007", "paper" if dictionary == "paper" else None)
         if context_weight is None:
             scores = substring_scores(captions, synonyms, ids, len(classes))
         else:

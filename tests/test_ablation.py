@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bacgcn
+import cache
 import data
 import synthetic as S
 import train
@@ -74,7 +75,7 @@ def test_linear_probe_reads_g_and_max_pooled_patches():
     patches = torch.randn(n, p, e, generator=gen) * 0.3
     g[:, :c] += labels.float()                               # classes 0..2 visible in g
     patches[torch.arange(n), 0, c:2 * c] += 2 * labels.float()   # and in one patch each
-    feats = data.CachedFeatures([str(i) for i in range(n)], [],
+    feats = cache.CachedFeatures([str(i) for i in range(n)], [],
                                 {"g": g.bfloat16(), "patches": patches.bfloat16()})
     feats.row_shapes = {"g": (e,), "patches": (p, e)}
     x = ablation.probe_inputs(feats, chunk=64)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import bacgcn
+import cache as cache_mod
 import data
 import pipeline
 import synthetic as S
@@ -43,7 +44,7 @@ def _encode(x):
 
 @pytest.fixture
 def sharded(tmp_path):
-    cache = data.FeatureCache(tmp_path, {"toy": 1}, shard_rows=7)     # batches of 3: 9 rows a shard, 6 shards
+    cache = cache_mod.FeatureCache(tmp_path, {"toy": 1}, shard_rows=7)     # batches of 3: 9 rows a shard, 6 shards
     cache.build(_Rows(50), _encode, batch_size=3)
     return cache
 

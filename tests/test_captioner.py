@@ -1,4 +1,4 @@
-"""`python data.py captions` end to end on the CPU, with a tiny randomly initialised BLIP-2 built
+"""`python captions.py generate` end to end on the CPU, with a tiny randomly initialised BLIP-2 built
 here (no download), on the real VOC photos of ../shared/data/real_sample."""
 import json
 import shutil
@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import captions
 import data
 
 transformers = pytest.importorskip("transformers",
@@ -77,14 +78,14 @@ def photos(shared_data, tmp_path):
 
 
 def _captions(args, out, model, *extra):
-    return data.main(["captions", *args, "--model", str(model), "--out", str(out), "--max-new-tokens", "6",
+    return captions.main(["generate", *args, "--model", str(model), "--out", str(out), "--max-new-tokens", "6",
                       "--workers", "0", "--quiet", *extra])
 
 
 def _count_generate(monkeypatch, fail_at=None, on_fail=None):
-    """Wrap data._generate: record every prompt; raise on call number `fail_at`."""
+    """Wrap captions._generate: record every prompt; raise on call number `fail_at`."""
     calls = []
-    real = data._generate
+    real = captions._generate
 
     def generate(model, tokenizer, features, prompts, max_new_tokens):
         calls.append(list(prompts))
@@ -94,18 +95,19 @@ def _count_generate(monkeypatch, fail_at=None, on_fail=None):
             raise RuntimeError("interrupted by the test")
         return real(model, tokenizer, features, prompts, max_new_tokens)
 
-    monkeypatch.setattr(data, "_generate", generate)
+    monkeypatch.setattr(captions, "_generate", generate)
     return calls
 
 
 def test_precomputed_features_give_blip2s_own_answers(blip2_dir, shared_data):
-    model, processor = data.load_blip2(blip2_dir, "cpu")
+    model, processor = captions.load_blip2(blip2_dir, "cpu")
     jpgs = sorted((shared_data / "real_sample" / "voc" / "JPEGImages").glob("*.jpg"))[:2]
     images = [data.decode_image(p) for p in jpgs]
-    prompts = [[data.PROMPT_TEMPLATE.format(data.CAPTION_PROMPTS[0])], data.recaption_prompts(["person", "sky"])[2:4]]
-    pixels = torch.stack([data._BlipPreprocess(processor.image_processor)(im) for im in images])
+    prompts = [[captions.PROMPT_TEMPLATE.format(captions.CAPTION_PROMPTS[0])],
+               captions.recaption_prompts(["person", "sky"])[2:4]]
+    pixels = torch.stack([captions._BlipPreprocess(processor.image_processor)(im) for im in images])
     with torch.inference_mode():
-        ours = data._caption_images(model, processor.tokenizer, data._image_features(model, pixels), prompts, 6)
+        ours = captions._caption_images(model, processor.tokenizer, captions._image_features(model, pixels), prompts, 6)
         flat = [(im, p) for im, ps in zip(images, prompts) for p in ps]
         inputs = processor(images=[im for im, _ in flat], text=[p for _, p in flat], return_tensors="pt", padding=True)
         ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -115,18 +117,18 @@ def test_precomputed_features_give_blip2s_own_answers(blip2_dir, shared_data):
 
 
 def test_prompts_follow_the_released_files():
-    assert len(data.CAPTION_PROMPTS) == 6
-    assert data.recaption_prompts(["car"])[3] == \
+    assert len(captions.CAPTION_PROMPTS) == 6
+    assert captions.recaption_prompts(["car"])[3] == \
         "Question: What objects are present in this image, excluding car? Answer:"
-    assert data.recaption_prompts(["aeroplane", "sky"])[4] == \
+    assert captions.recaption_prompts(["aeroplane", "sky"])[4] == \
         "Question: Please explain this photo in detail, excluding aeroplane sky? Answer:"
-    assert data.recaption_prompts([])[0] == "Question: What is in the photo? Answer:"
+    assert captions.recaption_prompts([])[0] == "Question: What is in the photo? Answer:"
 
 
 def test_folder_end_to_end(blip2_dir, photos, tmp_path, monkeypatch, capsys):
     calls = _count_generate(monkeypatch)
     out = tmp_path / "caps"
-    synonyms = data.dictionary_path("voc2007")
+    synonyms = captions.dictionary_path("voc2007")
     with pytest.warns(UserWarning, match="broken.png: cannot decode image"):
         assert _captions(["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(synonyms),
                           "--batch-size", "2"], out, blip2_dir) == 0
@@ -134,17 +136,17 @@ def test_folder_end_to_end(blip2_dir, photos, tmp_path, monkeypatch, capsys):
     raw = json.loads((out / "captions.json").read_text())
     assert sorted(raw) == ["2011_000003.", "2011_000006.", "sub/2011_000025."]
     assert set(json.loads((out / "re_captions.json").read_text())) == set(raw)
-    caps = data.read_captions(out)
+    caps = captions.read_captions(out)
     assert all(len(c) == 12 for c in caps.values()) and not (out / "captions.partial.json").exists()
     # Second-pass prompts exclude exactly what the project's filter finds in the first six captions.
-    dictionary = data.SynonymDictionary.from_json(synonyms, 0)
+    dictionary = captions.SynonymDictionary.from_json(synonyms, 0)
     first = [a for call in calls[0::2] for a in call]
-    assert first == [data.PROMPT_TEMPLATE.format(p) for p in data.CAPTION_PROMPTS] * 3
+    assert first == [captions.PROMPT_TEMPLATE.format(p) for p in captions.CAPTION_PROMPTS] * 3
     expected = [p for image_id in raw for p in
-                data.recaption_prompts(data.found_categories(raw[image_id], dictionary, dictionary.categories))]
+                captions.recaption_prompts(captions.found_categories(raw[image_id], dictionary, dictionary.categories))]
     assert [p for call in calls[1::2] for p in call] == expected
     assert any("excluding" in p for p in expected)
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(out),
+    assert captions.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(out),
                       "--out", str(tmp_path / "scores.csv"), "--quiet"]) == 0
     assert "3 images, 36 captions" in capsys.readouterr().out
 
@@ -154,7 +156,7 @@ def test_folder_without_dictionary_writes_first_pass_only(blip2_dir, photos, tmp
     assert _captions(["--dataset", "folder", "--data-root", str(photos)], out, blip2_dir) == 0
     assert "captions.json only" in capsys.readouterr().err
     assert not (out / "re_captions.json").exists()
-    assert all(len(c) == 6 for c in data.read_captions(out).values())
+    assert all(len(c) == 6 for c in captions.read_captions(out).values())
 
 
 def test_voc_layout(blip2_dir, shared_data, tmp_path, capsys):
@@ -167,14 +169,14 @@ def test_voc_layout(blip2_dir, shared_data, tmp_path, capsys):
     out = tmp_path / "caps"
     assert _captions(["--dataset", "voc2007", "--data-root", str(tmp_path), "--split", "trainval"], out, blip2_dir) == 0
     assert sorted(json.loads((out / "re_captions.json").read_text())) == [i + "." for i in ids]
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(out),
+    assert captions.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(out),
                       "--out", str(tmp_path / "scores.csv"), "--quiet"]) == 0
     assert f"{len(ids)} images, {12 * len(ids)} captions" in capsys.readouterr().out
 
 
 def test_interrupted_run_resumes_without_captioning_twice(blip2_dir, photos, tmp_path, monkeypatch):
     out = tmp_path / "caps"
-    args = ["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(data.dictionary_path("voc2007")),
+    args = ["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(captions.dictionary_path("voc2007")),
             "--batch-size", "1", "--save-every", "1"]
     saved = {}
 

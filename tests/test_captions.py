@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import captions as captions_mod
 import data
 from metrics import best_f1, mean_ap
 
@@ -16,28 +17,28 @@ from metrics import best_f1, mean_ap
     ("knives", "knife"), ("glasses", "glasses"),
 ])
 def test_singularize_rules(plural, singular):
-    assert data.singularize(plural) == singular
+    assert captions_mod.singularize(plural) == singular
 
 
 @pytest.mark.parametrize("word", ["bus", "grass", "glass", "species", "sheep", "is", "was", "lens"])
 def test_singular_words_keep_their_s(word):
-    assert data.singularize(word) == word
+    assert captions_mod.singularize(word) == word
 
 
 def test_vocabulary_guides_singularization():
     vocab = {"bus", "horse", "glass", "ski"}
-    assert data.singularize("bus", vocab) == "bus"          # never "bu"
-    assert data.singularize("buses", vocab) == "bus"
-    assert data.singularize("horses", vocab) == "horse"
-    assert data.singularize("glasses", vocab) == "glass"
-    assert data.singularize("skis", vocab) == "ski"
+    assert captions_mod.singularize("bus", vocab) == "bus"          # never "bu"
+    assert captions_mod.singularize("buses", vocab) == "bus"
+    assert captions_mod.singularize("horses", vocab) == "horse"
+    assert captions_mod.singularize("glasses", vocab) == "glass"
+    assert captions_mod.singularize("skis", vocab) == "ski"
 
 
 def test_normalize_drops_prompt_echoes():
     text = "car.  Question: What objects are present in this image, excluding car? Answer: car."
-    assert data.normalize_text(text).split().count("car") == 2
-    assert "bicycle" not in data.normalize_text('I\'m not sure what you mean by "exclude bicycle", but')
-    assert data.normalize_text("Ålesund, Norway — a Café") == "alesund norway a cafe"
+    assert captions_mod.normalize_text(text).split().count("car") == 2
+    assert "bicycle" not in captions_mod.normalize_text('I\'m not sure what you mean by "exclude bicycle", but')
+    assert captions_mod.normalize_text("Ålesund, Norway — a Café") == "alesund norway a cafe"
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def dictionary(tmp_path):
     }
     path = tmp_path / "syn.json"
     path.write_text(json.dumps(syn))
-    return data.SynonymDictionary.from_json(path, num_classes=5)
+    return captions_mod.SynonymDictionary.from_json(path, num_classes=5)
 
 
 def test_match_longest_first_without_overlap(dictionary):
@@ -70,8 +71,8 @@ def test_match_longest_first_without_overlap(dictionary):
 
 def test_votes_and_soft_scores(dictionary):
     captions = {"a": ["a dog", "a dog and a dog", "a man", "nothing here"], "b": ["a bus"]}
-    cfg = data.CaptionFilterConfig(context_weight=0.0)
-    labels = data.pseudo_labels(captions, dictionary, config=cfg)
+    cfg = captions_mod.CaptionFilterConfig(context_weight=0.0)
+    labels = captions_mod.pseudo_labels(captions, dictionary, config=cfg)
     dog, person, bus = (dictionary.categories.index(c) for c in ("dog", "person", "bus"))
     assert labels.votes[0, dog] == 2            # repeated mentions count once per caption
     assert labels.scores[0, dog] == pytest.approx(0.5)
@@ -86,8 +87,9 @@ def test_context_only_breaks_ties(dictionary):
     captions.update({f"k{k}": ["a kitchen", "a table", "a cup"] for k in range(5)})
     captions["park_only"] = ["a park", "grass", "a bench"]
     captions["kitchen_only"] = ["a kitchen", "a cup", "a plate"]
-    plain = data.pseudo_labels(captions, dictionary, config=data.CaptionFilterConfig(context_weight=0.0))
-    ctx = data.pseudo_labels(captions, dictionary)
+    plain_config = captions_mod.CaptionFilterConfig(context_weight=0.0)
+    plain = captions_mod.pseudo_labels(captions, dictionary, config=plain_config)
+    ctx = captions_mod.pseudo_labels(captions, dictionary)
     dog = dictionary.categories.index("dog")
     # the vote order is kept: more votes always rank higher ...
     p, c = plain.scores, ctx.scores
@@ -121,11 +123,11 @@ def test_pseudo_labels_cli(tmp_path):
     d = _caption_dir(tmp_path, caps)
     (d / "re_captions.json").write_text(json.dumps({k: v[::-1] for k, v in caps.items()}))
     out, graph = tmp_path / "scores.csv", tmp_path / "g.safetensors"
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out", str(out),
+    assert captions_mod.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out", str(out),
                       "--graph", str(graph), "--quiet"]) == 0
     rows = list(csv.reader(open(out)))
     assert rows[0][:21] == ["image_id", *data.VOC_CLASSES]          # dataset spelling, VOC order
-    assert rows[0][21:] == list(json.load(open(data.dictionary_path("voc2007"))))[20:-1]  # backgrounds
+    assert rows[0][21:] == list(json.load(open(captions_mod.dictionary_path("voc2007"))))[20:-1]  # backgrounds
     assert [r[0] for r in rows[1:]] == ["000012", "000017"]        # trailing dot dropped
     values = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
     assert ((0 <= values) & (values <= 1)).all()
@@ -141,8 +143,8 @@ def test_pseudo_labels_cli(tmp_path):
 def test_pseudo_labels_paper_dictionary_option(tmp_path):
     d = _caption_dir(tmp_path, {"1.": ["a seagull"] * 6})
     ours, paper = tmp_path / "o.csv", tmp_path / "p.csv"
-    data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out", str(ours), "--quiet"])
-    data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out", str(paper),
+    captions_mod.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out", str(ours), "--quiet"])
+    captions_mod.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out", str(paper),
                "--synonyms", "paper", "--quiet"])
     bird = 1 + data.VOC_CLASSES.index("bird")
     assert float(list(csv.reader(open(ours)))[1][bird]) > 0.99
@@ -158,7 +160,7 @@ def test_bad_caption_files_give_one_line(tmp_path, capsys, content, problem):
     d = tmp_path / "caps"
     d.mkdir()
     (d / "captions.json").write_text(content)
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d),
+    assert captions_mod.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d),
                       "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "captions.json" in err and problem in err
@@ -169,10 +171,10 @@ def test_bad_dictionary(tmp_path, capsys):
     d = _caption_dir(tmp_path, {"1.": ["a dog"]})
     syn = tmp_path / "few.json"
     syn.write_text(json.dumps({"dog": ["dog"]}))
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out",
+    assert captions_mod.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(d), "--out",
                       str(tmp_path / "s.csv"), "--synonyms", str(syn), "--quiet"]) == 2
     assert "few.json: has 1 categories, the dataset has 20 classes" in capsys.readouterr().err
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path / "none"),
+    assert captions_mod.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path / "none"),
                       "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2
     assert "captions.json: captions file not found" in capsys.readouterr().err
 
@@ -181,7 +183,7 @@ def test_bad_dictionary(tmp_path, capsys):
 def test_project_dictionaries_load(dataset):
     n = len(data.CLASS_NAMES[dataset])
     for which in (None, "paper"):
-        d = data.SynonymDictionary.from_json(data.dictionary_path(dataset, which), n)
+        d = captions_mod.SynonymDictionary.from_json(captions_mod.dictionary_path(dataset, which), n)
         assert len(d.categories) > n
         # every class is reachable through at least one phrase
         assert set(range(n)) <= {c for cats in d.phrases.values() for c in cats}
@@ -189,15 +191,15 @@ def test_project_dictionaries_load(dataset):
 
 def test_real_voc2007_captions_meet_quality_target(shared_data):
     """The issue's bar on real BLIP-2 captions: mAP >= 83, best F1 >= 0.81 (20 classes)."""
-    captions = data.read_captions(shared_data / "voc2007")
+    captions = captions_mod.read_captions(shared_data / "voc2007")
     with open(shared_data / "voc2007" / "trainval_labels_dev.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0][1:] == list(data.VOC_CLASSES)
     ids = [r[0] for r in rows[1:]]
     labels = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
-    dictionary = data.SynonymDictionary.from_json(data.dictionary_path("voc2007"), 20)
+    dictionary = captions_mod.SynonymDictionary.from_json(captions_mod.dictionary_path("voc2007"), 20)
     # the context model is fit on every captioned image, as the CLI does; scored on the dev ids
-    pl = data.pseudo_labels(captions, dictionary, data.VOC_CLASSES)
+    pl = captions_mod.pseudo_labels(captions, dictionary, data.VOC_CLASSES)
     row = {i: k for k, i in enumerate(pl.ids)}
     scores = pl.scores[[row[i] for i in ids], :20]
     assert mean_ap(scores, labels) >= 83.0

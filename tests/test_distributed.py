@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-import data
+import cache as cache_mod
 import synthetic as S
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,11 +27,11 @@ def _train(world, out, cache, nproc):
     return json.loads((out / "report.json").read_text()), result.stdout
 
 
-def _features(cache_root: Path, split: str) -> data.CachedFeatures:
+def _features(cache_root: Path, split: str) -> cache_mod.CachedFeatures:
     for meta in cache_root.glob("*/meta.json"):
         spec = json.loads(meta.read_text())["spec"]
         if spec.get("dataset") == f"synthetic/{split}" and spec.get("kind") == "images":
-            return data.FeatureCache(cache_root, spec).open()
+            return cache_mod.FeatureCache(cache_root, spec).open()
     raise AssertionError(f"no {split} cache under {cache_root}")
 
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+import captions as captions_mod
 import data
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -78,7 +79,7 @@ def dictionary(workdir):
     path.write_text(json.dumps({"bicycle": ["bicycle", "bike", "cyclist"], "dog": ["dog", "puppy"],
                                 "person": ["person", "people", "cyclist"], "bus": ["bus"], "sky": ["sky"],
                                 "__ignore__": ["hot dog", "bus stop"]}))
-    return data.SynonymDictionary.from_json(path, num_classes=4)
+    return captions_mod.SynonymDictionary.from_json(path, num_classes=4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -88,18 +89,18 @@ def dictionary(workdir):
 @FAST
 @given(caption_text)
 def test_normalize_and_tokenize_any_text(text):
-    normal = data.normalize_text(text)
+    normal = captions_mod.normalize_text(text)
     assert re.fullmatch(r"([a-z0-9]+( [a-z0-9]+)*)?", normal), normal
-    tokens = data.tokenize(text, frozenset({"bus", "glass"}))
+    tokens = captions_mod.tokenize(text, frozenset({"bus", "glass"}))
     assert len(tokens) == len(normal.split()) and all(tokens)
 
 
 @FAST
 @given(st.text(alphabet="abcegiklnoprsuyz", max_size=12), st.frozensets(st.text("abcegiklnoprsuyz", max_size=6)))
 def test_singularize_any_word(word, vocabulary):
-    singular = data.singularize(word, vocabulary)
+    singular = captions_mod.singularize(word, vocabulary)
     assert isinstance(singular, str) and (singular or not word)
-    if word in vocabulary and word not in data.IRREGULAR_PLURALS:
+    if word in vocabulary and word not in captions_mod.IRREGULAR_PLURALS:
         assert singular == word
 
 
@@ -113,8 +114,8 @@ def test_match_any_caption(dictionary, caption):
 @given(st.dictionaries(caption_text, st.lists(caption_text, max_size=4), max_size=6),
        st.sampled_from([0.0, 1e-3]))
 def test_pseudo_labels_any_captions(dictionary, captions, context_weight):
-    config = data.CaptionFilterConfig(context_weight=context_weight)
-    labels = data.pseudo_labels(captions, dictionary, config=config)
+    config = captions_mod.CaptionFilterConfig(context_weight=context_weight)
+    labels = captions_mod.pseudo_labels(captions, dictionary, config=config)
     assert labels.scores.shape == (len(captions), len(dictionary.categories))
     assert np.isfinite(labels.scores).all() and (labels.scores >= 0).all() and (labels.scores <= 1).all()
 
@@ -128,7 +129,7 @@ def test_read_captions_any_file(workdir, json_values, garbage, use_garbage):
     folder = _fresh(workdir, "captions")
     content = garbage if use_garbage else json.dumps(json_values).encode()
     (folder / "captions.json").write_bytes(content)
-    captions = _calls_or_data_error(lambda: data.read_captions(folder), folder)
+    captions = _calls_or_data_error(lambda: captions_mod.read_captions(folder), folder)
     if captions is not None:
         assert all(isinstance(c, str) for caps in captions.values() for c in caps)
 

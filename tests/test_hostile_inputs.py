@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import bacgcn
+import captions
 import data
 import eval as eval_cli
 import pipeline
@@ -176,7 +177,7 @@ def test_a_write_past_a_file_size_limit_names_the_file_and_leaves_nothing(kind, 
 def test_clis_under_a_file_size_limit_give_one_line(world, tmp_path, capsys):
     out = tmp_path / "scores.csv"
     with file_size_limit(1024):
-        code = data.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--out", str(out),
+        code = captions.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--out", str(out),
                           "--quiet"])
     assert code == 2 and f"{out}: cannot be written (File too large)" in _error_line(capsys)
     assert not out.exists()
@@ -326,7 +327,7 @@ def test_scores_that_overflow_are_refused_not_tagged(ckpt, photos, tmp_path, cap
 def test_pseudo_labels_of_no_caption_is_an_error(tmp_path, capsys):
     (tmp_path / "captions.json").write_text("{}")
     out = tmp_path / "scores.csv"
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path), "--out", str(out),
+    assert captions.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path), "--out", str(out),
                       "--quiet"]) == 2
     assert _one_line(capsys) == f"error: {tmp_path / 'captions.json'}: names no image (an empty object)"
     assert not out.exists()
@@ -347,12 +348,12 @@ def test_duplicate_caption_ids_are_refused_by_name(tmp_path_factory, ids, pick, 
     (folder / "captions.json").write_text(plain if in_re_captions else text)
     (folder / "re_captions.json").write_text(text if in_re_captions else plain)
     with pytest.raises(data.DataError) as e:
-        data.read_captions(folder)
+        captions.read_captions(folder)
     named = "re_captions.json" if in_re_captions else "captions.json"
     assert str(e.value).startswith(f"{folder / named}: image id {dup!r} appears more than once")
     (folder / "re_captions.json").write_text(plain)
     (folder / "captions.json").write_text(plain)   # an id in both files is a caption and its re-caption
-    assert data.read_captions(folder) == {i: ["a photo", "a photo"] for i in ids}
+    assert captions.read_captions(folder) == {i: ["a photo", "a photo"] for i in ids}
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "half"])
@@ -409,7 +410,7 @@ def test_pseudo_labels_outputs_are_checked_before_any_work(world, tmp_path, caps
     for extra, problem in (([f"--out={tmp_path}"], f"--out={tmp_path}: is a folder, not a file"),
                            ([f"--out={a_file / 'x.csv'}"], f"--out={a_file / 'x.csv'}: cannot be written"),
                            ([f"--out={out}", f"--graph={tmp_path}"], f"--graph={tmp_path}: is a folder, not a file")):
-        assert data.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--quiet",
+        assert captions.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--quiet",
                           *extra]) == 2
         assert _one_line(capsys).startswith(f"error: {problem}")
     assert not out.exists() and a_file.read_text() == "keep"
@@ -440,7 +441,7 @@ def test_a_closed_stdout_pipe_ends_quietly(world, tmp_path, monkeypatch, capsys)
     """`eval.py ... | head`: the reader goes away; the command stops without a word."""
     labels = str(world / "labels_test.csv")
     for main, argv in ((eval_cli.main, ["--scores", labels, "--labels", labels]),
-                       (data.main, ["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--quiet",
+                       (captions.main, ["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--quiet",
                                     "--out", str(tmp_path / "scores.csv")])):
         read_end, write_end = os.pipe()
         os.close(read_end)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bacgcn
+import cache as cache_mod
 import data
 import eval as eval_cli
 import pipeline
@@ -195,17 +196,17 @@ def test_feature_cache_hit_miss_and_invalidation(tmp_path):
         return {"g": x.float().mean((2, 3)), "patches": x.float()[:, :, :2, :2].flatten(2).transpose(1, 2)}
 
     spec = {"encoder": "toy", "h_fraction": 0.25}
-    cache = data.FeatureCache(tmp_path / "cache", spec)
+    cache = cache_mod.FeatureCache(tmp_path / "cache", spec)
     assert not cache.complete
     cache.build(ds, encode, batch_size=2)
     feats = cache.open()
     assert calls == [2, 2, 1] and feats.ids == ["0", "1", "2", "3", "4"]
     rows = feats.gather(range(5))
     assert rows["g"].dtype == torch.bfloat16 and rows["patches"].shape == (5, 4, 3)
-    again = data.FeatureCache(tmp_path / "cache", dict(spec))
+    again = cache_mod.FeatureCache(tmp_path / "cache", dict(spec))
     assert again.complete and again.dir == cache.dir and again.problem() is None
     assert again.open().ids == feats.ids and torch.equal(again.open().gather([0, 1, 2, 3, 4])["g"], rows["g"])
-    changed = data.FeatureCache(tmp_path / "cache", {**spec, "h_fraction": 0.5})
+    changed = cache_mod.FeatureCache(tmp_path / "cache", {**spec, "h_fraction": 0.5})
     assert not changed.complete and changed.dir != cache.dir
 
 

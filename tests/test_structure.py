@@ -1,5 +1,5 @@
-"""The codebase's own rules: imports run one way, functions stay small, optional Triton, and the
-open_clip internals the backbone re-implements still match open_clip."""
+"""The codebase's own rules: imports run one way, functions and files stay small, optional Triton,
+and the open_clip internals the backbone re-implements still match open_clip."""
 import ast
 import logging
 import os
@@ -16,6 +16,8 @@ import synthetic as S
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FUNCTION_LINES = 80
+MAX_FILE_LINES = 900
+MODEL = {"bacgcn", "pipeline", "train", "eval"}
 
 
 def _sources(skip_tests: bool = True) -> list[Path]:
@@ -34,15 +36,30 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", ["eval.py", "pipeline.py", "data.py", "bacgcn.py", "metrics.py", "tracking.py",
-                                  "bench/profile_kernel.py", "bench/caption_table.py"])
+@pytest.mark.parametrize("path", ["eval.py", "pipeline.py", "data.py", "captions.py", "cache.py", "bacgcn.py",
+                                  "metrics.py", "tracking.py", "bench/profile_kernel.py", "bench/caption_table.py"])
 def test_commands_never_import_the_trainer(path):
     # bench/ablation.py is the one exception: it runs training by design.
     assert "train" not in _imported_modules(ROOT / path)
 
 
-def test_data_layer_never_imports_the_model():
-    assert not {"bacgcn", "pipeline", "train", "eval"} & _imported_modules(ROOT / "data.py")
+@pytest.mark.parametrize("path", ["data.py", "captions.py", "cache.py"])
+def test_data_layer_never_imports_the_model(path):
+    assert not MODEL & _imported_modules(ROOT / path)
+
+
+def test_data_py_is_the_bottom_of_the_data_layer():
+    # captions.py and cache.py build on data.py; an import back would be a cycle, and
+    # `python captions.py` (its own __main__) would then load a second copy of itself.
+    assert not {"captions", "cache"} & _imported_modules(ROOT / "data.py")
+    assert "data" in _imported_modules(ROOT / "captions.py") and "data" in _imported_modules(ROOT / "cache.py")
+
+
+def test_no_file_over_900_lines():
+    files = _sources() + sorted((ROOT / "tests").glob("*.py"))
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in files
+            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+    assert not long, "files over 900 lines: " + ", ".join(long)
 
 
 def test_importing_eval_loads_no_trainer():

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import captions
 import data
 import eval as eval_cli
 import synthetic as S
@@ -60,7 +61,7 @@ def test_captions_read_back_through_caption_filter(world, tmp_path):
     caps = json.loads((world / "captions.json").read_text())
     assert len(caps) == 40 and all(k.endswith(".") and len(v) == 6 for k, v in caps.items())
     out = tmp_path / "scores.csv"
-    assert data.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--out", str(out),
+    assert captions.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--out", str(out),
                       "--quiet"]) == 0
     rows = list(csv.reader(open(out)))
     assert rows[0] == ["image_id", *S.CLASS_NAMES, *S.BACKGROUNDS]

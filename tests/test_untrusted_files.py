@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import captions
 import data
 import eval as eval_cli
 
@@ -211,7 +212,7 @@ def test_voc_xml_oddities_give_one_line(voc_copy, old, new, problem):
 
 def test_deeply_nested_captions_json_gives_one_line(tmp_path, capsys):
     (tmp_path / "captions.json").write_text("[" * 100_000)
-    assert data.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path),
+    assert captions.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path),
                       "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "captions.json: not valid JSON (nested too deeply)" in err

@@ -1,0 +1,309 @@
+"""Feature cache: the frozen encoder runs once per image, its outputs stored in bf16 shards.
+
+Built on the data layer (`data.py`), which never imports this module; nothing here imports the
+model (the encoder is handed in).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from data import DataError, SkipReport, atomic_write, image_batches, read_json, write_json
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file (memoised by path, size and mtime): weights identify a cache by content."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+class FeatureCache:
+    """Per-image encoder outputs stored in bf16 safetensors shards under a key.
+
+    The key hashes everything that changes the features (`spec`: encoder, weights digest, input
+    size, read-out, dataset, split, image ids and file stamps), so a changed config or a changed
+    image file never reads a stale cache. A folder is complete once its `meta.json` exists
+    (written last, atomically); `problem()` tells a damaged one (shard missing or truncated,
+    ids that do not match the rows). The build can be split into parts (one per process of a
+    distributed job), each writing its own shards, and `merge` lists them in part order. This
+    module never imports the model: `encode` is handed in.
+    """
+
+    SHARD = 4096
+    # A shard is buffered in memory before it is written: capped by bytes too, or one shard of
+    # ViT-B/16 at 448 px (800 KB a row) would hold 3.2 GB, twice over while concatenated.
+    SHARD_BYTES = 256 * 2**20
+
+    def __init__(self, root: str | os.PathLike, spec: dict, shard_rows: int = SHARD):
+        import hashlib
+
+        self.spec = spec
+        self.key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        self.dir = Path(root) / self.key
+        self.shard_rows = shard_rows
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / "meta.json").is_file()
+
+    def _meta(self) -> dict:
+        return read_json(self.dir / "meta.json", "feature cache index")
+
+    def problem(self) -> str | None:
+        """Why this complete cache cannot be read (one line), or None when it is sound."""
+        try:
+            meta = self._meta()
+            if not isinstance(meta.get("ids"), list) or not isinstance(meta.get("shards"), list):
+                return "meta.json lacks its ids or shards"
+            CachedFeatures.from_shards(self.dir, meta["ids"], meta["shards"])
+        except DataError as e:
+            return str(e)
+        return None
+
+    def open(self, memory_budget_bytes: float = float("inf")) -> "CachedFeatures":
+        """The cached rows: read into memory when they fit `memory_budget_bytes`, else streamed."""
+        meta = self._meta()
+        features = CachedFeatures.from_shards(self.dir, meta["ids"], meta["shards"])
+        if features.nbytes <= memory_budget_bytes:
+            return features.in_memory()
+        fix_malloc_threshold()
+        return features
+
+    def build(self, dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
+              desc: str = "caching features", pin_memory: bool = False, part: int = 0, parts: int = 1) -> None:
+        """Encode every image of `dataset` with `encode` (see `encode_images`) into bf16 shards.
+        Skipped images are reported and left out. With `parts` > 1 this writes part `part` only
+        (its dataset is that part's images); `merge` completes the cache once all parts exist."""
+        import torch
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ids: list[str] = []
+        buffer: dict[str, list] = {}
+        shards: list[str] = []
+
+        def flush():
+            if not buffer:
+                return
+            name = f"part{part:03d}-shard-{len(shards):05d}.safetensors"
+            tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
+            atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp)))
+            shards.append(name)
+            buffer.clear()
+
+        for batch_ids, _, out in encode_images(dataset, encode, batch_size, workers, device, desc, pin_memory):
+            for k, v in out.items():
+                buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
+            ids.extend(batch_ids)
+            rows = sum(len(x) for x in next(iter(buffer.values())))
+            if rows >= self.shard_rows or rows * sum(v[0][0].nbytes for v in buffer.values()) >= self.SHARD_BYTES:
+                flush()
+        flush()
+        write_json(self.dir / f"part{part:03d}.json", {"ids": ids, "shards": shards}, indent=None)
+        if parts == 1:
+            self.merge(1)
+
+    def merge(self, parts: int) -> None:
+        """Write meta.json over the parts 0..parts-1, in part order: the cache is then complete."""
+        ids, shards = [], []
+        for part in range(parts):
+            piece = read_json(self.dir / f"part{part:03d}.json", "feature cache part")
+            ids += piece["ids"]
+            shards += piece["shards"]
+        write_json(self.dir / "meta.json", {"ids": ids, "shards": shards, "spec": self.spec}, indent=None)
+
+
+def fix_malloc_threshold(threshold: int = 1 << 16) -> None:
+    """Stream without the heap creeping up. glibc raises its mmap threshold each time a large
+    block is freed, so after the first batch every batch buffer (0.1-10 MB) comes from the heap,
+    whose fragments the process keeps: measured, peak memory then grew with the number of
+    batches (+85 MB from a 4x larger cache), and with the threshold fixed it did not (-13 MB).
+    A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3         # mallopt's parameter number, from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_mmap_threshold, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
+class CachedFeatures:
+    """The rows of a feature cache: `gather(rows)` returns {name: bf16 tensor [len(rows), ...]}
+    in the order asked.
+
+    Streamed (the default of `from_shards`), rows are read on demand with positioned reads
+    into the batch's own tensors: resident memory is what a batch needs, whatever the cache's
+    size (file pages live on in the OS page cache, which the kernel reclaims under pressure and
+    which is not this process's memory). `in_memory()` reads every row once into one tensor per
+    field (no second copy, unlike concatenating loaded shards).
+    """
+
+    def __init__(self, ids: list[str], shards: list[tuple[Path, int, dict]], tensors: dict | None = None):
+        self.ids = list(ids)
+        self._shards = shards                    # (path, rows, {name: (row shape, file offset, row bytes)})
+        self._starts = np.cumsum([0] + [rows for _, rows, _ in shards])
+        self._fds: dict[int, int] = {}
+        self.tensors = tensors
+        first = shards[0][2] if shards else {}
+        self.row_shapes = {k: v[0] for k, v in first.items()}
+
+    @classmethod
+    def from_shards(cls, directory: Path, ids: Sequence[str], names: Sequence[str]) -> "CachedFeatures":
+        shards = [(Path(directory) / n, *_shard_layout(Path(directory) / n)) for n in names]
+        rows = sum(r for _, r, _ in shards)
+        if rows != len(ids):
+            raise DataError(Path(directory) / "meta.json", f"lists {len(ids)} ids, the shards hold {rows} rows")
+        layouts = {tuple(sorted((k, v[0]) for k, v in f.items())) for _, _, f in shards}
+        if len(layouts) > 1:
+            raise DataError(directory, "shards hold different fields or shapes")
+        return cls(ids, shards)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.row_shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(self) * 2 * int(np.prod(s)) for s in self.row_shapes.values())
+
+    def in_memory(self) -> "CachedFeatures":
+        if self.tensors is None:
+            self.tensors = self._read(np.arange(len(self)), self.keys)
+            self.close()
+        return self
+
+    def gather(self, rows, keys: Sequence[str] | None = None) -> dict:
+        import torch
+
+        keys = list(keys or self.keys)
+        if self.tensors is not None:
+            index = torch.as_tensor(rows, dtype=torch.int64)
+            return {k: self.tensors[k][index] for k in keys}
+        return self._read(np.asarray(rows, dtype=np.int64).reshape(-1), keys)
+
+    def _read(self, rows: np.ndarray, keys: list[str]) -> dict:
+        """Rows read straight into the output tensors with positioned reads (`os.preadv`, one
+        per row and field, in file order): the kernel copies from its page cache, so no file
+        page is ever mapped into this process and resident memory stays what the batch needs.
+        (Gathering from memory maps and releasing the touched pages after each batch bounded
+        memory too, but every batch then paid a page fault per 4 KB: the streamed epoch ran at
+        0.65x the in-memory speed, 0.80x this way: bench/cache_scale.py on a 3.9 GiB cache.)"""
+        import torch
+
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row out of range [0, {len(self)})")
+        out = {k: torch.empty((len(rows), *self.row_shapes[k]), dtype=torch.bfloat16) for k in keys}
+        views = {k: out[k].view(torch.uint8).numpy().reshape(len(rows), -1) for k in keys}
+        shards = np.searchsorted(self._starts, rows, side="right") - 1
+        for i in np.argsort(rows, kind="stable"):
+            s = int(shards[i])
+            path, fields, fd = self._shards[s][0], self._shards[s][2], self._fd(s)
+            local = int(rows[i] - self._starts[s])
+            for k in keys:
+                _, offset, row_bytes = fields[k]
+                if _read_at(fd, views[k][i], offset + local * row_bytes) != row_bytes:
+                    raise DataError(path, f"shorter than its header says (row {local} of {k!r} is cut off)")
+        return out
+
+    def _fd(self, shard: int) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self._shards[shard][0], os.O_RDONLY)
+        return self._fds[shard]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        self.close()
+
+
+def _read_at(fd: int, buffer: np.ndarray, offset: int) -> int:
+    """Fill `buffer` from file offset `offset`; the number of bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], offset)
+    chunk = os.pread(fd, buffer.nbytes, offset)          # platforms without preadv: one more copy
+    buffer[:len(chunk)] = np.frombuffer(chunk, dtype=buffer.dtype)
+    return len(chunk)
+
+
+def _shard_layout(path: Path) -> tuple[int, dict]:
+    """(rows, {name: (row shape, file offset of row 0, bytes per row)}) from a safetensors
+    shard's header, checking that every tensor is bf16, has the same row count and lies
+    inside the file (a truncated shard fails here, by name)."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise DataError(path, "feature cache shard missing") from None
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not a readable safetensors shard ({e})") from None
+    fields, counts = {}, set()
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        if info["dtype"] != "BF16" or not shape:
+            raise DataError(path, f"field {name!r} is {info['dtype']} {shape}, expected bf16 rows")
+        if 8 + length + end > size:
+            raise DataError(path, f"truncated: field {name!r} ends at byte {8 + length + end}, the file has {size}")
+        counts.add(shape[0])
+        fields[name] = (tuple(shape[1:]), 8 + length + begin, (end - begin) // max(shape[0], 1))
+    if len(counts) > 1:
+        raise DataError(path, "fields hold different row counts")
+    return (counts.pop() if counts else 0), fields
+
+
+def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
+                  desc: str = "encoding", pin_memory: bool = False, progress: bool = True):
+    """The one encode loop: yields (ids, dataset indices, `encode(uint8 batch on device)`) per
+    batch of a MultiLabelImages yielding fixed-size uint8 images, under no_grad, with a progress
+    bar in images; skipped images are counted and summarised in one line at the end."""
+    import torch
+    from tqdm import tqdm
+
+    report = SkipReport()
+    bar = tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, mininterval=2, disable=not progress)
+    try:                  # closed on an error too, so that the error line stands on a line of its own
+        with torch.no_grad():
+            for batch in image_batches(dataset, batch_size, workers, pin_memory):
+                report.update(batch)
+                bar.update(batch["skipped"] + len(batch["id"]))
+                if batch["id"]:
+                    yield batch["id"], batch["index"], encode(batch["image"].to(device, non_blocking=True))
+    finally:
+        bar.close()
+    if report.skipped:
+        print(f"{getattr(dataset, 'name', 'images')}: {report.summary()}", file=sys.stderr)
+
+
