@@ -81,32 +81,27 @@ def _prompt_block(O, BLOCK_O: tl.constexpr, K_PAD: tl.constexpr):
     return b, offs_o, offs_o < O, tl.arange(0, K_PAD)
 
 
+# Nested jit functions stay out of the loops: the interpreter (every CPU test and CPU training
+# run under TRITON_INTERPRET=1) re-patches triton.language on each nested call, which made the
+# proving ground's in-process training tests ~10x slower when the merge and the K-slot reads were
+# helpers. Column k of a [BLOCK_O, K_PAD] register tile is read as a masked sum (registers
+# cannot be indexed): tl.sum(tl.where(offs_k[None, :] == k, tile, 0), axis=1).
 @triton.jit
-def _slot(tile, offs_k, k):
-    """Column k of a [BLOCK_O, K_PAD] register tile, as [BLOCK_O] (a masked sum: registers
-    cannot be indexed)."""
-    return tl.sum(tl.where(offs_k[None, :] == k, tile, 0), axis=1)
-
-
-@triton.jit
-def _merge_topk(s, offs_n, top_v, top_i, offs_k, K: tl.constexpr, BLOCK_O: tl.constexpr, K_PAD: tl.constexpr):
-    """The top-K of (a tile's values s [BLOCK_O, BLOCK_N] at patches offs_n) and (the running list
-    top_v, top_i [BLOCK_O, K_PAD]), by K rounds of max. The list's patches all precede the
-    tile's, so on equal values the list wins; within each, the lowest index does."""
-    new_v = tl.full((BLOCK_O, K_PAD), float("-inf"), tl.float32)
-    new_i = tl.full((BLOCK_O, K_PAD), 2147483647, tl.int32)
-    rest = top_v
-    for k in range(K):
-        m_tile = tl.max(s, axis=1)
-        m_list = tl.max(rest, axis=1)
-        from_tile = m_tile > m_list
-        i_tile = tl.min(tl.where(s == m_tile[:, None], offs_n[None, :], 2147483647), axis=1)
-        i_list = tl.min(tl.where(rest == m_list[:, None], top_i, 2147483647), axis=1)
-        new_v = tl.where(offs_k[None, :] == k, tl.where(from_tile, m_tile, m_list)[:, None], new_v)
-        new_i = tl.where(offs_k[None, :] == k, tl.where(from_tile, i_tile, i_list)[:, None], new_i)
-        s = tl.where(from_tile[:, None] & (offs_n[None, :] == i_tile[:, None]), float("-inf"), s)
-        rest = tl.where(~from_tile[:, None] & (top_i == i_list[:, None]), float("-inf"), rest)
-    return new_v, new_i
+def _pool_rows(p_base, top_i, wgt, offs_o, mask_o, offs_k, D, stride_pn, stride_pd, out_base, stride_lo, stride_ld,
+               K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
+    """local[o] = sum_k wgt[o, k] * P[b, idx[o, k]]: K row gathers per prompt, from L2 (the tile
+    loop has just read P[b]); the B x O x K x D gather never exists in memory."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_od = mask_o[:, None] & (offs_d[None, :] < D)
+        out = tl.zeros((BLOCK_O, BLOCK_D), dtype=tl.float32)
+        for k in range(K):
+            row = tl.sum(tl.where(offs_k[None, :] == k, top_i, 0), axis=1).to(tl.int64)
+            rows = tl.load(p_base + row[:, None] * stride_pn + offs_d[None, :] * stride_pd, mask=mask_od,
+                           other=0.0).to(tl.float32)
+            out += tl.sum(tl.where(offs_k[None, :] == k, wgt, 0.0), axis=1)[:, None] * rows
+        tl.store(out_base + offs_o[:, None] * stride_lo + offs_d[None, :] * stride_ld,
+                 out.to(out_base.dtype.element_ty), mask=mask_od)
 
 
 # N is only a loop bound and a mask across rows (never a stride), so specialising on N % 16 buys
@@ -159,7 +154,21 @@ def _similarity_pool_fwd_kernel(
         s = tl.where(mask_n[None, :], acc, float("-inf"))
         gain = tl.where(mask_o, tl.max(s, axis=1) - kth, -1.0)
         if tl.max(gain, axis=0) > 0:
-            top_v, top_i = _merge_topk(s, offs_n, top_v, top_i, offs_k, K, BLOCK_O, K_PAD)
+            # K rounds of max over (tile, list); the list's patches precede the tile's, so on
+            # equal values the list wins, and within each the lowest index does.
+            new_v = tl.full((BLOCK_O, K_PAD), float("-inf"), tl.float32)
+            new_i = tl.full((BLOCK_O, K_PAD), 2147483647, tl.int32)
+            rest = top_v
+            for k in range(K):
+                m_tile, m_list = tl.max(s, axis=1), tl.max(rest, axis=1)
+                from_tile = m_tile > m_list
+                i_tile = tl.min(tl.where(s == m_tile[:, None], offs_n[None, :], 2147483647), axis=1)
+                i_list = tl.min(tl.where(rest == m_list[:, None], top_i, 2147483647), axis=1)
+                new_v = tl.where(offs_k[None, :] == k, tl.where(from_tile, m_tile, m_list)[:, None], new_v)
+                new_i = tl.where(offs_k[None, :] == k, tl.where(from_tile, i_tile, i_list)[:, None], new_i)
+                s = tl.where(from_tile[:, None] & (offs_n[None, :] == i_tile[:, None]), float("-inf"), s)
+                rest = tl.where(~from_tile[:, None] & (top_i == i_list[:, None]), float("-inf"), rest)
+            top_v, top_i = new_v, new_i
             kth = tl.min(tl.where(offs_k[None, :] < K, top_v, float("inf")), axis=1)
 
     # 3. softmax over the K selected values (slot 0 holds the maximum, so exp cannot overflow).
@@ -170,18 +179,9 @@ def _similarity_pool_fwd_kernel(
     tl.store(IDX + ik, top_i, mask=mask_ok)
     tl.store(WGT + ik, wgt, mask=mask_ok)
 
-    # 4. local[o] = sum_k wgt[o, k] * P[b, idx[o, k]]: K row gathers per prompt, from L2 (the
-    # tile loop above has just read P[b]); the B x O x K x D gather never exists in memory.
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_od = mask_o[:, None] & (offs_d[None, :] < D)
-        out = tl.zeros((BLOCK_O, BLOCK_D), dtype=tl.float32)
-        for k in range(K):
-            rows = tl.load(p_base + _slot(top_i, offs_k, k).to(tl.int64)[:, None] * stride_pn
-                           + offs_d[None, :] * stride_pd, mask=mask_od, other=0.0).to(tl.float32)
-            out += _slot(wgt, offs_k, k)[:, None] * rows
-        tl.store(LOCAL + b * stride_lb + offs_o[:, None] * stride_lo + offs_d[None, :] * stride_ld,
-                 out.to(LOCAL.dtype.element_ty), mask=mask_od)
+    # 4. the pooling, in a helper called once per program.
+    _pool_rows(p_base, top_i, wgt, offs_o, mask_o, offs_k, D, stride_pn, stride_pd, LOCAL + b * stride_lb,
+               stride_lo, stride_ld, K, BLOCK_O, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -209,8 +209,9 @@ def _similarity_pool_bwd_kernel(
         dl = tl.load(DLOCAL + b * stride_lb + offs_o[:, None] * stride_lo + offs_d[None, :] * stride_ld,
                      mask=mask_od, other=0.0).to(tl.float32)
         for k in range(K):
-            rows = tl.load(p_base + _slot(top_i, offs_k, k).to(tl.int64)[:, None] * stride_pn
-                           + offs_d[None, :] * stride_pd, mask=mask_od, other=0.0).to(tl.float32)
+            row = tl.sum(tl.where(offs_k[None, :] == k, top_i, 0), axis=1).to(tl.int64)
+            rows = tl.load(p_base + row[:, None] * stride_pn + offs_d[None, :] * stride_pd, mask=mask_od,
+                           other=0.0).to(tl.float32)
             pd += tl.where(offs_k[None, :] == k, tl.sum(rows * dl, axis=1)[:, None], 0.0)
     # Softmax Jacobian: ds = a / T * (pd - sum_k a * pd).
     grad = wgt * inv_t * (pd - tl.sum(wgt * pd, axis=1)[:, None])
@@ -225,9 +226,10 @@ def _similarity_pool_bwd_kernel(
             g += tl.load(DSIM + so, mask=mask_on, other=0.0).to(tl.float32)
         a = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
         for k in range(K):
-            hit = offs_n[None, :] == _slot(top_i, offs_k, k)[:, None]
-            g += tl.where(hit, _slot(grad, offs_k, k)[:, None], 0.0)
-            a += tl.where(hit, _slot(wgt, offs_k, k)[:, None], 0.0)
+            slot = offs_k[None, :] == k
+            hit = offs_n[None, :] == tl.sum(tl.where(slot, top_i, 0), axis=1)[:, None]
+            g += tl.where(hit, tl.sum(tl.where(slot, grad, 0.0), axis=1)[:, None], 0.0)
+            a += tl.where(hit, tl.sum(tl.where(slot, wgt, 0.0), axis=1)[:, None], 0.0)
         tl.store(G + so, g.to(G.dtype.element_ty), mask=mask_on)
         tl.store(A + so, a.to(A.dtype.element_ty), mask=mask_on)
 
@@ -241,7 +243,7 @@ def _k_pad(topk: int) -> int:
     return max(2, next_pow2(topk))
 
 
-def launch_config(kernel: str, topk: int, dtype: torch.dtype) -> dict:
+def launch_config(kernel: str, topk: int, dtype: torch.dtype, n: int = 64) -> dict:
     """Tile sizes and launch options of the "forward" or "backward" kernel.
 
     Patch tiles of BLOCK_N = 64 walk N (the running top-K merge makes N free), so nothing here
@@ -256,6 +258,11 @@ def launch_config(kernel: str, topk: int, dtype: torch.dtype) -> dict:
     K > 32.
     """
     block_o = 32 if _k_pad(topk) <= 32 else 16
+    if interpret_mode():
+        # The interpreter pays per op, not per byte: one tile over all N (no GPU limits apply
+        # there) keeps CPU training under TRITON_INTERPRET=1 at the old kernel's speed.
+        return {"BLOCK_N": max(64, next_pow2(n)), "BLOCK_O": block_o, "BLOCK_D": 64, "num_warps": 4,
+                "num_stages": 2}
     if dtype != torch.float32:
         return {"BLOCK_N": 64, "BLOCK_O": block_o, "BLOCK_D": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_N": 64, "BLOCK_O": block_o, "BLOCK_D": 32, "num_warps": 4 if kernel == "forward" else 8,
@@ -275,7 +282,7 @@ def forward_launch(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
     local = torch.empty((b, o, d), device=patches.device, dtype=patches.dtype)
     idx = torch.empty((b, o, topk), device=patches.device, dtype=torch.int32)
     wgt = torch.empty((b, o, topk), device=patches.device, dtype=torch.float32)
-    options = launch_config("forward", topk, patches.dtype)
+    options = launch_config("forward", topk, patches.dtype, n)
     grid = (b, triton.cdiv(o, options["BLOCK_O"]))
     args = (patches, prompts, sim, local, idx, wgt, n, o, d, 1.0 / temperature,
             *patches.stride(), *prompts.stride(), *sim.stride(), *local.stride())
@@ -290,7 +297,7 @@ def backward_launch(patches: torch.Tensor, dlocal: torch.Tensor, dsim: Optional[
     o, topk = idx.shape[1], idx.shape[2]
     g = torch.empty((b, n, o), device=patches.device, dtype=patches.dtype)
     a = torch.empty_like(g)
-    options = launch_config("backward", topk, patches.dtype)
+    options = launch_config("backward", topk, patches.dtype, n)
     grid = (b, triton.cdiv(o, options["BLOCK_O"]))
     args = (patches, dlocal, dsim if dsim is not None else g, idx, wgt, g, a, n, o, d, 1.0 / temperature,
             *patches.stride(), *dlocal.stride(), *g.stride())
@@ -379,7 +386,10 @@ def similarity_pool(patches: torch.Tensor, prompts: torch.Tensor, topk: int, tem
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if patches.dtype != prompts.dtype:
         raise ValueError(f"patches ({patches.dtype}) and prompts ({prompts.dtype}) differ in dtype")
-    if not use_triton(patches, prompts) or topk > MAX_TRITON_TOPK:
+    # The interpreter checks the kernel on small shapes (tests); at training sizes it costs minutes
+    # a step on the CPU, where the reference computes the same thing.
+    interpreted_large = interpret_mode() and patches.shape[0] * patches.shape[1] * prompts.shape[0] > 2**15
+    if not use_triton(patches, prompts) or topk > MAX_TRITON_TOPK or interpreted_large:
         local, sim = similarity_pool_ref(patches, prompts, topk, temperature)
         if not with_indices:
             return local, sim
