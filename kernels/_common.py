@@ -54,13 +54,21 @@ if interpret_mode() or compile_only() or torch.cuda.is_available():
                           stacklevel=1)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Dispatch rule of every op: Triton on CUDA tensors (or in the interpreter), the pure-torch
-    reference otherwise, so CPU training needs no Triton at all."""
+# The interpreter runs a kernel op by op in Python: it is there to check the kernels on small
+# shapes (tests/test_kernels.py, tests/test_cuda_path.py). At training sizes it costs seconds a
+# step (one GCN backward at B 64 x 22 nodes x 128 wide), and the in-process training tests spent
+# most of CI there; calls with more work than this run the reference, which computes the same.
+INTERPRET_MAX_WORK = 2**15
+
+
+def use_triton(*tensors: torch.Tensor, work: int = 0) -> bool:
+    """Dispatch rule of every op: Triton on CUDA tensors (or in the interpreter, for calls of at
+    most INTERPRET_MAX_WORK elements of `work`), the pure-torch reference otherwise, so CPU
+    training needs no Triton at all."""
     if not HAS_TRITON:
         return False
     if interpret_mode():
-        return True
+        return work <= INTERPRET_MAX_WORK
     return all(t.is_cuda for t in tensors)
 
 

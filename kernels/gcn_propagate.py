@@ -288,7 +288,7 @@ def gcn_propagate(x: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, 
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must be {tuple(x.shape)}, got {tuple(residual.shape)}")
     tensors = [t for t in (x, indptr, indices, values, bias, residual) if t is not None]
-    if not use_triton(*tensors):
+    if not use_triton(*tensors, work=x.numel()):
         return gcn_propagate_ref(x, indptr, indices, values, bias, activation, residual)
     if plan is None:
         plan = csr_plan(indptr, indices, v)

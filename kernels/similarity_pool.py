@@ -386,10 +386,8 @@ def similarity_pool(patches: torch.Tensor, prompts: torch.Tensor, topk: int, tem
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if patches.dtype != prompts.dtype:
         raise ValueError(f"patches ({patches.dtype}) and prompts ({prompts.dtype}) differ in dtype")
-    # The interpreter checks the kernel on small shapes (tests); at training sizes it costs minutes
-    # a step on the CPU, where the reference computes the same thing.
-    interpreted_large = interpret_mode() and patches.shape[0] * patches.shape[1] * prompts.shape[0] > 2**15
-    if not use_triton(patches, prompts) or topk > MAX_TRITON_TOPK or interpreted_large:
+    work = patches.shape[0] * patches.shape[1] * prompts.shape[0]
+    if not use_triton(patches, prompts, work=work) or topk > MAX_TRITON_TOPK:
         local, sim = similarity_pool_ref(patches, prompts, topk, temperature)
         if not with_indices:
             return local, sim

@@ -258,3 +258,13 @@ def test_kernels_on_gpu(dtype, shape):
     y_ref.sum().backward()
     assert_close(y, y_ref, dtype, v, "y")
     assert_close(x.grad, x64.grad, dtype, v, "d x")
+
+
+@needs_interpreter
+def test_interpreter_takes_small_calls_and_leaves_training_sizes_to_the_reference():
+    """The interpreter checks kernels; a training-size call there would cost seconds a step."""
+    from kernels._common import INTERPRET_MAX_WORK, use_triton
+
+    x = torch.zeros(2, 3)
+    assert use_triton(x, work=INTERPRET_MAX_WORK)
+    assert not use_triton(x, work=INTERPRET_MAX_WORK + 1)
