@@ -109,6 +109,12 @@ def _runner(fn, inputs, mode):
     return run
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is not positive: a backward timed as (fwd+bwd) - fwd can come out 0 on
+    a loaded machine, and a speedup over it is then no figure at all (it once raised ZeroDivisionError)."""
+    return a / b if b > 0 else float("nan")
+
+
 def time_modes(measure, fn, inputs) -> dict[str, float]:
     """Median ms of forward, forward+backward, and backward (their difference)."""
     fwd = measure(_runner(fn, inputs, "forward"))
@@ -170,17 +176,18 @@ def profile_gpu(args) -> None:
                                          fn, case["inputs"])
         for mode in MODES:
             t = {p: times[p][mode] for p in times}
-            gbs = case["bytes"][mode] / t["triton"] / 1e6
+            gbs = ratio(case["bytes"][mode], t["triton"]) / 1e6
             print(f"{case['name']:<62} {mode:<17} {t['eager']:8.3f} {t['compile']:8.3f} {t['triton']:8.3f} "
-                  f"{t['eager'] / t['triton']:8.2f} {t['compile'] / t['triton']:7.2f} {gbs:7.0f} "
+                  f"{ratio(t['eager'], t['triton']):8.2f} {ratio(t['compile'], t['triton']):7.2f} {gbs:7.0f} "
                   f"{gbs / bandwidth:6.1%} {peaks['triton']:7.1f}")
             for provider in t:
                 rows.append({
                     "op": case["name"].split()[0], "case": case["name"], "shape": case["shape"], "mode": mode,
                     "provider": provider, "dtype": args.dtype, "median_ms": t[provider],
-                    "speedup_vs_eager": t["eager"] / t[provider], "speedup_vs_compile": t["compile"] / t[provider],
-                    "bytes": case["bytes"][mode], "gb_per_s": case["bytes"][mode] / t[provider] / 1e6,
-                    "fraction_of_copy_bandwidth": case["bytes"][mode] / t[provider] / 1e6 / bandwidth,
+                    "speedup_vs_eager": ratio(t["eager"], t[provider]),
+                    "speedup_vs_compile": ratio(t["compile"], t[provider]),
+                    "bytes": case["bytes"][mode], "gb_per_s": ratio(case["bytes"][mode], t[provider]) / 1e6,
+                    "fraction_of_copy_bandwidth": ratio(case["bytes"][mode], t[provider]) / 1e6 / bandwidth,
                     "peak_mib_forward_backward": peaks[provider],
                     "compile_s": compile_s if provider == "compile" else None,
                 })
@@ -261,9 +268,9 @@ def profile_cpu(args) -> None:
         for mode in MODES:
             t = {p: times[p][mode] for p in times}
             print(f"{case['name']:<62} {mode:<17} {t['eager']:9.2f} {t['compile']:11.2f} "
-                  f"{t['eager'] / t['compile']:8.2f}")
+                  f"{ratio(t['eager'], t['compile']):8.2f}")
             rows += [{"op": case["name"].split()[0], "case": case["name"], "shape": case["shape"], "mode": mode,
-                      "provider": p, "dtype": "fp32", "median_ms": v, "speedup_vs_eager": t["eager"] / v,
+                      "provider": p, "dtype": "fp32", "median_ms": v, "speedup_vs_eager": ratio(t["eager"], v),
                       "compile_s": compile_s if p == "compile" else None} for p, v in t.items()]
         print(f"{'':<62} compile time of the reference (fwd + bwd): {compile_s:.1f} s")
     if args.out:
