@@ -368,15 +368,37 @@ def with_true_labels(pseudo: PseudoLabels, train_ds: MultiLabelImages, min_votes
     return replace(pseudo, scores=scores, votes=votes)
 
 
-def caption_quality(pseudo: PseudoLabels, train_ds: MultiLabelImages) -> dict:
-    """How well the caption pseudo labels rank the training images' human labels over the C
-    classes (the figure the caption filter is tuned on): {"mAP", "best_F1"}; {} where the split
-    has no positive label to rank."""
+def label_quality(scores: np.ndarray, hard: np.ndarray, labels: np.ndarray,
+                  largest_area: np.ndarray | None = None, size_rule: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """Pseudo labels against human labels [n, C] (1 / -1 / 0 difficult, ignored): the soft
+    `scores`' mAP, the `hard` labels' pooled precision and recall, and, where `largest_area`
+    [n, C] (the largest instance of each class, a fraction of the image) is known, the recall of
+    small (< size_rule[0]) and large (>= size_rule[1]) instances."""
+    small, large = size_rule
+    positive, negative, said = labels == 1, labels == -1, hard > 0
+    hits = (said & positive).sum()
+    out = {"mAP": metrics.mean_ap(scores, labels),
+           "precision": float(hits / max((said & (positive | negative)).sum(), 1)),
+           "recall": float(hits / max(positive.sum(), 1))}
+    if largest_area is not None:
+        for name, band in (("recall_small", positive & (largest_area < small)),
+                           ("recall_large", positive & (largest_area >= large))):
+            out[name] = float((said & band).sum() / band.sum()) if band.any() else float("nan")
+    return out
+
+
+def caption_quality(pseudo: PseudoLabels, train_ds: MultiLabelImages, min_votes: int = 1,
+                    largest_area: np.ndarray | None = None, size_rule: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """How well the caption pseudo labels (soft, and hard at `min_votes`) match the training
+    images' human labels over the C classes: `label_quality`'s figures and the best pooled F1;
+    {} where the split has no positive label to rank."""
     labels = train_ds.labels_for(pseudo.ids)
     if not metrics.positive_counts(labels).any():
         return {}
-    scores = pseudo.scores[:, :pseudo.num_classes]
-    return {"mAP": metrics.mean_ap(scores, labels), "best_F1": metrics.best_f1(scores, labels)[0]}
+    c = pseudo.num_classes
+    scores = pseudo.scores[:, :c]
+    quality = label_quality(scores, pseudo.hard(min_votes)[:, :c], labels, largest_area, size_rule)
+    return {**quality, "best_F1": metrics.best_f1(scores, labels)[0]}
 
 
 # ============================================================================================

@@ -69,32 +69,51 @@ def test_captions_read_back_through_caption_filter(world, tmp_path):
     assert report["mAP"] > 60   # captions are noisy but informative
 
 
-def test_caption_noise_statistics():
+def _caption_world(n: int, seed: int = 99):
+    """n scenes, their captions and re-captions as the world writes them, their truth and sizes."""
     cfg = S.WorldConfig()
-    mentioned = {"small": [0, 0], "large": [0, 0]}
-    hallucinated = total = loops = 0
-    for k in range(300):
-        rng = np.random.default_rng([99, k])
+    caps, labels, areas, scenes = {}, -np.ones((n, len(S.CLASSES)), np.int8), np.zeros((n, len(S.CLASSES))), []
+    for k in range(n):
+        rng = np.random.default_rng([seed, k])
         scene = S.render_scene(rng, cfg)
-        caps = S.blip_captions(rng, scene)
-        dictionary = {c: [c.name, *c.synonyms] for c in S.CLASSES}
+        perception = S.perceive(rng, scene)
+        first = S.blip_captions(rng, scene, perception=perception)
+        caps[str(k)] = first + S.blip_captions(rng, scene, re_pass=True, found=[scene.objects[0].name],
+                                               perception=perception)
         for o in scene.objects:
-            band = "small" if o.area < S.SMALL_AREA else "large" if o.area >= S.LARGE_AREA else None
-            if band:
-                said = any(n in caps[0] for n in dictionary[S.CLASSES[o.cls]])     # one object-description slot
-                mentioned[band][0] += said
-                mentioned[band][1] += 1
-        present = {S.CLASS_NAMES[c] for c in scene.classes}
-        for cap in caps:
-            total += 1
-            loops += cap.count(", a ") >= 5
-            hallucinated += any(c.name in cap.split() for c in S.CLASSES if c.name not in present)
-    small = mentioned["small"][0] / mentioned["small"][1]
-    large = mentioned["large"][0] / mentioned["large"][1]
-    # per caption, _p_mention: ~0.95 for large objects, 0.04-0.45 for small ones
-    assert large > 0.85 and small < 0.5 and large - small > 0.4      # small objects often missed
-    assert 0.005 < hallucinated / total < 0.08                         # occasional hallucination
-    assert loops > 0                                                    # repetition loops happen
+            labels[k, o.cls] = 1
+            areas[k, o.cls] = max(areas[k, o.cls], o.area)
+        scenes.append(scene)
+    return caps, labels, areas, scenes
+
+
+def test_caption_pseudo_labels_are_as_wrong_as_real_ones(tmp_path):
+    """The caption filter on the world's BLIP-style captions lands in the ranges measured on real
+    BLIP-2 captions of VOC2007 (mAP 87.9, precision 0.73; bench/caption_fit.py), small objects
+    mostly missed, large ones named, errors of one captioner shared by its 12 captions."""
+    caps, labels, areas, scenes = _caption_world(1500)
+    (tmp_path / "synonyms.json").write_text(json.dumps(S.synonyms_dictionary()))
+    dictionary = captions.SynonymDictionary.from_json(tmp_path / "synonyms.json", len(S.CLASSES))
+    pseudo = captions.pseudo_labels(caps, dictionary, S.CLASS_NAMES)
+    c = len(S.CLASSES)
+    q = captions.label_quality(pseudo.scores[:, :c], pseudo.hard(1)[:, :c], labels, areas,
+                               (S.SMALL_AREA, S.LARGE_AREA))
+    assert 86 <= q["mAP"] <= 90.5 and 0.70 <= q["precision"] <= 0.80, q
+    assert q["recall_small"] <= 0.55 and q["recall_large"] >= 0.95 and q["recall"] >= 0.76, q
+    votes, positive = pseudo.votes[:, :c], labels == 1
+    # a missed object is missed by every caption: a fifth of the true labels get no vote at all
+    assert 0.1 <= (votes[positive] == 0).mean() <= 0.3
+    # an imagined one is named again and again: a fifth of the false positives by half the captions
+    false = (votes > 0) & ~positive
+    assert 0.1 <= (votes[false] >= 6).mean() <= 0.4
+    # the inconspicuous classes are missed more than the others
+    recall = ((votes > 0) & positive).sum(0) / positive.sum(0)
+    shy = [S.CLASS_NAMES.index(name) for name, _ in S.CaptionNoise().inconspicuous]
+    assert recall[shy].max() < np.median(recall)
+    # false positives follow context: a class is imagined more where its habitat is
+    habitat = np.array([[bool(set(S.CLASSES[j].habitats) & set(s.backgrounds)) for j in range(c)] for s in scenes])
+    assert false[habitat].mean() > 2 * false[~habitat & ~positive].mean()
+    assert sum(cap.count(", a ") >= 5 for v in caps.values() for cap in v) > 0     # repetition loops happen
 
 
 def test_small_objects_are_common():
