@@ -100,6 +100,10 @@ class BACGCNConfig:
     use_gcn: bool = True
     use_backgrounds: bool = True        # background categories as nodes, prompts and targets
     use_reso: bool = True
+    # Ours, not the paper's (off by default): + a linear layer over [g, max-pooled patches] added
+    # to every logit, zero-initialised (the untrained model is still CLIP zero-shot). The ablation
+    # found the paper's head within 0.2-0.5 mAP of a linear probe on those inputs (README).
+    linear_readout: bool = False
     # training (stage 5, 6)
     train_labels: str = "captions"      # captions | true: human class labels (the oracle; backgrounds keep captions)
     loss: str = "bce"                   # bce | asl (asymmetric loss, gamma_neg below)
@@ -156,9 +160,11 @@ PRESETS: dict[str, dict] = {
     # The training settings were chosen on world 100's validation split (bench/ablation.py
     # --validation; README): prompts at the full learning rate (x0.1 held the trained global
     # branch 4.7 mAP lower), 32 epochs (+0.6), and a ReSO floor at the 0.99 quantile (crop
-    # precision 84 -> 94 %, +1.1 mAP: wrong crops cost more than missed ones).
+    # precision 84 -> 94 %, +1.1 mAP: wrong crops cost more than missed ones). With the captions
+    # calibrated to real BLIP-2 noise, ReSO regions at tau 0.6 (+0.13 mAP, +0.8 mAP_small over 0.5;
+    # asymmetric loss and tau_a 0.5 gave -0.05 and +0.1).
     "synthetic-tiny": dict(image_size=128, lr=5e-3, prompt_lr_mult=1.0, epochs=32, reso_epoch=20,
-                           reso_floor_quantile=0.99),
+                           reso_floor_quantile=0.99, reso_tau=0.6),
     "voc2007-vitb16": dict(_VITB16, dataset="voc2007"),
     "voc2012-vitb16": dict(_VITB16, dataset="voc2012"),
     "coco2014-vitb16": dict(_VITB16, dataset="coco2014", tau_a=0.4),
@@ -819,6 +825,11 @@ class BACGCN(nn.Module):
         self.log_gamma = nn.Parameter(torch.zeros(()))
         self.branch = nn.Parameter(torch.zeros(3))            # a_H, a_Hc, a_L
         self.bias = nn.Parameter(torch.zeros(self.num_categories))
+        self.readout = None
+        if cfg.linear_readout:
+            self.readout = nn.Linear(2 * dim, self.num_categories)
+            nn.init.zeros_(self.readout.weight)
+            nn.init.zeros_(self.readout.bias)
 
     def forward(self, feats: dict[str, torch.Tensor], with_indices: bool = False) -> dict[str, torch.Tensor]:
         """{"logits" [B, O], "sim" [B, N, O]}, and "pooled" [B, O, K] with `with_indices`."""
@@ -837,6 +848,9 @@ class BACGCN(nn.Module):
         if self.cfg.use_local:
             score = score + self.branch[2] * cos_local
         logits = self.log_gamma.exp() * self.logit_scale * score.float() + self.bias
+        if self.readout is not None:
+            x = torch.cat([feats["g"], patches.amax(1)], -1).float()
+            logits = logits + self.readout(F.layer_norm(x, x.shape[-1:]))     # inputs at unit scale
         return {"logits": logits, "sim": sim, **({"pooled": pooled[0]} if pooled else {})}
 
 

@@ -295,6 +295,70 @@ def cached_features(cfg, backbone, dataset, device) -> Split:
 
 
 # --------------------------------------------------------------------------------------------
+# Crops of the original images (ReSO, and the peers that re-encode crops)
+# --------------------------------------------------------------------------------------------
+
+def crop_box(patch_box: tuple[int, int, int, int], grid: int, width: int, height: int,
+             margin: float) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1) of a patch-grid box grown by `margin` of its size on each
+    side, made square (objects keep their aspect when upscaled) and clipped to the image."""
+    r0, c0, r1, c1 = patch_box
+    x0, x1 = c0 / grid * width, (c1 + 1) / grid * width
+    y0, y1 = r0 / grid * height, (r1 + 1) / grid * height
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = min(side, width, height)
+    x0 = min(max(cx - side / 2, 0), width - side)
+    y0 = min(max(cy - side / 2, 0), height - side)
+    return int(round(x0)), int(round(y0)), int(round(x0 + side)), int(round(y0 + side))
+
+
+class CropImages(torch.utils.data.Dataset):
+    """Crops of original images, upscaled to the encoder's input size."""
+
+    def __init__(self, dataset: data.MultiLabelImages, crops: list[tuple[int, int, tuple]], size: int, grid: int,
+                 margin: float):
+        """`crops`: (dataset index, class, patch box) each."""
+        self.dataset, self.crops, self.size, self.grid, self.margin = dataset, crops, size, grid, margin
+        self.name = f"{dataset.name} crops"
+        self.ids = [f"{dataset.samples[i].id}:{c}:{','.join(map(str, box))}" for i, c, box in crops]
+
+    def __len__(self):
+        return len(self.crops)
+
+    def __getitem__(self, k):
+        from torchvision.transforms.v2 import functional as TF
+
+        index, _, patch_box = self.crops[k]
+        item = self.dataset[index]
+        if item is None:
+            return None
+        img = item["image"]
+        x0, y0, x1, y1 = crop_box(patch_box, self.grid, img.shape[2], img.shape[1], self.margin)
+        img = TF.resize(img[:, y0:y1, x0:x1], [self.size, self.size], antialias=True)
+        return {"image": img, "labels": item["labels"], "id": self.ids[k], "index": k}
+
+
+def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str,
+                 margin: float | None = None) -> tuple[CachedFeatures, list]:
+    """(features, the crops kept) of the crops `found` [(row, class, patch box)] grown by
+    `margin` (default: ReSO's), each encoded once (cached under `kind` and the crops' list). A
+    crop whose image could not be read is dropped. ReSO and the peers that re-encode crops
+    (bench/compare.py) share it."""
+    margin = cfg.reso_margin if margin is None else margin
+    grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
+    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
+    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
+                         backbone.image_size, grid, margin)
+    spec = feature_spec(cfg, backbone, split.dataset, kind)
+    spec.update({"crops": crop_ds.ids, "margin": margin})
+    feats = load_or_encode(cfg, backbone, crop_ds, spec, device, kind)
+    encoded = set(feats.ids)
+    return feats, [f for f, i in zip(found, crop_ds.ids) if i in encoded]
+
+
+
+# --------------------------------------------------------------------------------------------
 # Model, prediction, evaluation
 # --------------------------------------------------------------------------------------------
 

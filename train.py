@@ -206,10 +206,17 @@ def caption_labels(cfg: bacgcn.BACGCNConfig, train_ds: data.MultiLabelImages) ->
     config = captions.CaptionFilterConfig(min_votes=cfg.min_votes)
     pseudo = captions.pseudo_labels(caption_texts, dictionary, classes, config, ids=train_ds.ids)
     check_captions_match(cfg, caption_texts, pseudo, train_ds)
-    quality = captions.caption_quality(pseudo, train_ds)
+    areas, size_rule = None, (0.0, 1.0)
+    if cfg.dataset == "synthetic":   # the proving ground knows its instances' sizes
+        import synthetic
+        areas = data.largest_instance_area(cfg.data_root, pseudo.ids, classes)
+        size_rule = (synthetic.SMALL_AREA, synthetic.LARGE_AREA)
+    quality = captions.caption_quality(pseudo, train_ds, cfg.min_votes, areas, size_rule)
     if quality:
+        sizes = (f", recall of small / large instances {quality['recall_small']:.3f} / {quality['recall_large']:.3f}"
+                 if areas is not None else "")
         log(f"caption pseudo labels against the training split's labels: mAP {quality['mAP']:.2f}, "
-            f"best F1 {quality['best_F1']:.3f}")
+            f"precision {quality['precision']:.3f}, recall {quality['recall']:.3f}{sizes}")
     if cfg.train_labels == "true":
         pseudo = captions.with_true_labels(pseudo, train_ds, cfg.min_votes)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
@@ -253,47 +260,6 @@ def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[
             per_image[b] = per_image.get(b, 0) + 1
             kept.append((b, c, box))
     return kept
-
-
-def crop_box(patch_box: tuple[int, int, int, int], grid: int, width: int, height: int,
-             margin: float) -> tuple[int, int, int, int]:
-    """Pixel box (x0, y0, x1, y1) of a patch-grid box grown by `margin` of its size on each
-    side, made square (objects keep their aspect when upscaled) and clipped to the image."""
-    r0, c0, r1, c1 = patch_box
-    x0, x1 = c0 / grid * width, (c1 + 1) / grid * width
-    y0, y1 = r0 / grid * height, (r1 + 1) / grid * height
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    side = min(side, width, height)
-    x0 = min(max(cx - side / 2, 0), width - side)
-    y0 = min(max(cy - side / 2, 0), height - side)
-    return int(round(x0)), int(round(y0)), int(round(x0 + side)), int(round(y0 + side))
-
-
-class CropImages(torch.utils.data.Dataset):
-    """Crops of original images, upscaled to the encoder's input size."""
-
-    def __init__(self, dataset: data.MultiLabelImages, crops: list[tuple[int, int, tuple]], size: int, grid: int,
-                 margin: float):
-        """`crops`: (dataset index, class, patch box) each."""
-        self.dataset, self.crops, self.size, self.grid, self.margin = dataset, crops, size, grid, margin
-        self.name = f"{dataset.name} crops"
-        self.ids = [f"{dataset.samples[i].id}:{c}:{','.join(map(str, box))}" for i, c, box in crops]
-
-    def __len__(self):
-        return len(self.crops)
-
-    def __getitem__(self, k):
-        from torchvision.transforms.v2 import functional as TF
-
-        index, _, patch_box = self.crops[k]
-        item = self.dataset[index]
-        if item is None:
-            return None
-        img = item["image"]
-        x0, y0, x1, y1 = crop_box(patch_box, self.grid, img.shape[2], img.shape[1], self.margin)
-        img = TF.resize(img[:, y0:y1, x0:x1], [self.size, self.size], antialias=True)
-        return {"image": img, "labels": item["labels"], "id": self.ids[k], "index": k}
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +335,7 @@ def crop_precision(cfg, split: Split, found: list) -> float | None:
     names, hits = split.dataset.class_names, 0
     for row, cls, patch_box in found:
         ann = data.read_voc_annotation(base / "Annotations" / f"{split.ids[row]}.xml")
-        x0, y0, x1, y1 = crop_box(patch_box, grid, ann.width, ann.height, cfg.reso_margin)
+        x0, y0, x1, y1 = pipeline.crop_box(patch_box, grid, ann.width, ann.height, cfg.reso_margin)
         for o in ann.objects:
             area = max((o.box[2] - o.box[0]) * (o.box[3] - o.box[1]), 1e-9)
             inside = max(0.0, min(x1, o.box[2]) - max(x0, o.box[0])) * max(0.0, min(y1, o.box[3]) - max(y0, o.box[1]))
@@ -379,27 +345,13 @@ def crop_precision(cfg, split: Split, found: list) -> float | None:
     return 100.0 * hits / len(found)
 
 
-def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str) -> tuple[CachedFeatures, list]:
-    """(features, the crops kept) of the crops `found` [(row, class, patch box)], each encoded
-    once (cached under the crops' list). A crop whose image could not be read is dropped."""
-    grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
-    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
-    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
-                         backbone.image_size, grid, cfg.reso_margin)
-    spec = pipeline.feature_spec(cfg, backbone, split.dataset, kind)
-    spec.update({"crops": crop_ds.ids, "margin": cfg.reso_margin})
-    feats = pipeline.load_or_encode(cfg, backbone, crop_ds, spec, device, kind)
-    encoded = set(feats.ids)
-    return feats, [f for f, i in zip(found, crop_ds.ids) if i in encoded]
-
-
 def build_reso_crops(cfg, backbone, train: Split, found: list, targets: torch.Tensor,
                      device: str) -> ResoCrops | None:
     """Crop the small regions `found` [(row, class, patch box)] from the original images,
     encode each crop once (cached), and return their training tensors."""
     if not found:
         return None
-    feats, found = encode_crops(cfg, backbone, train, found, "reso-crops", device)
+    feats, found = pipeline.encode_crops(cfg, backbone, train, found, "reso-crops", device)
     parents = torch.tensor([b for b, _, _ in found], dtype=torch.int64)
     cls = torch.tensor([c for _, c, _ in found], dtype=torch.int64)
     # Crop targets: its class is present; what the captions never named in the parent is absent

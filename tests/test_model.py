@@ -152,18 +152,22 @@ def tiny_features():
     return clip, feats, prompts
 
 
-def test_untrained_model_scores_equal_clip_zero_shot(tiny_features):
+@pytest.mark.parametrize("linear_readout", [False, True])
+def test_untrained_model_scores_equal_clip_zero_shot(tiny_features, linear_readout):
     clip, feats, prompts = tiny_features
-    cfg = bacgcn.BACGCNConfig()
+    cfg = bacgcn.BACGCNConfig(linear_readout=linear_readout)
     counts = torch.rand(20, 20) * 50
     counts = (counts + counts.t()) / 2
     adjacency = bacgcn.build_adjacency(counts, counts.diagonal() + 20, 12, cfg)
     scale = float(clip.logit_scale.detach().exp())
     model = bacgcn.BACGCN(cfg, prompts, 12, adjacency, scale)
-    with torch.no_grad():
-        logits = model(feats)["logits"]
+    logits = model(feats)["logits"]
     zero_shot = scale * feats["g"] @ prompts.t()
-    torch.testing.assert_close(logits, zero_shot, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(logits.detach(), zero_shot, atol=1e-4, rtol=1e-5)
+    assert (model.readout is not None) == linear_readout
+    if linear_readout:       # the readout starts at zero and trains: its weights get a gradient
+        logits.square().mean().backward()
+        assert model.readout.weight.grad.abs().sum() > 0
 
 
 def test_adjacency_rules():
@@ -227,8 +231,8 @@ def test_reso_regions_and_crop_box():
     assert found == [(0, 0, (1, 5, 2, 6))]
     # 128 px image: the region spans x 80-112, y 16-48; grown by 50% each side -> 64 px square,
     # shifted inside the image
-    assert train.crop_box((1, 5, 2, 6), grid, 128, 128, 0.5) == (64, 0, 128, 64)
-    assert train.crop_box((0, 0, 7, 7), grid, 128, 96, 0.5) == (16, 0, 112, 96)
+    assert pipeline.crop_box((1, 5, 2, 6), grid, 128, 128, 0.5) == (64, 0, 128, 64)
+    assert pipeline.crop_box((0, 0, 7, 7), grid, 128, 96, 0.5) == (16, 0, 112, 96)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +253,10 @@ def test_smoke_run_and_eval_reproduce(tmp_path, capsys):
     assert "CLIP zero-shot" in printed and "BAC-GCN" in printed and "ReSO" in printed
     report = json.loads((out / "report.json").read_text())
     assert {"mAP", "mAP_small", "mAP_large", "zeroshot"} <= set(report)
+    # the captions' own quality against the training split's truth, sizes included
+    quality = report["caption_quality"]
+    assert {"mAP", "precision", "recall", "recall_small", "recall_large"} <= set(quality)
+    assert all(0 <= quality[k] <= 1 for k in ("precision", "recall", "recall_large")) and 0 < quality["mAP"] <= 100
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in x for x in lines) and any(x.get("crops", 0) > 0 for x in lines)
     # a second run reuses the cache
