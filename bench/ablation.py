@@ -10,6 +10,7 @@ Rows, each adding one component to the row above, then the floor and the ceiling
   + backgrounds    + background categories (nodes, prompts, targets)
   + ReSO           + ReSO: the full method
   linear probe     one linear layer on [g, max-pooled patches], on the same soft pseudo labels
+  linear probe (true labels)   the same probe on the true labels: what the labels alone are worth
   oracle           the full method trained on the true labels: this head's ceiling on these features
 Columns: mAP, mAP_small, mAP_large on the world's test split; with --validation, on a fifth of
 trainval held out (ImageSets/Main/fit.txt and val.txt, written once) and trained on the rest:
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ import data  # noqa: E402
 import pipeline  # noqa: E402
 import train  # noqa: E402
 from data import json_safe, write_json  # noqa: E402
+from peers import ProbeConfig, linear_probe, probe_inputs  # noqa: E402  (the floor is a peer too)
 
 _FULL = dict(use_local=True, use_gcn=True, use_backgrounds=True, use_reso=True, train_labels="captions")
 STEPS = (
@@ -44,53 +45,9 @@ STEPS = (
     ("+ ReSO", _FULL),
 )
 ORACLE = dict(_FULL, train_labels="true")
-ROW_NAMES = ("zero-shot", *(name for name, _ in STEPS), "linear probe", "oracle")
+ROW_NAMES = ("zero-shot", *(name for name, _ in STEPS), "linear probe", "linear probe (true labels)", "oracle")
 COLUMNS = ("mAP", "mAP_small", "mAP_large")
 VALIDATION_SHARE = 0.2
-
-
-@dataclass
-class ProbeConfig:
-    """The linear probe's fit (BCE, AdamW, one-cycle lr, standardised inputs). Chosen on the
-    validation split of world 100 (see README): 100 epochs at lr 1e-2 beat 60 at 3e-3 by 0.6 mAP;
-    more of either gave nothing."""
-    epochs: int = 100
-    batch: int = 256
-    lr: float = 1e-2
-    weight_decay: float = 1e-2
-    seed: int = 0
-
-
-def probe_inputs(feats, chunk: int = 512) -> torch.Tensor:
-    """[n, 2E]: the global embedding g and the max over patches, read from the cache in chunks
-    (the patches of a whole split need not fit in memory)."""
-    rows = []
-    for start in range(0, len(feats), chunk):
-        part = feats.gather(np.arange(start, min(start + chunk, len(feats))), ["g", "patches"])
-        rows.append(torch.cat([part["g"].float(), part["patches"].float().amax(1)], 1))
-    return torch.cat(rows)
-
-
-def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
-                 cfg: ProbeConfig = ProbeConfig()) -> np.ndarray:
-    """Test logits of one linear layer fit with BCE on (soft) targets y_train."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    head = torch.nn.Linear(x_train.shape[1], y_train.shape[1])
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-len(x_train) // cfg.batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    with torch.no_grad():
-        return head(x_test).numpy()
 
 
 def carve_validation(root: Path, seed: int) -> tuple[str, str]:
@@ -107,9 +64,9 @@ def carve_validation(root: Path, seed: int) -> tuple[str, str]:
     return "fit", "val"
 
 
-def probe_row(cfg: bacgcn.BACGCNConfig, probe: ProbeConfig) -> dict:
-    """The linear probe on the cached features the runs trained on, soft pseudo labels of the
-    C classes as targets, scored like the runs."""
+def probe_rows(cfg: bacgcn.BACGCNConfig, probe: ProbeConfig) -> dict[str, dict]:
+    """The linear probe on the cached features the runs trained on, scored like the runs: on the
+    soft pseudo labels of the C classes, and on the training split's true labels."""
     train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
     test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
     backbone = pipeline.build_backbone(cfg, "cpu")
@@ -117,8 +74,10 @@ def probe_row(cfg: bacgcn.BACGCNConfig, probe: ProbeConfig) -> dict:
     te = pipeline.cached_features(cfg, backbone, test_ds, "cpu")
     num_classes = len(train_ds.class_names)
     soft, _ = train.caption_labels(cfg, train_ds).targets_for(tr.ids, cfg.min_votes)
-    logits = linear_probe(probe_inputs(tr.feats), soft[:, :num_classes].contiguous(), probe_inputs(te.feats), probe)
-    return pipeline.evaluate_split(cfg, logits, te, num_classes)
+    true = torch.from_numpy((train_ds.labels_for(tr.ids) == 1).astype(np.float32))
+    x_train, x_test = probe_inputs(tr.feats), probe_inputs(te.feats)
+    return {name: pipeline.evaluate_split(cfg, linear_probe(x_train, y, x_test, probe), te, num_classes)
+            for name, y in (("linear probe", soft[:, :num_classes].contiguous()), ("linear probe (true labels)", true))}
 
 
 def checks(rows: dict[str, dict]) -> dict:
@@ -130,7 +89,8 @@ def checks(rows: dict[str, dict]) -> dict:
             "oracle_above_zero_shot": oracle - zero,
             "worst_step_from_local": min(drops),
             "reso_small_gain": rows["+ ReSO"]["mAP_small"] - rows["+ backgrounds"]["mAP_small"],
-            "full_minus_linear_probe": full - rows["linear probe"]["mAP"]}
+            "full_minus_linear_probe": full - rows["linear probe"]["mAP"],
+            "labels_room": rows["linear probe (true labels)"]["mAP"] - rows["linear probe"]["mAP"]}
 
 
 def ablation(seed: int, overrides: list[str], validation: bool = False, probe: ProbeConfig = ProbeConfig()) -> dict:
@@ -140,19 +100,20 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
         fit, val = carve_validation(Path(base.data_root), seed)
         base = base.replace(train_split=fit, test_split=val)
     folder = ROOT / "runs" / f"ablation-seed{seed}{'-val' if validation else ''}"
-    rows, extra = {}, {}
+    rows, extra, quality = {}, {}, {}
     for k, (name, switches) in enumerate([*STEPS, ("oracle", ORACLE)], start=1):
         cfg = base.replace(**switches, out=str(folder / f"row{k}"))
         print(f"== seed {seed}: {name}", flush=True)
         report = train.run(cfg, "synthetic-tiny", overwrite=True)
         if not rows:
             rows["zero-shot"] = {c: report["zeroshot"].get(c) for c in COLUMNS}
+            quality = report["caption_quality"]
         rows[name] = {c: report.get(c) for c in COLUMNS}
         if report.get("reso"):
             extra[name] = report["reso"]
-    print(f"== seed {seed}: linear probe", flush=True)
-    rows["linear probe"] = probe_row(base.replace(**_FULL), probe)
-    result = {"seed": seed, "split": f"{base.train_split} -> {base.test_split}",
+    print(f"== seed {seed}: linear probes", flush=True)
+    rows.update(probe_rows(base.replace(**_FULL), probe))
+    result = {"seed": seed, "split": f"{base.train_split} -> {base.test_split}", "caption_quality": quality,
               "rows": [{"name": n, **{c: rows[n].get(c) for c in COLUMNS}} for n in ROW_NAMES],
               "checks": checks(rows), "reso": extra}
     return json_safe(result)
@@ -160,9 +121,9 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
 
 def print_table(result: dict) -> None:
     print(f"\nseed {result['seed']} ({result['split']})")
-    print(f"{'':<16}" + "".join(f"{c:>11}" for c in COLUMNS))
+    print(f"{'':<28}" + "".join(f"{c:>11}" for c in COLUMNS))
     for row in result["rows"]:
-        print(f"{row['name']:<16}" + "".join(f"{row[c]:>11.2f}" if row[c] is not None else f"{'n/a':>11}"
+        print(f"{row['name']:<28}" + "".join(f"{row[c]:>11.2f}" if row[c] is not None else f"{'n/a':>11}"
                                              for c in COLUMNS))
     print("  ".join(f"{k} {v:.3f}" for k, v in result["checks"].items()))
 
@@ -170,7 +131,8 @@ def print_table(result: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write {seed, rows: [{name, mAP, mAP_small, mAP_large}], checks} here")
+    parser.add_argument("--json", help="write {seed, split, caption_quality, rows: [{name, mAP, mAP_small, "
+                                       "mAP_large}], checks, reso} here")
     parser.add_argument("--validation", action="store_true",
                         help="train on four fifths of trainval, score on the fifth held out (for tuning)")
     args, overrides = parser.parse_known_args(argv)

@@ -30,7 +30,7 @@ def _cfg(world, **kw):
 
 def test_rows_are_the_issue_rows():
     assert ablation.ROW_NAMES == ("zero-shot", "trained global", "+ local", "+ GCN", "+ backgrounds", "+ ReSO",
-                                  "linear probe", "oracle")
+                                  "linear probe", "linear probe (true labels)", "oracle")
     switches = [s for _, s in ablation.STEPS]
     # each step turns exactly one component on, in order; the oracle differs from the full method in labels only
     order = ["use_local", "use_gcn", "use_backgrounds", "use_reso"]
@@ -87,7 +87,7 @@ def test_linear_probe_reads_g_and_max_pooled_patches():
 
 def test_checks_measure_the_targets():
     names = ablation.ROW_NAMES
-    maps = dict(zip(names, (70.0, 74.0, 75.0, 76.0, 75.9, 77.0, 76.0, 80.0)))
+    maps = dict(zip(names, (70.0, 74.0, 75.0, 76.0, 75.9, 77.0, 76.0, 78.5, 80.0)))
     rows = {n: {"mAP": maps[n], "mAP_small": 40.0, "mAP_large": 90.0} for n in names}
     rows["+ ReSO"]["mAP_small"] = 44.0
     checks = ablation.checks(rows)
@@ -96,3 +96,11 @@ def test_checks_measure_the_targets():
     assert checks["worst_step_from_local"] == pytest.approx(-0.1)
     assert checks["reso_small_gain"] == pytest.approx(4.0)
     assert checks["full_minus_linear_probe"] == pytest.approx(1.0)
+    assert checks["labels_room"] == pytest.approx(2.5)
+
+
+def test_probe_rows_fit_pseudo_and_true_labels(world):
+    cfg = _cfg(world, epochs=1, workers=0, device="cpu", cache_dir=str(world / "cache"))
+    rows = ablation.probe_rows(cfg, ablation.ProbeConfig(epochs=2))
+    assert set(rows) == {"linear probe", "linear probe (true labels)"}
+    assert rows["linear probe"]["mAP"] != rows["linear probe (true labels)"]["mAP"]   # different targets

@@ -100,3 +100,28 @@ def test_card_commands_at_full_size_on_the_release_layout(shared_data, tmp_path,
     monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     assert profile_kernel.main([]) == 0
     assert "interpreter correctness pass (float32)" in capsys.readouterr().out
+
+
+def test_compare_at_full_size_on_real_photos(shared_data, tmp_path):
+    """`bench/compare.py` on a dataset with a preset: the voc2007-vitb16 preset at 448 px on real
+    photos in the paper's layout, random ViT-B/16 weights. Every peer runs end to end, its crops
+    re-encoded at full size; the numbers mean nothing."""
+    import tinyclip
+
+    release_layout(shared_data / "real_sample" / "voc", tmp_path / "data_folder", copies=2)   # 6 images a split
+    torch.manual_seed(0)
+    weights = tmp_path / "ViT-B-16.safetensors"
+    tinyclip.save_clip(bacgcn.create_clip("ViT-B-16-quickgelu"), weights, {})
+    folder = tmp_path / "data_folder" / "voc2007"
+    _command("bench/compare.py", "--preset=voc2007-vitb16", f"--data-root={folder}", f"--captions={folder}",
+             f"--clip-weights={weights}", "--json", "compare.json", "--epochs=1", "--reso-epoch=0",
+             "--reso-eps=0.5", "--batch-size=4", "--workers=0", "--device=cpu", "--out=runs", cwd=tmp_path)
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["preset"] == "voc2007-vitb16" and result["dataset"] == "voc2007"
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["CLIP zero-shot", "TagCLIP-style", "PIAA-style", "CDUL-style", "linear probe", "BAC-GCN"]
+    for row in rows.values():
+        assert row["mAP"] is not None and 0 <= row["mAP"] <= 100 and row["mAP_small"] is None
+    # the peers' crops went through the feature cache, next to the images' features
+    kinds = {json.loads(p.read_text())["spec"]["kind"] for p in (tmp_path / ".cache" / "features").glob("*/meta.json")}
+    assert {"images", "tagclip-crops", "cdul-crops", "reso-crops"} <= kinds

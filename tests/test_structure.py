@@ -37,10 +37,16 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("path", ["eval.py", "pipeline.py", "data.py", "captions.py", "cache.py", "bacgcn.py",
-                                  "metrics.py", "tracking.py", "bench/profile_kernel.py", "bench/caption_table.py"])
+                                  "metrics.py", "tracking.py", "peers.py", "bench/profile_kernel.py",
+                                  "bench/caption_table.py", "bench/caption_fit.py"])
 def test_commands_never_import_the_trainer(path):
-    # bench/ablation.py is the one exception: it runs training by design.
+    # bench/ablation.py and bench/compare.py are the exceptions: they run training by design.
     assert "train" not in _imported_modules(ROOT / path)
+
+
+@pytest.mark.parametrize("path", ["train.py", "pipeline.py", "bacgcn.py", "eval.py"])
+def test_the_trainer_never_imports_the_peers(path):
+    assert "peers" not in _imported_modules(ROOT / path)
 
 
 @pytest.mark.parametrize("path", ["data.py", "captions.py", "cache.py"])
