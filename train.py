@@ -751,7 +751,7 @@ def train_and_evaluate(cfg: bacgcn.BACGCNConfig, preset: str, resume: dict | Non
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
-                   "caption_quality": labels.quality, "reso": reso, "train_seconds": round(train_s, 1),
+                   "caption_quality": labels.quality, "reso": reso, "train_seconds": round(train_s, 3),
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
