@@ -58,6 +58,11 @@ def zero_shot(feats: CachedFeatures, text: torch.Tensor, scale: float) -> np.nda
     return torch.cat([scale * x["g"] @ text.t() for x in chunks(feats, ("g",))]).numpy()
 
 
+def global_softmax(feats: CachedFeatures, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """[n, C] softmax_c(s * g . T_c): CLIP's single-label reading of each row (image or crop)."""
+    return torch.softmax(torch.from_numpy(zero_shot(feats, text, scale)), dim=-1)
+
+
 # ============================================================================================
 # TagCLIP-style
 # ============================================================================================
@@ -92,16 +97,13 @@ def tagclip_local_global(feats: CachedFeatures, text: torch.Tensor, scale: float
         f = (1 - cfg.global_weight) * local + cfg.global_weight * glob
         fused.append(f)
         grid = int(round(probs.shape[1] ** 0.5))
-        lo, hi = probs.amin(1, keepdim=True), probs.amax(1, keepdim=True)
-        inside = (probs - lo) / (hi - lo).clamp_min(1e-12) > cfg.region_tau
+        inside = pipeline.region_masks(probs, cfg.region_tau)
         top = f.topk(min(cfg.crops_per_image, f.shape[1]), dim=1).indices
         for b, classes in enumerate(top.tolist()):
             for cls in classes:
                 cells = inside[b, :, cls].nonzero()[:, 0]
                 if len(cells):          # empty only where the class's map is flat
-                    rows, cols = cells // grid, cells % grid
-                    regions.append((row0 + b, cls, (int(rows.min()), int(cols.min()), int(rows.max()),
-                                                    int(cols.max()))))
+                    regions.append((row0 + b, cls, pipeline.box_of_cells(cells, grid)))
         row0 += len(f)
     return torch.cat(fused), regions
 
@@ -119,7 +121,7 @@ def tagclip(ctx: Context, cfg: TagCLIPConfig = TagCLIPConfig()) -> np.ndarray:
         return fused.numpy()
     crops, kept = pipeline.encode_crops(ctx.cfg, ctx.backbone, ctx.test, regions, "tagclip-crops", ctx.device,
                                         margin=cfg.crop_margin)
-    crop_probs = torch.softmax(ctx.scale * torch.cat([x["g"] for x in chunks(crops, ("g",))]) @ ctx.text.t(), -1)
+    crop_probs = global_softmax(crops, ctx.text, ctx.scale)
     final = fused.clone()
     for k, (row, cls, _) in enumerate(kept):
         final[row, cls] = 0.5 * (fused[row, cls] + crop_probs[k, cls])
@@ -301,8 +303,8 @@ def cdul_initial_labels(ctx: Context, cfg: CDULConfig) -> torch.Tensor:
     crops_wanted = [(row, -1, cell) for row in range(len(ctx.train.ids)) for cell in cells]
     crops, kept = pipeline.encode_crops(ctx.cfg, ctx.backbone, ctx.train, crops_wanted, "cdul-crops", ctx.device,
                                         margin=0.0)
-    glob = torch.softmax(ctx.scale * torch.cat([x["g"] for x in chunks(ctx.train.feats, ("g",))]) @ ctx.text.t(), -1)
-    crop_probs = torch.softmax(ctx.scale * torch.cat([x["g"] for x in chunks(crops, ("g",))]) @ ctx.text.t(), -1)
+    glob = global_softmax(ctx.train.feats, ctx.text, ctx.scale)
+    crop_probs = global_softmax(crops, ctx.text, ctx.scale)
     local = torch.zeros_like(glob)
     rows = torch.tensor([row for row, _, _ in kept], dtype=torch.long)
     local.scatter_reduce_(0, rows[:, None].expand_as(crop_probs), crop_probs, "amax", include_self=True)

@@ -298,6 +298,19 @@ def cached_features(cfg, backbone, dataset, device) -> Split:
 # Crops of the original images (ReSO, and the peers that re-encode crops)
 # --------------------------------------------------------------------------------------------
 
+def region_masks(maps: torch.Tensor, tau: float) -> torch.Tensor:
+    """[B, N, C] -> bool [B, N, C]: where each image's map of each category, min-max normalised
+    over its N patches, exceeds `tau` (ReSO's regions, and TagCLIP's re-identified ones)."""
+    lo, hi = maps.amin(1, keepdim=True), maps.amax(1, keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(1e-12) > tau
+
+
+def box_of_cells(cells: torch.Tensor, grid: int) -> tuple[int, int, int, int]:
+    """(r0, c0, r1, c1), inclusive, of the patches `cells` (flat indices, at least one) of a grid x grid map."""
+    rows, cols = cells // grid, cells % grid
+    return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
+
+
 def crop_box(patch_box: tuple[int, int, int, int], grid: int, width: int, height: int,
              margin: float) -> tuple[int, int, int, int]:
     """Pixel box (x0, y0, x1, y1) of a patch-grid box grown by `margin` of its size on each

@@ -244,15 +244,11 @@ def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[
     """
     n = sim.shape[1]
     grid = int(round(math.sqrt(n)))
-    lo, hi = sim.amin(1, keepdim=True), sim.amax(1, keepdim=True)
-    norm = (sim - lo) / (hi - lo).clamp_min(1e-12)
-    region = norm > cfg.reso_tau                            # [B, N, C]
+    region = pipeline.region_masks(sim, cfg.reso_tau)       # [B, N, C]
     cover = region.float().mean(1)                          # [B, C]
     out = []
     for b, c in (positives & (cover < cfg.reso_eps) & (cover > 0)).nonzero().tolist():
-        cells = region[b, :, c].nonzero()[:, 0]
-        rows, cols = cells // grid, cells % grid
-        out.append((b, c, (int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())), float(cover[b, c])))
+        out.append((b, c, pipeline.box_of_cells(region[b, :, c].nonzero()[:, 0], grid), float(cover[b, c])))
     out.sort(key=lambda t: (t[0], t[3]))
     kept, per_image = [], {}
     for b, c, box, _ in out:

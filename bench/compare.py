@@ -42,6 +42,9 @@ import train  # noqa: E402
 from metrics import best_f1  # noqa: E402
 
 ROWS = ("CLIP zero-shot", "TagCLIP-style", "PIAA-style", "CDUL-style", "linear probe", "BAC-GCN")
+# The configurable peers: their settings (the defaults chosen on world 100's validation split) and methods
+PEERS = {"TagCLIP-style": (peers.TagCLIPConfig(), peers.tagclip), "PIAA-style": (peers.PIAAConfig(), peers.piaa),
+         "CDUL-style": (peers.CDULConfig(), peers.cdul)}
 COLUMNS = ("mAP", "CF1", "OF1", "mAP_small", "mAP_large")
 # Settings each --sweep varies, one at a time around the defaults
 SWEEP = {
@@ -92,19 +95,19 @@ def _scored(ctx: peers.Context, scores: np.ndarray, threshold: float) -> dict:
 def peer_rows(ctx: peers.Context, labels: train.CaptionLabels, names=ROWS, preset: str = "") -> dict[str, dict]:
     """{row: {columns..., seconds, trained}} for the rows `names`, each timed on its own."""
     c = ctx.text.shape[0]
-    settings = {"TagCLIP-style": peers.TagCLIPConfig(), "PIAA-style": peers.PIAAConfig(),
-                "CDUL-style": peers.CDULConfig()}
 
     def run_linear_probe():
         soft, _ = labels.targets_for(ctx.train.ids, ctx.cfg.min_votes)
         x_test = peers.probe_inputs(ctx.test.feats)
         return peers.linear_probe(peers.probe_inputs(ctx.train.feats), soft[:, :c].contiguous(), x_test), 0.0
 
+    def run_peer(name):      # trained rows are cut at p = 0.5 (logit 0), training-free ones at their threshold
+        settings, method = PEERS[name]
+        return method(ctx, settings), getattr(settings, "threshold", 0.0)
+
     runners = {
         "CLIP zero-shot": lambda: (peers.zero_shot(ctx.test.feats, ctx.text, ctx.scale), ZERO_SHOT_THRESHOLD),
-        "TagCLIP-style": lambda: (peers.tagclip(ctx, settings["TagCLIP-style"]), settings["TagCLIP-style"].threshold),
-        "PIAA-style": lambda: (peers.piaa(ctx, settings["PIAA-style"]), settings["PIAA-style"].threshold),
-        "CDUL-style": lambda: (peers.cdul(ctx, settings["CDUL-style"]), 0.0),
+        **{name: lambda name=name: run_peer(name) for name in PEERS},
         "linear probe": run_linear_probe,
     }
     out = {}
@@ -135,10 +138,8 @@ def sweep(ctx: peers.Context) -> list[dict]:
     zs = peers.zero_shot(ctx.test.feats, ctx.text, ctx.scale)
     table.append({"row": "CLIP zero-shot", "setting": "-", "value": "-",
                   "mAP": _scored(ctx, zs, 0.0)["mAP"], "best_OF1_threshold": best_f1(zs, labels)[1]})
-    defaults = {"TagCLIP-style": (peers.TagCLIPConfig(), peers.tagclip), "PIAA-style": (peers.PIAAConfig(), peers.piaa),
-                "CDUL-style": (peers.CDULConfig(), peers.cdul)}
     for name, grid in SWEEP.items():
-        base, fn = defaults[name]
+        base, fn = PEERS[name]
         for key, values in grid.items():
             for value in values:
                 scores = fn(ctx, replace(base, **{key: value}))
@@ -186,8 +187,8 @@ def main(argv=None) -> int:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-    settings = {"CLIP zero-shot": {"threshold": ZERO_SHOT_THRESHOLD}, "TagCLIP-style": asdict(peers.TagCLIPConfig()),
-                "PIAA-style": asdict(peers.PIAAConfig()), "CDUL-style": asdict(peers.CDULConfig())}
+    settings = {"CLIP zero-shot": {"threshold": ZERO_SHOT_THRESHOLD},
+                **{name: asdict(config) for name, (config, _) in PEERS.items()}}
     result.update({"preset": preset, "dataset": cfg.dataset, "seed": cfg.seed,
                    "split": f"{cfg.train_split} -> {cfg.test_split}", "settings": settings})
     if args.json:
