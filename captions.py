@@ -24,11 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
+import datasets
 import metrics
+from cli import integer_from, run_command
 from data import (
-    CLASS_NAMES,
-    DATASETS,
-    SPLITS,
     DataError,
     MultiLabelImages,
     SkipReport,
@@ -36,17 +35,13 @@ from data import (
     check_writable,
     image_batches,
     image_folder,
-    load_dataset,
-    os_error_line,
-    quiet_broken_pipe,
     read_json,
-    synthetic_classes,
     write_graph,
     write_scores_csv,
 )
 
 ROOT = Path(__file__).resolve().parent
-SYNONYM_DIR = ROOT / "assets" / "synonyms"
+FOLDER = "folder"      # `generate --dataset folder`: every JPEG/PNG under --data-root, no dataset
 
 # ============================================================================================
 # Caption filter: captions -> soft pseudo labels over O = C classes + B backgrounds
@@ -199,15 +194,6 @@ class SynonymDictionary:
                     used[i:i + n] = [True] * n
                     found.update(cats)
         return found
-
-
-def dictionary_path(dataset: str, synonyms: str | None = None) -> Path:
-    """The dictionary file: an explicit path, `paper` (the paper's own), or ours (default)."""
-    if synonyms is None:
-        return SYNONYM_DIR / f"{dataset}.json"
-    if synonyms == "paper":
-        return SYNONYM_DIR / "paper" / f"{dataset}.json"
-    return Path(synonyms)
 
 
 class _KeyValuePairs(list):
@@ -615,19 +601,17 @@ def caption_images(images: MultiLabelImages, model, processor, progress: Caption
 
 def _caption_source(args: argparse.Namespace) -> tuple[MultiLabelImages, SynonymDictionary | None]:
     """The images to caption and the dictionary that finds classes for re-captions (None: skip them)."""
-    if args.dataset == "folder":
+    if args.dataset == FOLDER:
         images = image_folder(args.data_root)
         if not args.synonyms:
             return images, None
-        return images, SynonymDictionary.from_json(dictionary_path("folder", args.synonyms), 0)
-    if args.split not in SPLITS[args.dataset]:
+        return images, SynonymDictionary.from_json(Path(args.synonyms), 0)
+    entry = datasets.get(args.dataset)
+    if args.split not in entry.splits:
         given = f"got {args.split!r}" if args.split else "none given"
-        raise DataError("--split", f"{args.dataset} splits are {', '.join(SPLITS[args.dataset])}; {given}")
-    images = load_dataset(args.dataset, args.data_root, args.split)
-    if args.dataset == "synthetic" and not args.synonyms:
-        synonyms = Path(args.data_root) / "synonyms.json"
-    else:
-        synonyms = dictionary_path(args.dataset, args.synonyms)
+        raise DataError("--split", f"{entry.name} splits are {', '.join(entry.splits)}; {given}")
+    images = entry.load(args.data_root, args.split)
+    synonyms = entry.synonym_file(args.synonyms or "", args.data_root)
     return images, SynonymDictionary.from_json(synonyms, len(images.class_names))
 
 
@@ -665,14 +649,9 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out")                 # every output before any work
     if args.graph:
         check_writable(args.graph, "--graph")
-    if args.dataset == "synthetic":
-        # A world carries its classes and dictionary beside its captions.
-        class_names = synthetic_classes(args.captions)
-        synonyms = Path(args.synonyms) if args.synonyms else Path(args.captions) / "synonyms.json"
-    else:
-        class_names = CLASS_NAMES[args.dataset]
-        synonyms = dictionary_path(args.dataset, args.synonyms)
-    dictionary = SynonymDictionary.from_json(synonyms, len(class_names))
+    entry = datasets.get(args.dataset)
+    class_names = entry.class_names(args.captions)     # a dataset without a class list carries it beside its captions
+    dictionary = SynonymDictionary.from_json(entry.synonym_file(args.synonyms or "", args.captions), len(class_names))
     captions = read_captions(args.captions)
     config = CaptionFilterConfig(min_votes=args.min_votes, context_weight=args.context_weight)
     labels = pseudo_labels(captions, dictionary, class_names, config, progress=not args.quiet)
@@ -688,60 +667,40 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
         print(f"wrote {args.graph}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="captions.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pseudo-labels", help="captions -> soft pseudo labels CSV (+ co-occurrence graph)")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, type=datasets.canonical, choices=datasets.names())
     p.add_argument("--captions", required=True, help="folder with captions.json (+ re_captions.json)")
     p.add_argument("--out", required=True, help="scores CSV to write")
     p.add_argument("--synonyms", default=None,
                    help="dictionary JSON, or 'paper' for the paper's own (default: the project's, assets/synonyms/)")
     p.add_argument("--graph", default=None, help="also write co-occurrence counts (safetensors)")
-    p.add_argument("--min-votes", type=int, default=CaptionFilterConfig.min_votes,
+    p.add_argument("--min-votes", type=integer_from(1), default=CaptionFilterConfig.min_votes,
                    help="captions needed for a hard label (graph and summary)")
     p.add_argument("--context-weight", type=float, default=CaptionFilterConfig.context_weight,
                    help="tie-break weight of the caption-context model (0: plain vote fraction)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser("generate", help="BLIP-2 captions + re-captions for a dataset or a folder of images "
                                         f"(needs the optional extra: {CAPTIONS_INSTALL})")
-    p.add_argument("--dataset", required=True, choices=(*DATASETS, "folder"),
-                   help="a dataset load_dataset reads, or 'folder': every JPEG/PNG under --data-root")
+    p.add_argument("--dataset", required=True, type=datasets.canonical, choices=(*datasets.names(), FOLDER),
+                   help="a dataset of the registry (datasets.py), or 'folder': every JPEG/PNG under --data-root")
     p.add_argument("--data-root", required=True, help="dataset root, or the image folder")
     p.add_argument("--split", default=None, help="split of the dataset (not for a folder)")
     p.add_argument("--model", required=True, help="local BLIP-2 folder (e.g. blip2-opt-2.7b); never downloaded")
     p.add_argument("--out", required=True, help="folder for captions.json and re_captions.json (resumes there)")
     p.add_argument("--synonyms", default=None,
                    help="dictionary JSON or 'paper' (default: the dataset's); a folder needs one for re-captions")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (each asks 6 + 6 prompts)")
+    p.add_argument("--batch-size", type=integer_from(1), default=16, help="images per batch (each asks 6 + 6 prompts)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=30, help="longest answer, in tokens")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
-    p.add_argument("--save-every", type=_positive_int, default=20, help="batches between progress saves")
+    p.add_argument("--max-new-tokens", type=integer_from(1), default=30, help="longest answer, in tokens")
+    p.add_argument("--workers", type=integer_from(0), default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes")
+    p.add_argument("--save-every", type=integer_from(1), default=20, help="batches between progress saves")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "pseudo-labels":
-            _cmd_pseudo_labels(args)
-        elif args.command == "generate":
-            _cmd_generate(args)
-        sys.stdout.flush()           # a closed pipe shows here, not in Python's flush at exit
-    except BrokenPipeError:
-        return quiet_broken_pipe()
-    except ValueError as e:             # DataError is one
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: _cmd_pseudo_labels(args) if args.command == "pseudo-labels" else _cmd_generate(args))
 
 
 if __name__ == "__main__":

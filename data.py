@@ -90,53 +90,12 @@ def contained_path(root: str | os.PathLike, relative: str, source_file: str | os
     raise DataError(source_file, f"path {relative!r} {problem} {root}")
 
 
-# --------------------------------------------------------------------------------------------
-# Class lists
-# --------------------------------------------------------------------------------------------
-
+# The VOC format's 20 classes in the standard order (the registry's voc2007 / voc2012 entries).
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
-# Official split names per dataset (the folder/file naming of each release).
-SPLITS = {
-    "voc2007": ("trainval", "test", "train", "val"),
-    "voc2012": ("train", "val", "trainval"),
-    "coco2014": ("train", "val"),
-    "nuswide": ("train", "test"),
-    # the proving ground (synthetic.py), VOC2007 layout; fit/val: trainval split for tuning (bench/ablation.py)
-    "synthetic": ("trainval", "test", "fit", "val"),
-}
-DATASETS = tuple(SPLITS)
-# COCO 2014's 80 classes in category-id order (official names; the dictionary spells some
-# differently, so columns are mapped by position).
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
-# NUS-WIDE's 81 concepts in the order of the official Concepts81.txt.
-NUSWIDE_CONCEPTS = (
-    "airport", "animal", "beach", "bear", "birds", "boats", "book", "bridge", "buildings", "cars",
-    "castle", "cat", "cityscape", "clouds", "computer", "coral", "cow", "dancing", "dog",
-    "earthquake", "elk", "fire", "fish", "flags", "flowers", "food", "fox", "frost", "garden",
-    "glacier", "grass", "harbor", "horses", "house", "lake", "leaf", "map", "military", "moon",
-    "mountain", "nighttime", "ocean", "person", "plane", "plants", "police", "protest", "railroad",
-    "rainbow", "reflection", "road", "rocks", "running", "sand", "sign", "sky", "snow", "soccer",
-    "sports", "statue", "street", "sun", "sunset", "surf", "swimmers", "tattoo", "temple", "tiger",
-    "tower", "town", "toy", "train", "tree", "valley", "vehicle", "water", "waterfall", "wedding",
-    "whales", "window", "zebra",
-)
-CLASS_NAMES = {"voc2007": VOC_CLASSES, "voc2012": VOC_CLASSES, "coco2014": COCO_CLASSES,
-               "nuswide": NUSWIDE_CONCEPTS}
 
 # ============================================================================================
 # Dataset loaders: real on-disk formats -> (image id, image path, {1, 0, -1} label vector)
@@ -204,7 +163,7 @@ VOC_RELEASE_TREES = {
     "2007": {"trainval": "VOCtrainval_06-Nov-2007", "train": "VOCtrainval_06-Nov-2007",
              "val": "VOCtrainval_06-Nov-2007", "test": "VOCtest_06-Nov-2007"},
     "2012": {"trainval": "VOC2012_train_val", "train": "VOC2012_train_val", "val": "VOC2012_train_val",
-             "test": "VOC2012_test"},
+             "segtrain": "VOC2012_train_val", "test": "VOC2012_test"},
 }
 
 
@@ -246,6 +205,12 @@ def _read_voc_class_file(path: Path, known: dict[str, int]) -> dict[str, int]:
     return values
 
 
+# Splits whose image list is not ImageSets/Main/<split>.txt: (list under ImageSets/, the Main
+# split whose <class>_<split>.txt files label them). VOC2012's segmentation-train images are
+# the ones the paper's captions cover; they lie inside Main's trainval.
+VOC_ID_LISTS = {"segtrain": ("Segmentation/train.txt", "trainval")}
+
+
 def load_voc(root: str | os.PathLike, year: int | str = 2007, split: str | None = "trainval",
              class_names: Sequence[str] = VOC_CLASSES) -> list[Sample]:
     """PASCAL VOC image-level labels in {1, 0, -1}, standard 20-class order.
@@ -263,11 +228,12 @@ def load_voc(root: str | os.PathLike, year: int | str = 2007, split: str | None 
         if not ids:
             raise DataError(id_source, "no .xml annotation found")
     else:
-        id_source = main / f"{split}.txt"
+        list_file, label_split = VOC_ID_LISTS.get(split, (f"Main/{split}.txt", split))
+        id_source = base / "ImageSets" / list_file
         ids = _read_id_list(id_source)
     index = {i: k for k, i in enumerate(ids)}
     labels = np.full((len(ids), len(class_names)), -1, dtype=np.int8)
-    class_files = [main / f"{c}_{split}.txt" for c in class_names] if split else []
+    class_files = [main / f"{c}_{label_split}.txt" for c in class_names] if split else []
     if class_files and all(f.is_file() for f in class_files):
         for c, f in enumerate(class_files):
             for image_id, v in _read_voc_class_file(f, index).items():
@@ -555,32 +521,6 @@ def largest_instance_area(root: str | os.PathLike, ids: Sequence[str], class_nam
                 a = (o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) / (ann.width * ann.height)
                 out[i, col[o.name]] = max(out[i, col[o.name]], a)
     return out
-
-
-def load_dataset(name: str, root: str | os.PathLike, split: str, transform: Callable | None = None,
-                 **paths) -> MultiLabelImages:
-    """One entry point for the four benchmarks; `paths` overrides default file locations
-    (`annotation_file`, `image_dir`)."""
-    root = Path(root)
-    if name in ("voc2007", "voc2012"):
-        if split not in SPLITS[name]:
-            raise ValueError(f"{name} split must be one of {SPLITS[name]}, got {split!r}")
-        samples, classes = load_voc(root, name[3:], split), VOC_CLASSES
-    elif name == "coco2014":
-        if split not in SPLITS[name]:
-            raise ValueError(f"coco2014 split must be train or val, got {split!r}")
-        ann = paths.get("annotation_file") or root / "annotations" / f"instances_{split}2014.json"
-        samples, classes = load_coco(ann, paths.get("image_dir") or root / f"{split}2014")
-    elif name == "nuswide":
-        samples, classes, _ = load_nuswide(root, split, paths.get("image_dir"))
-    elif name == "synthetic":
-        if split not in SPLITS[name]:
-            raise ValueError(f"synthetic split must be one of {SPLITS[name]}, got {split!r}")
-        classes = synthetic_classes(root)
-        samples = load_voc(root, 2007, split, classes)
-    else:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    return MultiLabelImages(samples, classes, transform, name=f"{name}/{split}")
 
 
 # ============================================================================================

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cli import finite_float, integer_from, run_command
 from data import DataError, atomic_write, check_writable, read_table_csv, write_json, write_scores_csv
 from metrics import DIFFICULT_MODES, evaluate, positive_counts
 
@@ -83,33 +84,20 @@ def print_class_ap(ap: dict, file=None) -> None:
 # A checkpoint, rebuilt
 # --------------------------------------------------------------------------------------------
 
-def checkpoint_config(cfg, split: str | None, given: dict[str, str | None], weights_format: str):
-    """The recorded config with the command line's overrides (`given`: clip_weights, data_root,
-    cache_dir) and the weights format of this command line, never the checkpoint's: a file may
-    name a TorchScript archive, but only the user can ask for it to be run. Prints what is read."""
-    import bacgcn
-    from data import SPLITS
-
-    split, splits = split or cfg.test_split, SPLITS[cfg.dataset]
-    if split not in splits:
-        raise ValueError(f"--split {split}: not a split of {cfg.dataset} (its splits: {', '.join(splits)})")
-    cfg = cfg.replace(test_split=split, clip_weights_format=weights_format,
-                      **{k: v for k, v in given.items() if v not in (None, "")})    # --workers 0 is given
-    bacgcn.validate(cfg)
-
+def announce(cfg, given: dict) -> None:
+    """Say which CLIP weights, data and cache a checkpoint's command reads, and from where."""
     def source(key: str) -> str:
-        return f"--{key.replace('_', '-')}" if given[key] else "from the checkpoint"
+        return f"--{key.replace('_', '-')}" if given.get(key) else "from the checkpoint"
     print(f"loading CLIP weights {cfg.clip_weights} ({source('clip_weights')}), data root {cfg.data_root} "
           f"({source('data_root')}), feature cache {cfg.cache_dir} "
-          f"({source('cache_dir')}{'' if given['cache_dir'] else ', read only'})", flush=True)
-    return cfg
+          f"({source('cache_dir')}{'' if given.get('cache_dir') else ', read only'})", flush=True)
 
 
 def read_only_cache(cfg, backbone, dataset):
     """A cache dir named by a checkpoint is only read, never written: when it lacks this split's
     features, or holds them damaged, they are encoded into the default cache of the current
     folder instead (a damaged cache is rebuilt where it lies only when it is the user's own)."""
-    import bacgcn
+    import config
     import pipeline
     from cache import FeatureCache
 
@@ -117,7 +105,7 @@ def read_only_cache(cfg, backbone, dataset):
     problem = cache.problem() if cache.complete else f"lacks {dataset.name}"
     if problem is None:
         return cfg
-    local = str(Path(bacgcn.BACGCNConfig.cache_dir).resolve())
+    local = str(Path(config.BACGCNConfig.cache_dir).resolve())
     if cache.complete:
         problem = f"is damaged ({problem})"
     print(f"the checkpoint's feature cache {cfg.cache_dir} {problem}: encoding into {local} "
@@ -125,49 +113,38 @@ def read_only_cache(cfg, backbone, dataset):
     return cfg.replace(cache_dir=local)
 
 
-def open_checkpoint(path: str, split: str | None = None, overrides: dict | None = None,
-                    weights_format: str = "auto"):
-    """(config, classes, categories, tensors, metadata) of a checkpoint, with the command line's
-    overrides (clip_weights, data_root, cache_dir) applied and what it loads printed."""
+def open_model(path: str, overrides: dict, weights_format: str, split: str | None = None,
+               before_build=None):
+    """The checkpoint's TrainedModel (pipeline.load_trained's checks), what it reads said first;
+    `before_build(categories)` runs before the CLIP is built (a typo fails before that cost)."""
     import pipeline
 
-    cfg, classes, categories, tensors, meta = pipeline.read_checkpoint(path)
-    given = {"clip_weights": None, "data_root": None, "cache_dir": None, "workers": None, **(overrides or {})}
-    return checkpoint_config(cfg, split, given, weights_format), classes, categories, tensors, meta
-
-
-def rebuild(path: str, cfg, classes, tensors):
-    """(backbone, model, device): the frozen CLIP and the trained head of a checkpoint. The
-    training machine's device may not exist here: CUDA when there is one, unless it was the CPU."""
-    import pipeline
-
-    device = pipeline.resolve_device("cpu" if cfg.device == "cpu" else "")
-    try:
-        backbone = pipeline.build_backbone(cfg, device)
-        pipeline.check_against_backbone(cfg, backbone)
-    except (ValueError, FileNotFoundError) as e:
-        raise DataError(path, f"its CLIP cannot be rebuilt: {e}") from None
-    return backbone, pipeline.model_from_checkpoint(path, cfg, classes, tensors).to(device), device
+    parts = pipeline.open_checkpoint(path, overrides, weights_format, split)
+    announce(parts[0], overrides)
+    if before_build is not None:
+        before_build(parts[2])
+    return pipeline.TrainedModel.build(path, *parts)
 
 
 def checkpoint_logits(path: str, split: str | None = None, overrides: dict | None = None,
                       weights_format: str = "auto"):
     """(config, classes, split features, logits [n, O], metadata) of a checkpoint on a split of its dataset."""
+    import datasets
     import pipeline
-    from data import load_dataset
 
-    cfg, classes, _, tensors, meta = open_checkpoint(path, split, overrides, weights_format)
-    dataset = load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
+    given = overrides or {}
+    model = open_model(path, given, weights_format, split)
+    cfg, classes = model.cfg, model.classes
+    dataset = datasets.load(cfg.dataset, cfg.data_root, cfg.test_split)
     if dataset.class_names != classes:
         raise DataError(path, f"trained on {len(classes)} classes of {cfg.dataset} ({', '.join(classes[:3])}, ...), "
                               f"the data at {cfg.data_root} has {len(dataset.class_names)} "
                               f"({', '.join(dataset.class_names[:3])}, ...)")
-    backbone, model, device = rebuild(path, cfg, classes, tensors)
-    if not (overrides or {}).get("cache_dir"):
-        cfg = read_only_cache(cfg, backbone, dataset)
-    test = pipeline.cached_features(cfg, backbone, dataset, device)
-    logits = pipeline.predict(model, test.feats, device, pipeline.compute_dtype(device, cfg.amp))
-    return cfg, classes, test, logits, meta
+    if not given.get("cache_dir"):
+        cfg = read_only_cache(cfg, model.backbone, dataset)
+    test = pipeline.cached_features(cfg, model.backbone, dataset, model.device)
+    logits = pipeline.predict(model.head, test.feats, model.device, model.dtype)
+    return cfg, classes, test, logits, model.metadata
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
@@ -226,17 +203,16 @@ def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: in
 def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None,
                overrides: dict | None = None, weights_format: str = "auto") -> dict:
     """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV."""
-    import pipeline
     from data import image_files
 
     target = check_out(out, "--images")
     dataset = image_files(images)           # before the model: a mistyped path fails at once
-    cfg, classes, categories, tensors, _ = open_checkpoint(checkpoint, None, overrides, weights_format)
-    backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
-    ids, logits = pipeline.predict_images(cfg, backbone, model, dataset, device)
+    model = open_model(checkpoint, overrides or {}, weights_format)
+    ids, logits = model.predict_dataset(dataset)
     if not ids:
         raise DataError(images, f"none of its {len(dataset)} image files could be read")
     check_finite_scores(checkpoint, ids, logits)
+    classes = model.classes
     probs = sigmoid(logits[:, :len(classes)])
     write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
     return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target)}
@@ -262,19 +238,23 @@ def visualize(checkpoint: str, image_path: str, out: str, requested: str | None 
               overrides: dict | None = None, weights_format: str = "auto") -> list[str]:
     """Draw the image beside the similarity map of each chosen category; returns their titles."""
     import figures
-    import pipeline
     from data import decode_image
 
     target = check_out(out, "--visualize")
-    cfg, classes, categories, tensors, _ = open_checkpoint(checkpoint, None, overrides, weights_format)
-    if requested is not None:
-        choose_categories(requested, categories, len(classes))      # a typo fails before the model loads
-    image = decode_image(image_path)
-    backbone, model, device = rebuild(checkpoint, cfg, classes, tensors)
-    seen = pipeline.explain_image(cfg, backbone, model, image, device)
+
+    image = None
+
+    def before_build(categories: list[str]) -> None:
+        nonlocal image
+        if requested is not None:           # a typo fails before the model loads
+            choose_categories(requested, categories, 0)
+        image = decode_image(image_path)
+    model = open_model(checkpoint, overrides or {}, weights_format, before_build=before_build)
+    categories = model.categories
+    seen = model.explain(image)
     check_finite_scores(checkpoint, [image_path], seen["logits"][None])
     probs = sigmoid(seen["logits"])
-    chosen = choose_categories(requested, categories, len(classes), probs)
+    chosen = choose_categories(requested, categories, len(model.classes), probs)
     grid = int(round(seen["sim"].shape[0] ** 0.5))
     panels = [figures.MapPanel(f"{categories[o]} {probs[o]:.2f}", seen["sim"][:, o].reshape(grid, grid),
                                seen["pooled"][:, o].tolist()) for o in chosen]
@@ -323,29 +303,6 @@ def plot_ap(paths: Sequence[str], out: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-def integer_from(least: int):
-    """argparse type: an integer >= least."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = least - 1
-        if value < least:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
-        return value
-    return parse
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
@@ -419,23 +376,9 @@ def after_training(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data import os_error_line, quiet_broken_pipe
-
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if not after_training(args):
-            evaluate_command(parser, args)
-        sys.stdout.flush()           # a closed pipe shows here, not in Python's flush at exit
-    except BrokenPipeError:
-        return quiet_broken_pipe()
-    except ValueError as e:          # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: None if after_training(args) else evaluate_command(parser, args))
 
 
 def evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 Each peer reads what BAC-GCN reads (the frozen CLIP's text-aligned patches P [N, E], global
 embedding g [E], prompt-ensemble text embeddings T [C, E], all L2-normalised, and CLIP's logit
 scale s), so that a comparison measures the methods, not their backbones, resolutions or
-prompts. Crops any peer re-encodes go through the feature cache (`pipeline.encode_crops`), as
+prompts. Crops any peer re-encodes go through the feature cache (`reso.encode_crops`), as
 ReSO's do. Each function names its paper, the equations it implements and where it deviates.
 `bench/compare.py` runs them side by side; the trainer never imports this file.
 
@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-import pipeline
+import reso
 from cache import CachedFeatures
 from pipeline import Split
 
@@ -97,13 +97,13 @@ def tagclip_local_global(feats: CachedFeatures, text: torch.Tensor, scale: float
         f = (1 - cfg.global_weight) * local + cfg.global_weight * glob
         fused.append(f)
         grid = int(round(probs.shape[1] ** 0.5))
-        inside = pipeline.region_masks(probs, cfg.region_tau)
+        inside = reso.region_masks(probs, cfg.region_tau)
         top = f.topk(min(cfg.crops_per_image, f.shape[1]), dim=1).indices
         for b, classes in enumerate(top.tolist()):
             for cls in classes:
                 cells = inside[b, :, cls].nonzero()[:, 0]
                 if len(cells):          # empty only where the class's map is flat
-                    regions.append((row0 + b, cls, pipeline.box_of_cells(cells, grid)))
+                    regions.append((row0 + b, cls, reso.box_of_cells(cells, grid)))
         row0 += len(f)
     return torch.cat(fused), regions
 
@@ -119,7 +119,7 @@ def tagclip(ctx: Context, cfg: TagCLIPConfig = TagCLIPConfig()) -> np.ndarray:
     fused, regions = tagclip_local_global(ctx.test.feats, ctx.text, ctx.scale, cfg)
     if not regions:
         return fused.numpy()
-    crops, kept = pipeline.encode_crops(ctx.cfg, ctx.backbone, ctx.test, regions, "tagclip-crops", ctx.device,
+    crops, kept = reso.encode_crops(ctx.cfg, ctx.backbone, ctx.test, regions, "tagclip-crops", ctx.device,
                                         margin=cfg.crop_margin)
     crop_probs = global_softmax(crops, ctx.text, ctx.scale)
     final = fused.clone()
@@ -301,7 +301,7 @@ def cdul_initial_labels(ctx: Context, cfg: CDULConfig) -> torch.Tensor:
     cells = [(int(edges[i]), int(edges[j]), int(edges[i + 1]) - 1, int(edges[j + 1]) - 1)
              for i in range(cfg.grid) for j in range(cfg.grid)]
     crops_wanted = [(row, -1, cell) for row in range(len(ctx.train.ids)) for cell in cells]
-    crops, kept = pipeline.encode_crops(ctx.cfg, ctx.backbone, ctx.train, crops_wanted, "cdul-crops", ctx.device,
+    crops, kept = reso.encode_crops(ctx.cfg, ctx.backbone, ctx.train, crops_wanted, "cdul-crops", ctx.device,
                                         margin=0.0)
     glob = global_softmax(ctx.train.feats, ctx.text, ctx.scale)
     crop_probs = global_softmax(crops, ctx.text, ctx.scale)

@@ -8,26 +8,35 @@ evaluation disagreeing with the training).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 import bacgcn
+import captions
+import checkpoints
+import config
 import data
+import datasets
+import frozen_clip
+import metrics
 from cache import CachedFeatures, FeatureCache, encode_images, file_digest
-from metrics import evaluate, size_split_map
 
 ROOT = Path(__file__).resolve().parent
-CHECKPOINT_FORMAT = "bacgcn-1"
 PREDICT_BATCH = 256          # images per forward when scoring a split (no gradients: memory is small) ...
 PREDICT_BYTES = 64 * 2**20   # ... but at most this many bytes of cached features (ViT-B/16 at 448: 80 images)
 CACHE_BATCH = 64             # images per encoder forward while caching features
+# Names the text encoder should read instead of a dataset's run-together spelling.
+PROMPT_SPELLING = {"tvmonitor": "tv monitor", "diningtable": "dining table", "pottedplant": "potted plant",
+                   "tv": "television"}
+MAX_MISSING_SHARE = 0.05   # above this share of images without captions or unreadable, warn loudly
+OPENAI_VITB16_URL = ("https://openaipublic.azureedge.net/clip/models/"
+                     "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt")
 
 
 def log(msg: str) -> None:
@@ -36,18 +45,9 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def git_commit() -> str:
-    """Short hash of the checkout, recorded in checkpoints and benchmark rows."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def resolve_device(requested: str) -> str:
     """'' means CUDA when there is one, else the CPU. A CUDA device that is not there is a
-    one-line ValueError (bacgcn.validate has checked the spelling)."""
+    one-line ValueError (config.validate has checked the spelling)."""
     if not requested:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
@@ -94,7 +94,6 @@ def barrier() -> None:
 def init_distributed(requested_device: str) -> str:
     """Join the torchrun job when launched by torchrun (NCCL on CUDA, gloo on the CPU) and
     return this process's device; a plain `python train.py` stays a single process."""
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(requested_device)
@@ -165,23 +164,194 @@ def gather_rows(rows: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Paths: the dataset, its captions and the CLIP weights, where the registry and the paper put them
+# --------------------------------------------------------------------------------------------
+
+class MissingPieces(ValueError):
+    """What a run lacks before it can start: one line per piece, each saying what to put where."""
+
+
+def here_or_in_repo(path: str) -> Path:
+    """A relative path as given when it exists here, else under the repo root when it exists
+    there (where the default places are: data_folder/, ViT-B-16.safetensors), else as given."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
+        return ROOT / p
+    return p
+
+
+def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
+    """One line per piece a run needs and lacks (its data, captions, CLIP weights), each naming
+    the place and what goes there; [] when everything is in place."""
+    entry, lines = datasets.get(cfg.dataset), []
+    root = Path(cfg.data_root)
+    if entry.release_layout and not root.is_dir():
+        lines.append(f"{root}: no {entry.name} here: put {entry.release_layout} there (the paper's layout), or pass "
+                     "--data-root=DIR")
+    elif entry.voc_year is not None:
+        for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
+            try:
+                data.voc_root(root, entry.voc_year, split)
+            except data.DataError as e:
+                lines.append(str(e))
+    captions_file = Path(cfg.captions) / "captions.json"
+    if entry.release_layout and not captions_file.is_file():
+        lines.append(f"{captions_file}: no captions: put the paper's captions.json (and re_captions.json) for "
+                     f"{entry.name} there, make them with `python captions.py generate --dataset {entry.name} ...`, "
+                     "or pass --captions=DIR")
+    weights = Path(cfg.clip_weights)
+    if not weights.is_file():
+        how = (f": download OpenAI's ViT-B-16.pt ({OPENAI_VITB16_URL}), then `python frozen_clip.py convert "
+               f"ViT-B-16.pt {weights}`, or pass --clip-weights=FILE" if cfg.clip_model == "ViT-B-16-quickgelu" else "")
+        lines.append(f"{weights}: CLIP weights not found{how}")
+    return lines
+
+
+def build_dataset(entry: datasets.Dataset, root: Path, seed: int) -> None:
+    """Run the entry's build command (the proving ground's `synthetic.py build`) into `root`:
+    a command of its own, so the production path never imports the proving ground."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / entry.build_command[0]), *entry.build_command[1:], "--out", str(root),
+               "--seed", str(seed)]
+    log(f"building {entry.name} in {root} (once)")
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise data.DataError(root, f"building {entry.name} failed (`{' '.join(command[1:])}`: see above)")
+
+
+def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
+    """Fill the defaults that depend on the dataset (a real one in the paper's layout under
+    --data-folder); build a dataset that is built here (the proving ground) if absent, at its
+    default path or where --build-world=true asks (a mistyped --data-root builds nothing). Every
+    piece still missing is one line of MissingPieces."""
+    entry, updates = datasets.get(cfg.dataset), {}
+    if entry.build_command:
+        default = ROOT / entry.default_root.format(seed=cfg.seed)
+        root = Path(cfg.data_root or default)
+        if not (root / entry.build_marker).is_file():
+            if root.resolve() != default.resolve() and not cfg.build_world:
+                build = " ".join(entry.build_command)
+                raise data.DataError(root, f"no {entry.name} here (no {entry.build_marker}); build one with "
+                                           f"--build-world=true or `python {build} --out {root}`")
+            build_dataset(entry, root, cfg.seed)
+        updates["data_root"] = str(root)
+        updates["captions"] = cfg.captions or str(root)
+    else:
+        folder = here_or_in_repo(cfg.data_folder) / entry.name
+        updates["data_root"] = cfg.data_root or str(folder)
+        updates["captions"] = cfg.captions or str(folder)
+    updates["train_split"] = cfg.train_split or entry.train_split
+    updates["test_split"] = cfg.test_split or entry.test_split
+    updates["clip_weights"] = str(here_or_in_repo(cfg.clip_weights))
+    cfg = cfg.replace(**updates)
+    missing = missing_pieces(cfg)
+    if missing:
+        raise MissingPieces("\n".join(missing))
+    return cfg
+
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the captions' pseudo labels and graph
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CaptionLabels:
+    """What the captions say about the training images, over the O categories trained."""
+    classes: list[str]
+    categories: list[str]        # the C classes, then the backgrounds when they are used
+    prompt_names: list[str]      # what the text encoder reads for each category
+    pseudo: captions.PseudoLabels
+    m: np.ndarray                # co-occurrence counts of the hard labels [O, O]
+    n: np.ndarray                # label counts [O]
+    quality: dict                # the captions' pseudo labels against the training split's human labels
+
+    def targets_for(self, ids: Sequence[str], min_votes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft targets, hard labels) [len(ids), O], rows in the order of `ids`."""
+        row = {i: k for k, i in enumerate(self.pseudo.ids)}
+        take = [row[i] for i in ids]
+        o = len(self.categories)
+        targets = torch.from_numpy(self.pseudo.scores[take, :o]).float()
+        hard = torch.from_numpy(self.pseudo.hard(min_votes)[take, :o]) > 0
+        return targets, hard
+
+
+def check_captions_match(cfg, caption_texts: dict, pseudo: captions.PseudoLabels,
+                         train_ds: data.MultiLabelImages) -> None:
+    """Captions that name none of the training images would train on all-zero targets: refuse;
+    a few without a caption train as negatives of every class: say so loudly past 5 %."""
+    matched, total = int((pseudo.num_captions > 0).sum()), len(pseudo.ids)
+    if total and not matched:
+        first = next(iter(caption_texts), None)
+        raise data.DataError(Path(cfg.captions) / "captions.json",
+                             f"no caption id matches an image of {train_ds.name} (captions name {first!r}, the "
+                             f"images are named like {train_ds.ids[0]!r})")
+    if total - matched > MAX_MISSING_SHARE * total:
+        log(f"WARNING: {total - matched} of {total} training images ({100 * (total - matched) / total:.0f}%) have "
+            "no caption: they train as negatives of every class")
+
+
+def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> None:
+    """A split none of whose images could be read is an error; many skipped ones a loud warning."""
+    if not split.ids:
+        raise data.DataError(root, f"none of the {len(dataset)} images of {dataset.name} could be read "
+                                   "(missing or corrupt; see the warnings above)")
+    skipped = len(dataset) - len(split.ids)
+    if skipped > MAX_MISSING_SHARE * len(dataset):
+        log(f"WARNING: {skipped} of {len(dataset)} images of {dataset.name} ({100 * skipped / len(dataset):.0f}%) "
+            "could not be read and are left out")
+
+
+def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
+    classes = train_ds.class_names
+    entry = datasets.get(cfg.dataset)
+    dictionary = captions.SynonymDictionary.from_json(entry.synonym_file(cfg.synonyms, cfg.captions), len(classes))
+    caption_texts = captions.read_captions(cfg.captions)
+    config = captions.CaptionFilterConfig(min_votes=cfg.min_votes)
+    pseudo = captions.pseudo_labels(caption_texts, dictionary, classes, config, ids=train_ds.ids)
+    check_captions_match(cfg, caption_texts, pseudo, train_ds)
+    areas, size_rule = None, (0.0, 1.0)
+    if entry.size_buckets:   # the proving ground knows its instances' sizes
+        areas = data.largest_instance_area(cfg.data_root, pseudo.ids, classes, entry.voc_year)
+        size_rule = (metrics.SMALL_AREA, metrics.LARGE_AREA)
+    quality = captions.caption_quality(pseudo, train_ds, cfg.min_votes, areas, size_rule)
+    if quality:
+        sizes = (f", recall of small / large instances {quality['recall_small']:.3f} / {quality['recall_large']:.3f}"
+                 if areas is not None else "")
+        log(f"caption pseudo labels against the training split's labels: mAP {quality['mAP']:.2f}, "
+            f"precision {quality['precision']:.3f}, recall {quality['recall']:.3f}{sizes}")
+    if cfg.train_labels == "true":
+        pseudo = captions.with_true_labels(pseudo, train_ds, cfg.min_votes)
+    num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
+    hard = pseudo.hard(cfg.min_votes)
+    m, n = data.cooccurrence(hard[:, :num_cat])
+    kind = "true" if cfg.train_labels == "true" else "pseudo"
+    log(f"{kind} labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "
+        f"{hard[:, :len(classes)].sum(1).mean():.2f} classes per image")
+    # The dictionary's own spelling reads better in a prompt than the dataset's ("dining table")
+    prompt_names = [PROMPT_SPELLING.get(c, c) for c in dictionary.categories[:num_cat]]
+    return CaptionLabels(classes, pseudo.categories[:num_cat], prompt_names, pseudo, m, n, quality)
+
+
+# --------------------------------------------------------------------------------------------
 # Frozen backbone and cached features
 # --------------------------------------------------------------------------------------------
 
-def build_backbone(cfg: bacgcn.BACGCNConfig, device: str) -> bacgcn.CLIPBackbone:
+def build_backbone(cfg: config.BACGCNConfig, device: str) -> frozen_clip.CLIPBackbone:
     """The frozen CLIP of `cfg` (weights loaded strict), at the configured input size."""
-    clip = bacgcn.create_clip(cfg.clip_model, cfg.clip_weights, cfg.clip_weights_format)
+    clip = frozen_clip.create_clip(cfg.clip_model, cfg.clip_weights, cfg.clip_weights_format)
     if cfg.image_size:
         patch = clip.visual.patch_size
         patch = patch[0] if isinstance(patch, (tuple, list)) else patch
         if cfg.image_size % patch:
             raise ValueError(f"--image-size={cfg.image_size}: not a multiple of the patch size {patch} of "
                              f"{cfg.clip_model} (0 = its own size, {clip.visual.image_size[0]} px)")
-        bacgcn.set_image_size(clip, cfg.image_size)
-    return bacgcn.CLIPBackbone(clip.to(device), cfg.patch_readout).eval()
+        frozen_clip.set_image_size(clip, cfg.image_size)
+    return frozen_clip.CLIPBackbone(clip.to(device), cfg.patch_readout).eval()
 
 
-def check_against_backbone(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone) -> None:
+def check_against_backbone(cfg: config.BACGCNConfig, backbone: frozen_clip.CLIPBackbone) -> None:
     """What only the built backbone can judge: Top-K cannot exceed the patches there are."""
     grid = backbone.visual.grid_size
     patches = grid[0] * grid[1]
@@ -208,7 +378,7 @@ def image_transform(size: int):
     return resize
 
 
-def feature_spec(cfg: bacgcn.BACGCNConfig, backbone: bacgcn.CLIPBackbone, dataset: data.MultiLabelImages,
+def feature_spec(cfg: config.BACGCNConfig, backbone: frozen_clip.CLIPBackbone, dataset: data.MultiLabelImages,
                  kind: str) -> dict:
     """Everything that changes the cached features of `dataset`: the cache key."""
     import hashlib
@@ -243,9 +413,9 @@ def tf32_matmuls(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def encode_features(backbone: bacgcn.CLIPBackbone, images: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+def encode_features(backbone: frozen_clip.CLIPBackbone, images: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """uint8 images on the device -> everything BAC-GCN caches per image."""
-    x = bacgcn.preprocess(images, backbone.image_size)
+    x = frozen_clip.preprocess(images, backbone.image_size)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and cfg.amp), \
             tf32_matmuls(encode_precision(x.device.type, cfg.amp) == "tf32"):
         return backbone.features(x, cfg.h_fraction, cfg.subset_readout)
@@ -295,97 +465,10 @@ def cached_features(cfg, backbone, dataset, device) -> Split:
 
 
 # --------------------------------------------------------------------------------------------
-# Crops of the original images (ReSO, and the peers that re-encode crops)
-# --------------------------------------------------------------------------------------------
-
-def region_masks(maps: torch.Tensor, tau: float) -> torch.Tensor:
-    """[B, N, C] -> bool [B, N, C]: where each image's map of each category, min-max normalised
-    over its N patches, exceeds `tau` (ReSO's regions, and TagCLIP's re-identified ones)."""
-    lo, hi = maps.amin(1, keepdim=True), maps.amax(1, keepdim=True)
-    return (maps - lo) / (hi - lo).clamp_min(1e-12) > tau
-
-
-def box_of_cells(cells: torch.Tensor, grid: int) -> tuple[int, int, int, int]:
-    """(r0, c0, r1, c1), inclusive, of the patches `cells` (flat indices, at least one) of a grid x grid map."""
-    rows, cols = cells // grid, cells % grid
-    return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
-
-
-def crop_box(patch_box: tuple[int, int, int, int], grid: int, width: int, height: int,
-             margin: float) -> tuple[int, int, int, int]:
-    """Pixel box (x0, y0, x1, y1) of a patch-grid box grown by `margin` of its size on each
-    side, made square (objects keep their aspect when upscaled) and clipped to the image."""
-    r0, c0, r1, c1 = patch_box
-    x0, x1 = c0 / grid * width, (c1 + 1) / grid * width
-    y0, y1 = r0 / grid * height, (r1 + 1) / grid * height
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    side = min(side, width, height)
-    x0 = min(max(cx - side / 2, 0), width - side)
-    y0 = min(max(cy - side / 2, 0), height - side)
-    return int(round(x0)), int(round(y0)), int(round(x0 + side)), int(round(y0 + side))
-
-
-class CropImages(torch.utils.data.Dataset):
-    """Crops of original images, upscaled to the encoder's input size."""
-
-    def __init__(self, dataset: data.MultiLabelImages, crops: list[tuple[int, int, tuple]], size: int, grid: int,
-                 margin: float):
-        """`crops`: (dataset index, class, patch box) each."""
-        self.dataset, self.crops, self.size, self.grid, self.margin = dataset, crops, size, grid, margin
-        self.name = f"{dataset.name} crops"
-        self.ids = [f"{dataset.samples[i].id}:{c}:{','.join(map(str, box))}" for i, c, box in crops]
-
-    def __len__(self):
-        return len(self.crops)
-
-    def __getitem__(self, k):
-        from torchvision.transforms.v2 import functional as TF
-
-        index, _, patch_box = self.crops[k]
-        item = self.dataset[index]
-        if item is None:
-            return None
-        img = item["image"]
-        x0, y0, x1, y1 = crop_box(patch_box, self.grid, img.shape[2], img.shape[1], self.margin)
-        img = TF.resize(img[:, y0:y1, x0:x1], [self.size, self.size], antialias=True)
-        return {"image": img, "labels": item["labels"], "id": self.ids[k], "index": k}
-
-
-def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str,
-                 margin: float | None = None) -> tuple[CachedFeatures, list]:
-    """(features, the crops kept) of the crops `found` [(row, class, patch box)] grown by
-    `margin` (default: ReSO's), each encoded once (cached under `kind` and the crops' list). A
-    crop whose image could not be read is dropped. ReSO and the peers that re-encode crops
-    (bench/compare.py) share it."""
-    margin = cfg.reso_margin if margin is None else margin
-    grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
-    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
-    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
-                         backbone.image_size, grid, margin)
-    spec = feature_spec(cfg, backbone, split.dataset, kind)
-    spec.update({"crops": crop_ds.ids, "margin": margin})
-    feats = load_or_encode(cfg, backbone, crop_ds, spec, device, kind)
-    encoded = set(feats.ids)
-    return feats, [f for f, i in zip(found, crop_ds.ids) if i in encoded]
-
-
-
-# --------------------------------------------------------------------------------------------
 # Model, prediction, evaluation
 # --------------------------------------------------------------------------------------------
 
-def build_model(cfg, prompts: torch.Tensor, num_classes: int, m, n, logit_scale: float) -> bacgcn.BACGCN:
-    """BAC-GCN over the caption graph (co-occurrence counts M, N) and the given prompts."""
-    adjacency = bacgcn.build_adjacency(torch.as_tensor(m).float(), torch.as_tensor(n).float(), num_classes, cfg)
-    return bacgcn.BACGCN(cfg, prompts, num_classes, adjacency, logit_scale)
-
-
 FEATURE_KEYS = ("patches", "g", "gH", "gHc")   # what the head reads per image
-
-
-def batch_feats(feats: CachedFeatures, idx, device: str, dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True).to(dtype) for k, v in feats.gather(idx, FEATURE_KEYS).items()}
 
 
 def prefetched(items, device: str, dtype, depth: int = 2):
@@ -459,225 +542,129 @@ def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, diff
     rule's mAP_small / mAP_large."""
     labels = split.dataset.labels_for(split.ids)
     scores = logits[:, :num_classes]
-    report = evaluate(scores, labels, split.dataset.class_names, difficult, threshold=0.0)
+    report = metrics.evaluate(scores, labels, split.dataset.class_names, difficult, threshold=0.0)
     out = {"mAP": report["mAP"], "CF1": report["CF1"], "OF1": report["OF1"], "AP": report["AP"]}
-    if cfg.dataset == "synthetic":
-        import synthetic
-        areas = data.largest_instance_area(cfg.data_root, split.ids, split.dataset.class_names)
-        out.update(size_split_map(scores, labels, areas, synthetic.SMALL_AREA, synthetic.LARGE_AREA))
+    entry = datasets.get(cfg.dataset)
+    if entry.size_buckets:
+        areas = data.largest_instance_area(cfg.data_root, split.ids, split.dataset.class_names, entry.voc_year)
+        out.update(metrics.size_split_map(scores, labels, areas, metrics.SMALL_AREA, metrics.LARGE_AREA))
     return out
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoint: model weights, caption graph and config in one safetensors file
+# The Python API: a trained model from its checkpoint, scoring images
 # --------------------------------------------------------------------------------------------
-
-# Paths the checkpoint records as absolute, so that eval.py run from another folder finds (and
-# reports) the same files, never whatever its own working directory holds under those names.
-RECORDED_PATHS = ("clip_weights", "data_root", "cache_dir")
-
-
-DIGEST_KEY = "sha256"   # metadata key of the digest of a file's tensors and other metadata
-
-
-def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the
-    digest itself: written with a checkpoint or run state, checked when it is read, so a byte
-    changed on disk is refused instead of training or scoring with other weights."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    for key in sorted(k for k in meta if k != DIGEST_KEY):
-        digest.update(f"{key}\0{meta[key]}\0".encode())
-    return digest.hexdigest()
-
-
-def with_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
-    return {**meta, DIGEST_KEY: content_digest(tensors, meta)}
-
-
-def check_digest(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    if meta.get(DIGEST_KEY) != content_digest(tensors, meta):
-        raise data.DataError(path, "its content does not match the digest written with it (changed or damaged "
-                                   "on disk since)" if DIGEST_KEY in meta else "holds no digest of its content")
-
-
-def check_finite(path, tensors: dict[str, torch.Tensor]) -> None:
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise data.DataError(path, f"tensor {key} holds NaN or infinite values")
-
-
-def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:
-    from safetensors.torch import save_file
-
-    cfg = cfg.replace(**{k: os.path.abspath(getattr(cfg, k)) for k in RECORDED_PATHS if getattr(cfg, k)})
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors["graph.M"] = torch.from_numpy(np.asarray(m, dtype=np.float32))
-    tensors["graph.N"] = torch.from_numpy(np.asarray(n, dtype=np.float32))
-    meta = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "classes": json.dumps(list(classes)),
-            "categories": json.dumps(list(categories)), "metrics": json.dumps(data.json_safe(report)),
-            "commit": git_commit(), "preset": preset}
-    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=with_digest(tensors, meta)))
-
-
-def _recorded_json(path: str, meta: dict, key: str):
-    if key not in meta:
-        raise data.DataError(path, f"checkpoint metadata lacks {key!r}")
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as e:
-        raise data.DataError(path, f"checkpoint metadata {key!r} is not JSON ({e})") from None
-
-
-def _recorded_names(path: str, meta: dict, key: str) -> list[str]:
-    names = _recorded_json(path, meta, key)
-    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
-        raise data.DataError(path, f"checkpoint metadata {key!r} is not a list of names")
-    return names
-
-
-def read_checkpoint(path: str):
-    """(config, classes, categories, tensors, metadata) of a train.py checkpoint; a file that is
-    not one, or whose parts disagree, is a one-line DataError naming it."""
-    from safetensors import SafetensorError, safe_open
-
-    if not Path(path).is_file():
-        raise data.DataError(path, "checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise data.DataError(path, f"not a safetensors checkpoint ({str(e).splitlines()[0][:160]})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise data.DataError(path, "not a checkpoint written by train.py (no bacgcn metadata)")
-    check_digest(path, tensors, meta)
-    if "config" not in meta:
-        raise data.DataError(path, "checkpoint metadata lacks 'config'")
-    try:
-        cfg = bacgcn.BACGCNConfig.from_json(meta["config"])
-        bacgcn.validate(cfg)
-    except json.JSONDecodeError as e:
-        raise data.DataError(path, f"recorded config is not JSON ({e})") from None
-    except (ValueError, TypeError) as e:
-        raise data.DataError(path, f"recorded config: {e}") from None
-    classes, categories = _recorded_names(path, meta, "classes"), _recorded_names(path, meta, "categories")
-    if categories[:len(classes)] != classes:
-        raise data.DataError(path, "recorded categories do not start with the recorded classes")
-    meta = {**meta, "metrics": json.dumps(_recorded_json(path, meta, "metrics") if "metrics" in meta else {})}
-    check_checkpoint_tensors(path, tensors, len(categories))
-    return cfg, classes, categories, tensors, meta
-
-
-def shape_text(t: torch.Tensor) -> str:
-    return "[" + ", ".join(map(str, t.shape)) + "]"
-
-
-def check_checkpoint_tensors(path: str, tensors: dict[str, torch.Tensor], num_categories: int) -> None:
-    """The graph and the prompts fit the recorded categories, and no weight is NaN or infinite."""
-    o = num_categories
-    expected = {"graph.M": (o, o), "graph.N": (o,), "model.logit_scale": ()}
-    for key in (*expected, "model.kernel.prompts"):
-        if key not in tensors:
-            raise data.DataError(path, f"checkpoint lacks the tensor {key}")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise data.DataError(path, f"tensor {key} has shape {shape_text(tensors[key])}, expected "
-                                       f"[{', '.join(map(str, shape))}] for {o} categories")
-    prompts = tensors["model.kernel.prompts"]
-    if prompts.dim() != 2 or prompts.shape[0] != o or prompts.shape[1] == 0:
-        raise data.DataError(path, f"tensor model.kernel.prompts has shape {shape_text(prompts)}, expected "
-                                   f"[{o}, embedding size] for {o} categories")
-    check_finite(path, tensors)
-
-
-def check_fits(path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], prefix: str) -> None:
-    """The saved tensors are those of the model the recorded config builds (`own`), shape for
-    shape; else one line naming the tensor and both shapes (load_state_dict's is a traceback)."""
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    if missing or unexpected:
-        what = f"lacks the tensor {prefix}{missing[0]}" if missing else \
-            f"has an unexpected tensor {prefix}{unexpected[0]}"
-        raise data.DataError(path, f"{what} for the recorded config")
-    for k, v in own.items():
-        if saved[k].shape != v.shape:
-            raise data.DataError(path, f"tensor {prefix}{k} has shape {shape_text(saved[k])}, the recorded config "
-                                       f"gives {shape_text(v)}")
-
-
-# The GCN's sparse graph is rebuilt from graph.M, graph.N and the config; the stored copy must
-# match it (its indices address node rows: a forged one could read out of bounds in a kernel).
-GRAPH_BUFFERS = ("gcn.indptr", "gcn.indices", "gcn.values")
-
-
-def model_from_checkpoint(path: str, cfg, classes, tensors) -> bacgcn.BACGCN:
-    """The trained head rebuilt from a checkpoint's tensors and recorded config."""
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    prompts = torch.zeros_like(state["kernel.prompts"], dtype=torch.float32)
-    model = build_model(cfg, prompts, len(classes), tensors["graph.M"], tensors["graph.N"],
-                        float(state["logit_scale"]))
-    own = model.state_dict()
-    check_fits(path, state, own, "model.")
-    for k, v in own.items():
-        if k in GRAPH_BUFFERS and not torch.allclose(state[k].to(v.dtype), v, rtol=1e-5, atol=1e-6):
-            raise data.DataError(path, f"tensor model.{k} does not match the graph rebuilt from graph.M, graph.N "
-                                       "and the recorded config")
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# Inference on images outside a dataset: tagging, similarity maps
-# --------------------------------------------------------------------------------------------
-
-HEAD_INPUTS = ("patches", "g", "gH", "gHc")
-
 
 def head_inputs(feats: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
     """Encoder outputs -> what the head reads, rounded through bf16 first: the head was trained
     and is evaluated on the bf16 feature cache, so an image scores the same here as it does
     inside a dataset."""
-    return {k: feats[k].to(torch.bfloat16).to(dtype) for k in HEAD_INPUTS}
+    return {k: feats[k].to(torch.bfloat16).to(dtype) for k in FEATURE_KEYS}
 
 
-@torch.no_grad()
-def predict_images(cfg, backbone, model, dataset: data.MultiLabelImages, device: str,
-                   desc: str = "tagging") -> tuple[list[str], np.ndarray]:
-    """(ids, logits [n, O]) of the readable images of `dataset`, encoded in batches with a
-    progress bar and no feature cache (a folder is scored once). Corrupt files are skipped
-    and counted by `cache.encode_images`; the ids say which images the rows are."""
-    dtype = compute_dtype(device, cfg.amp)
-    model.eval()
-    head = torch.compile(model) if cfg.compile and device.startswith("cuda") else model    # as in training
-    dataset.transform = image_transform(backbone.image_size)
-    ids: list[str] = []
-    logits = []
-    try:
-        for batch_ids, _, feats in encode_images(
-                dataset, lambda x: encode_features(backbone, x, cfg), batch_size=CACHE_BATCH, workers=cfg.workers,
-                device=device, desc=desc, pin_memory=device.startswith("cuda")):
-            logits.append(head(head_inputs(feats, dtype))["logits"].float().cpu())
-            ids.extend(batch_ids)
-    finally:
-        dataset.transform = None
-    return ids, torch.cat(logits).numpy() if logits else np.zeros((0, model.num_categories), dtype=np.float32)
+def open_checkpoint(path: str, overrides: dict | None = None, weights_format: str = "auto",
+                    split: str | None = None) -> tuple[config.BACGCNConfig, list[str], list[str], dict, dict]:
+    """(config, classes, categories, tensors, metadata) of a checkpoint (every check of
+    checkpoints.read_checkpoint), with `overrides` of its recorded paths (clip_weights,
+    data_root, cache_dir, workers; None or '' keep the recorded one), the weights format of the
+    caller, never the checkpoint's (a file may name a TorchScript archive, but only the user can
+    ask for it to be run), and `split` as the split to evaluate (default: its test split)."""
+    cfg, classes, categories, tensors, meta = checkpoints.read_checkpoint(path)
+    split = split or cfg.test_split
+    datasets.get(cfg.dataset).check_split(split)
+    cfg = cfg.replace(test_split=split, clip_weights_format=weights_format,
+                      **{k: v for k, v in (overrides or {}).items() if v not in (None, "")})   # --workers 0 is given
+    config.validate(cfg)
+    return cfg, classes, categories, tensors, meta
 
 
-@torch.no_grad()
-def explain_image(cfg, backbone, model, image: torch.Tensor, device: str) -> dict[str, np.ndarray]:
-    """What the head saw in one uint8 image [3, H, W]: logits [O], the similarity maps
-    sim [N, O] over the patch grid, and `pooled` [K, O], the patches the Similarity Kernel
-    pooled for each category: the kernel's own selection, not one recomputed from the returned
-    sim, whose bf16 rounding on a GPU reorders near-ties the kernel told apart in fp32."""
-    # Not compiled even when cfg.compile: one forward would pay the whole compile time.
-    model.eval()
-    x = image_transform(backbone.image_size)(image)[None].to(device)
-    out = model(head_inputs(encode_features(backbone, x, cfg), compute_dtype(device, cfg.amp)), with_indices=True)
-    return {"logits": out["logits"][0].float().cpu().numpy(), "sim": out["sim"][0].float().cpu().numpy(),
-            "pooled": out["pooled"][0].t().cpu().numpy()}
+@dataclass
+class TrainedModel:
+    """A trained BAC-GCN that scores images: the frozen CLIP and the trained head of one
+    checkpoint (`load_trained`), its class names and its preprocessing."""
+    cfg: config.BACGCNConfig
+    classes: list[str]               # the C classes scored, in column order
+    categories: list[str]            # the O categories of the head: classes, then backgrounds
+    backbone: frozen_clip.CLIPBackbone
+    head: bacgcn.BACGCN
+    device: str
+    metadata: dict
+
+    @classmethod
+    def build(cls, path: str, cfg, classes, categories, tensors, meta) -> "TrainedModel":
+        """From `open_checkpoint`'s parts. The training machine's device may not exist here: CUDA
+        when there is one, unless it was the CPU."""
+        device = resolve_device("cpu" if cfg.device == "cpu" else "")
+        try:
+            backbone = build_backbone(cfg, device)
+            check_against_backbone(cfg, backbone)
+        except (ValueError, FileNotFoundError) as e:
+            raise data.DataError(path, f"its CLIP cannot be rebuilt: {e}") from None
+        head = checkpoints.model_from_checkpoint(path, cfg, classes, tensors).to(device).eval()
+        return cls(cfg, classes, categories, backbone, head, device, meta)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return compute_dtype(self.device, self.cfg.amp)
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A PIL image (any mode) or a uint8 tensor [3, H, W] -> uint8 [3, S, S] at the encoder's
+        input size (the CLIP normalisation happens inside `logits`)."""
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+        return image_transform(self.backbone.image_size)(image)
+
+    @torch.no_grad()
+    def logits(self, images) -> torch.Tensor:
+        """Logits [B, O] over every category of a list of PIL images or uint8 tensors [3, H, W],
+        or of a uint8 batch [B, 3, S, S] already preprocessed."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([self.preprocess(im) for im in images])
+        feats = encode_features(self.backbone, images.to(self.device), self.cfg)
+        return self.head(head_inputs(feats, self.dtype))["logits"].float().cpu()
+
+    def scores(self, images) -> np.ndarray:
+        """Probabilities [B, C] of the classes (sigmoid of the logits), columns as `classes`."""
+        return torch.sigmoid(self.logits(images)[:, :len(self.classes)]).numpy()
+
+    @torch.no_grad()
+    def predict_dataset(self, dataset: data.MultiLabelImages, desc: str = "tagging") -> tuple[list[str], np.ndarray]:
+        """(ids, logits [n, O]) of the readable images of `dataset`, encoded in batches with a
+        progress bar and no feature cache (a folder is scored once). Corrupt files are skipped
+        and counted by `cache.encode_images`; the ids say which images the rows are."""
+        cfg, device = self.cfg, self.device
+        head = torch.compile(self.head) if cfg.compile and device.startswith("cuda") else self.head   # as in training
+        dataset.transform = image_transform(self.backbone.image_size)
+        ids, logits = [], []
+        try:
+            for batch_ids, _, feats in encode_images(
+                    dataset, lambda x: encode_features(self.backbone, x, cfg), batch_size=CACHE_BATCH,
+                    workers=cfg.workers, device=device, desc=desc, pin_memory=device.startswith("cuda")):
+                logits.append(head(head_inputs(feats, self.dtype))["logits"].float().cpu())
+                ids.extend(batch_ids)
+        finally:
+            dataset.transform = None
+        return ids, torch.cat(logits).numpy() if logits else np.zeros((0, len(self.categories)), dtype=np.float32)
+
+    @torch.no_grad()
+    def explain(self, image: torch.Tensor) -> dict[str, np.ndarray]:
+        """What the head saw in one uint8 image [3, H, W]: logits [O], the similarity maps
+        sim [N, O] over the patch grid, and `pooled` [K, O], the patches the Similarity Kernel
+        pooled for each category: the kernel's own selection, not one recomputed from the returned
+        sim, whose bf16 rounding on a GPU reorders near-ties the kernel told apart in fp32."""
+        # Not compiled even when cfg.compile: one forward would pay the whole compile time.
+        x = self.preprocess(image)[None].to(self.device)
+        out = self.head(head_inputs(encode_features(self.backbone, x, self.cfg), self.dtype), with_indices=True)
+        return {"logits": out["logits"][0].float().cpu().numpy(), "sim": out["sim"][0].float().cpu().numpy(),
+                "pooled": out["pooled"][0].t().cpu().numpy()}
+
+
+def load_trained(path: str, clip_weights: str | None = None, weights_format: str = "auto") -> TrainedModel:
+    """A trained BAC-GCN from its checkpoint alone (the CLIP weights it recorded, or
+    `clip_weights`), every check of eval.py's included:
+
+        model = pipeline.load_trained("runs/X/ckpt.safetensors")
+        probs = model.scores([Image.open("photo.jpg")])        # [1, C], columns model.classes
+    """
+    parts = open_checkpoint(path, {"clip_weights": clip_weights}, weights_format)
+    return TrainedModel.build(path, *parts)

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+import datasets
+from cli import integer_from, run_command
 from data import DataError, atomic_write, check_writable, write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used: `build` needs only numpy and Pillow
@@ -50,8 +52,6 @@ ROOT = Path(__file__).resolve().parent
 
 RENDER_SIZE = 128      # pixels of the stored JPEGs
 HORIZON_WAVE = 3 / 128 # amplitude of the horizon's wobble, a fraction of the image
-SMALL_AREA = 0.02      # size rule of the reports: a class instance is small below 2% of the image
-LARGE_AREA = 0.10      # ... and large from 10%
 
 BACKGROUNDS = ("sky", "grass", "water", "sand", "snow", "road", "wall", "floor")
 # Two-background scenes: (upper, lower).
@@ -607,8 +607,8 @@ def encode_split(backbone, dataset, batch: int = 256, progress: bool = True) -> 
     dataset index of each row (skipped images are left out)."""
     import torch
 
-    from bacgcn import preprocess
     from cache import encode_images
+    from frozen_clip import preprocess
 
     out = {"g": [], "patches": [], "index": []}
     for _, index, feats in encode_images(dataset, lambda x: backbone.encode_image(preprocess(x, backbone.image_size)),
@@ -639,9 +639,9 @@ def patch_hit_rates(patches: "torch.Tensor", text: "torch.Tensor", boxes: list[l
 
 def preset_image_size() -> int:
     """The read-out size of the synthetic-tiny preset (what train.py reads the world at)."""
-    import bacgcn
+    import config
 
-    return bacgcn.BACGCNConfig(**bacgcn.PRESETS["synthetic-tiny"]).image_size
+    return config.BACGCNConfig(**config.PRESETS["synthetic-tiny"]).image_size
 
 
 def zeroshot(data_dir: str | os.PathLike, weights: str | os.PathLike = TINY_CLIP_WEIGHTS,
@@ -650,16 +650,16 @@ def zeroshot(data_dir: str | os.PathLike, weights: str | os.PathLike = TINY_CLIP
     """CLIP zero-shot with the global image embedding on the test split (prompt ensemble), read
     at `image_size` px (0: the synthetic-tiny preset's size, the read-out train.py makes)."""
 
-    import bacgcn
     import data as data_mod
-    from metrics import mean_ap, size_split_map
+    import frozen_clip
+    from metrics import LARGE_AREA, SMALL_AREA, mean_ap, size_split_map
 
-    dataset = data_mod.load_dataset("synthetic", data_dir, "test")
+    dataset = datasets.load("synthetic", data_dir, "test")
     classes = dataset.class_names
-    clip = bacgcn.create_clip(TINY_CLIP, weights)
-    bacgcn.set_image_size(clip, image_size or preset_image_size())
-    backbone = bacgcn.CLIPBackbone(clip, patch_readout)
-    text = backbone.class_embeddings(classes, bacgcn.tokenizer_for(TINY_CLIP))
+    clip = frozen_clip.create_clip(TINY_CLIP, weights)
+    frozen_clip.set_image_size(clip, image_size or preset_image_size())
+    backbone = frozen_clip.CLIPBackbone(clip, patch_readout)
+    text = backbone.class_embeddings(classes, frozen_clip.tokenizer_for(TINY_CLIP))
     feats = encode_split(backbone, dataset, progress=progress)
     index = feats["index"].numpy()
     scores = (feats["g"] @ text.t()).numpy()
@@ -703,21 +703,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="write the world (VOC2007 layout + captions)")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=WorldConfig.seed)
-    p.add_argument("--train", type=int, default=WorldConfig.train)
-    p.add_argument("--test", type=int, default=WorldConfig.test)
+    p.add_argument("--seed", type=integer_from(0), default=WorldConfig.seed)
+    p.add_argument("--train", type=integer_from(1), default=WorldConfig.train)
+    p.add_argument("--test", type=integer_from(1), default=WorldConfig.test)
     p = sub.add_parser("zeroshot", help="CLIP zero-shot baseline on the test split")
     p.add_argument("--data", required=True, help="world folder (synthetic.py build --out)")
     p.add_argument("--json", required=True)
     p.add_argument("--scores", help="also write per-image class scores (eval.py --scores format)")
     p.add_argument("--weights", default=str(TINY_CLIP_WEIGHTS))
-    p.add_argument("--patch-readout", default="self_attention", help="self_attention | value (see bacgcn.py)")
-    p.add_argument("--image-size", type=int, default=0,
+    p.add_argument("--patch-readout", default="self_attention", help="self_attention | value (see frozen_clip.py)")
+    p.add_argument("--image-size", type=integer_from(0), default=0,
                    help="read-out size in px (0: the synthetic-tiny preset's, 128; 64: the tiny CLIP's native)")
     args = parser.parse_args(argv)
     import torch
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    try:
+
+    def body() -> None:
         if args.command == "build":
             check_writable(args.out, "--out", folder=True)
             cfg = WorldConfig(seed=args.seed, train=args.train, test=args.test)
@@ -735,10 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               image_size=args.image_size)
             write_json(args.json, report)
             print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
-    except (ValueError, FileNotFoundError) as e:   # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def crop_batch(rng: np.random.Generator, images: "torch.Tensor", scenes: Sequenc
 
 def _preprocess(images: "torch.Tensor", size: int | None = None) -> "torch.Tensor":
     """uint8 images -> the model's normalised input at `size` px (default: their own size)."""
-    from bacgcn import preprocess
+    from frozen_clip import preprocess
     return preprocess(images, size or images.shape[-1])
 
 
@@ -167,15 +167,15 @@ def gate(minutes: float = 5.0, seed: int = 0, batch: int = 128, out: str | None 
     (target: >= 80% at both)."""
     import torch
 
-    import bacgcn
+    import frozen_clip
 
     torch.manual_seed(seed)
     cfg = WorldConfig()
-    size = bacgcn.model_config(TINY_CLIP)["vision_cfg"]["image_size"]
+    size = frozen_clip.model_config(TINY_CLIP)["vision_cfg"]["image_size"]
     train_x, train_s = render_pool(seed, 8000, cfg, True, RENDER_SIZE, "gate pool")
     test_x, test_s = render_pool(seed + 1000, 600, cfg, True, RENDER_SIZE, "gate held-out")
     test_y = torch.tensor([s.objects[0].cls for s in test_s])
-    visual = bacgcn.create_clip(TINY_CLIP).visual.train()
+    visual = frozen_clip.create_clip(TINY_CLIP).visual.train()
     head = torch.nn.Linear(visual.output_dim, len(CLASSES))
     params = list(visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
@@ -289,16 +289,15 @@ def evaluate_clip(clip, tokenizer, held: HeldOut, sizes: Sequence[int]) -> dict:
     the text tower collapsed)."""
     import torch
 
-    import bacgcn
-    from metrics import mean_ap, size_split_map
-    from synthetic import LARGE_AREA, SMALL_AREA
+    import frozen_clip
+    from metrics import LARGE_AREA, SMALL_AREA, mean_ap, size_split_map
 
     out = {}
     with torch.no_grad():
-        text = bacgcn.CLIPBackbone(clip).class_embeddings(CLASS_NAMES, tokenizer)
+        text = frozen_clip.CLIPBackbone(clip).class_embeddings(CLASS_NAMES, tokenizer)
         cos = text @ text.t()
         out["max_prompt_cosine"] = round(cos.fill_diagonal_(-1).max().item(), 4)
-        backbone = bacgcn.CLIPBackbone(clip)
+        backbone = frozen_clip.CLIPBackbone(clip)
 
         def embed(x, size):
             return torch.cat([backbone.encode_image(_preprocess(x[i:i + 200], size))["g"]
@@ -353,14 +352,14 @@ def evaluating_at(model, visual, size: int):
 def reading_at(visual, size: int):
     """The vision tower reads `size` px inside the block: its position embeddings are
     interpolated in the forward (differentiably: gradients reach the native table)."""
-    import bacgcn
+    import frozen_clip
 
-    old, new = bacgcn.grid_for(visual, size)
+    old, new = frozen_clip.grid_for(visual, size)
     if new == old:
         yield
         return
     native = visual._parameters["positional_embedding"]
-    visual._parameters["positional_embedding"] = bacgcn.resize_position_embedding(native, old, new)
+    visual._parameters["positional_embedding"] = frozen_clip.resize_position_embedding(native, old, new)
     try:
         yield
     finally:
@@ -393,18 +392,18 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, log=print) -> dict:
     """Contrastive pretraining of the tiny CLIP on web captions of the world."""
     import torch
 
-    import bacgcn
+    import frozen_clip
 
     torch.manual_seed(cfg.seed)
     world = WorldConfig()
-    size = bacgcn.model_config(TINY_CLIP)["vision_cfg"]["image_size"]
+    size = frozen_clip.model_config(TINY_CLIP)["vision_cfg"]["image_size"]
     pools = (render_pool(cfg.seed, cfg.pool_single, world, True, RENDER_SIZE, "single-object pool"),
              render_pool(cfg.seed, cfg.pool_mixed, world, False, RENDER_SIZE, "scene pool"))
     held = held_out(cfg.seed, world)
-    clip = bacgcn.create_clip(TINY_CLIP, cfg.init or None).train()
+    clip = frozen_clip.create_clip(TINY_CLIP, cfg.init or None).train()
     clip.logit_scale.requires_grad_(False)
-    backbone = bacgcn.CLIPBackbone(clip)
-    tokenizer = bacgcn.tokenizer_for(TINY_CLIP)
+    backbone = frozen_clip.CLIPBackbone(clip)
+    tokenizer = frozen_clip.tokenizer_for(TINY_CLIP)
     text_params = [p for n, p in clip.named_parameters() if not n.startswith("visual.") and p.requires_grad]
     opt = torch.optim.AdamW([
         {"params": list(clip.visual.parameters()), "lr": cfg.lr},
@@ -437,7 +436,7 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, log=print) -> dict:
 
 
 def save_clip(clip, out: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """fp16 safetensors (the file is loaded into fp32 with strict=True by bacgcn.create_clip)."""
+    """fp16 safetensors (the file is loaded into fp32 with strict=True by frozen_clip.create_clip)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").half().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()

@@ -29,8 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import bacgcn  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
+import datasets  # noqa: E402
 import pipeline  # noqa: E402
 import train  # noqa: E402
 from data import json_safe, write_json  # noqa: E402
@@ -55,7 +56,7 @@ def carve_validation(root: Path, seed: int) -> tuple[str, str]:
     main = data.voc_root(root, 2007) / "ImageSets" / "Main"
     fit, val = main / "fit.txt", main / "val.txt"
     if not (fit.is_file() and val.is_file()):
-        ids = data.load_dataset("synthetic", str(root), "trainval").ids
+        ids = datasets.load("synthetic", str(root), "trainval").ids
         order = np.random.default_rng([seed, 17]).permutation(len(ids))
         cut = int(round(len(ids) * VALIDATION_SHARE))
         for path, part in ((val, order[:cut]), (fit, order[cut:])):
@@ -64,16 +65,16 @@ def carve_validation(root: Path, seed: int) -> tuple[str, str]:
     return "fit", "val"
 
 
-def probe_rows(cfg: bacgcn.BACGCNConfig, probe: ProbeConfig) -> dict[str, dict]:
+def probe_rows(cfg: config.BACGCNConfig, probe: ProbeConfig) -> dict[str, dict]:
     """The linear probe on the cached features the runs trained on, scored like the runs: on the
     soft pseudo labels of the C classes, and on the training split's true labels."""
-    train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
-    test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
+    train_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.train_split)
+    test_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.test_split)
     backbone = pipeline.build_backbone(cfg, "cpu")
     tr = pipeline.cached_features(cfg, backbone, train_ds, "cpu")
     te = pipeline.cached_features(cfg, backbone, test_ds, "cpu")
     num_classes = len(train_ds.class_names)
-    soft, _ = train.caption_labels(cfg, train_ds).targets_for(tr.ids, cfg.min_votes)
+    soft, _ = pipeline.caption_labels(cfg, train_ds).targets_for(tr.ids, cfg.min_votes)
     true = torch.from_numpy((train_ds.labels_for(tr.ids) == 1).astype(np.float32))
     x_train, x_test = probe_inputs(tr.feats), probe_inputs(te.feats)
     return {name: pipeline.evaluate_split(cfg, linear_probe(x_train, y, x_test, probe), te, num_classes)
@@ -94,8 +95,8 @@ def checks(rows: dict[str, dict]) -> dict:
 
 
 def ablation(seed: int, overrides: list[str], validation: bool = False, probe: ProbeConfig = ProbeConfig()) -> dict:
-    base, _ = bacgcn.parse_overrides(["--preset=synthetic-tiny", f"--seed={seed}", *overrides])
-    base = train.resolve_paths(base)
+    base, _ = config.parse_overrides(["--preset=synthetic-tiny", f"--seed={seed}", *overrides])
+    base = pipeline.resolve_paths(base)
     if validation:
         fit, val = carve_validation(Path(base.data_root), seed)
         base = base.replace(train_split=fit, test_split=val)

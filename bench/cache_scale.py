@@ -27,8 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import pipeline  # noqa: E402
+import runs  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 
 FIELDS = ("patches", "g", "gH", "gHc", "attn")
@@ -77,12 +79,13 @@ def train_and_score(cache_dir: Path, key_spec: dict, classes: int, memory_gb: fl
     import numpy as np
 
     import bacgcn
+    import config
     import train
     from metrics import mean_ap
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = bacgcn.BACGCNConfig(epochs=1, use_reso=False, cache_memory_gb=memory_gb, log_every=10**9)
+    cfg = config.BACGCNConfig(epochs=1, use_reso=False, cache_memory_gb=memory_gb, log_every=10**9)
     baseline = peak_rss_bytes()      # before the cache is opened: what the process needs without it
     feats = FeatureCache(cache_dir, key_spec).open(memory_gb * 2**30)
     n, dim = len(feats), feats.row_shapes["g"][0]
@@ -90,12 +93,12 @@ def train_and_score(cache_dir: Path, key_spec: dict, classes: int, memory_gb: fl
     prompts = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=-1)
     targets = (torch.rand(n, classes, generator=gen) < 0.1).float()
     counts = targets.t() @ targets
-    model = pipeline.build_model(cfg, prompts, classes, counts, counts.diagonal(), 100.0)
+    model = bacgcn.build_model(cfg, prompts, classes, counts, counts.diagonal(), 100.0)
     split = pipeline.Split(feats.ids, feats, None)
     t0 = time.perf_counter()
     with open(os.devnull, "w") as devnull:
-        sink = train.MetricsLog(devnull)
-        train.train_epochs(cfg, model, None, split, targets, targets > 0, classes, "cpu", torch.float32, sink)
+        sink = runs.MetricsLog(devnull)
+        train.train_epochs(cfg, model, None, train.TrainSet(split, targets, targets > 0, classes), "cpu", sink)
     train_s = time.perf_counter() - t0
     logits = pipeline.predict(model, feats, "cpu", torch.float32)
     labels = np.where(targets.numpy() > 0, 1, -1).astype(np.int8)
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
            "streamed_vs_in_memory_speed": (streamed["train_images_per_s"] / in_memory["train_images_per_s"]
                                            if in_memory else None),
            "shapes": {"images": args.images, "patches": args.patches, "dim": args.dim, "classes": args.classes},
-           "torch": torch.__version__, "python": platform.python_version(), "commit": pipeline.git_commit(),
+           "torch": torch.__version__, "python": platform.python_version(), "commit": checkpoints.git_commit(),
            "cpus": os.cpu_count()}
     gib = 2**30
     print(f"cache {cache_bytes / gib:.2f} GiB; streamed: peak RSS {streamed['peak_rss_bytes'] / gib:.2f} GiB, "

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-from captions import CaptionFilterConfig, SynonymDictionary, dictionary_path, pseudo_labels, read_captions  # noqa: E402
+import datasets  # noqa: E402
+from captions import CaptionFilterConfig, SynonymDictionary, pseudo_labels, read_captions  # noqa: E402
 from metrics import best_f1, mean_ap  # noqa: E402
 
 VOC2007 = ROOT.parent / "shared" / "data" / "voc2007"
@@ -68,7 +69,7 @@ def measure(captions_dir: Path, labels_file: Path) -> list[dict]:
     labels = labels.astype(np.int8)
     rows = []
     for name, dictionary, context_weight in ROWS:
-        synonyms = dictionary_path("voc2007", "paper" if dictionary == "paper" else None)
+        synonyms = datasets.get("voc2007").synonym_file("paper" if dictionary == "paper" else "")
         if context_weight is None:
             scores = substring_scores(captions, synonyms, ids, len(classes))
         else:

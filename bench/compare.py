@@ -34,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from ablation import carve_validation  # noqa: E402
 
-import bacgcn  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
+import datasets  # noqa: E402
+import frozen_clip  # noqa: E402
 import peers  # noqa: E402
 import pipeline  # noqa: E402
 import train  # noqa: E402
@@ -56,13 +58,13 @@ SWEEP = {
 }
 
 
-def configure(seed: int | None, overrides: list[str], validation: bool) -> tuple[bacgcn.BACGCNConfig, str]:
+def configure(seed: int | None, overrides: list[str], validation: bool) -> tuple[config.BACGCNConfig, str]:
     args = list(overrides) + ([f"--seed={seed}"] if seed is not None else [])
-    cfg, preset = bacgcn.parse_overrides(args)
+    cfg, preset = config.parse_overrides(args)
     pipeline.resolve_device(cfg.device)
-    cfg = train.resolve_paths(cfg)
+    cfg = pipeline.resolve_paths(cfg)
     if validation:
-        if cfg.dataset != "synthetic":
+        if not datasets.get(cfg.dataset).build_command:     # carve_validation splits a built world
             raise ValueError("--validation: only on the proving ground (real datasets have a validation split "
                              "of their own: pass --train-split / --test-split)")
         fit, val = carve_validation(Path(cfg.data_root), cfg.seed)
@@ -70,19 +72,19 @@ def configure(seed: int | None, overrides: list[str], validation: bool) -> tuple
     return cfg.replace(out=cfg.out or str(ROOT / "runs" / f"compare-{cfg.dataset}-seed{cfg.seed}")), preset
 
 
-def build_context(cfg) -> tuple[peers.Context, train.CaptionLabels]:
+def build_context(cfg) -> tuple[peers.Context, pipeline.CaptionLabels]:
     """The frozen backbone, both splits' cached features, T over the C classes and the scale."""
     device = pipeline.resolve_device(cfg.device)
-    train_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
-    test_ds = data.load_dataset(cfg.dataset, cfg.data_root, cfg.test_split)
-    labels = train.caption_labels(cfg, train_ds)
+    train_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.train_split)
+    test_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.test_split)
+    labels = pipeline.caption_labels(cfg, train_ds)
     backbone = pipeline.build_backbone(cfg, device)
     pipeline.check_against_backbone(cfg, backbone)
     c = len(labels.classes)
-    text = backbone.class_embeddings(labels.prompt_names[:c], bacgcn.tokenizer_for(cfg.clip_model), device=device)
+    text = backbone.class_embeddings(labels.prompt_names[:c], frozen_clip.tokenizer_for(cfg.clip_model), device=device)
     splits = [pipeline.cached_features(cfg, backbone, ds, device) for ds in (train_ds, test_ds)]
     for split, ds in zip(splits, (train_ds, test_ds)):
-        train.check_features(split, ds, cfg.data_root)
+        pipeline.check_features(split, ds, cfg.data_root)
     scale = float(backbone.clip.logit_scale.exp().item())
     return peers.Context(cfg, backbone, splits[0], splits[1], text.float().cpu(), scale, device), labels
 
@@ -92,7 +94,7 @@ def _scored(ctx: peers.Context, scores: np.ndarray, threshold: float) -> dict:
     return pipeline.evaluate_split(ctx.cfg, scores - threshold, ctx.test, ctx.text.shape[0])
 
 
-def peer_rows(ctx: peers.Context, labels: train.CaptionLabels, names=ROWS, preset: str = "") -> dict[str, dict]:
+def peer_rows(ctx: peers.Context, labels: pipeline.CaptionLabels, names=ROWS, preset: str = "") -> dict[str, dict]:
     """{row: {columns..., seconds, trained}} for the rows `names`, each timed on its own."""
     c = ctx.text.shape[0]
 

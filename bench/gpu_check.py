@@ -133,10 +133,10 @@ def random_weights(path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    import bacgcn
+    import frozen_clip
 
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in bacgcn.create_clip("ViT-B-16-quickgelu").state_dict().items()},
+    save_file({k: v.contiguous() for k, v in frozen_clip.create_clip("ViT-B-16-quickgelu").state_dict().items()},
               str(path))
     return path
 
@@ -286,7 +286,7 @@ class Steps:
         self.figures.update(throughput_figures(rows))
 
     def end_to_end(self) -> None:
-        import bacgcn
+        import config
 
         devkit, captions = voc_layout(self.tmp / "voc", self.sizes["trainval"], self.sizes["test"],
                                       os.cpu_count() or 1)
@@ -295,7 +295,7 @@ class Steps:
         args = ["train.py", "--preset=voc2007-vitb16", f"--data-root={devkit}", f"--captions={captions}",
                 f"--cache-dir={self.tmp / 'cache'}", f"--out={self.tmp / 'run'}"]
         if self.dry_run:
-            tiny, _ = bacgcn.parse_overrides(["--preset=synthetic-tiny"])
+            tiny, _ = config.parse_overrides(["--preset=synthetic-tiny"])
             args += [f"--clip-weights={ROOT / tiny.clip_weights}", "--device=cpu", f"--clip-model={tiny.clip_model}",
                      f"--image-size={tiny.image_size}", "--epochs=1", "--batch-size=4", "--workers=0",
                      "--reso-epoch=0", "--reso-eps=0.5"]
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from pipeline import git_commit
+    from checkpoints import git_commit
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:

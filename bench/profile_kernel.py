@@ -33,10 +33,10 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
+from checkpoints import git_commit  # noqa: E402
 from data import write_json  # noqa: E402
 from kernels.gcn_propagate import gcn_propagate_ref  # noqa: E402
 from kernels.similarity_pool import similarity_pool_ref  # noqa: E402
-from pipeline import git_commit  # noqa: E402
 from tests.kernel_cases import CPU_DTYPES, assert_close, normalised, random_csr  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -29,8 +29,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import bacgcn  # noqa: E402
+import checkpoints  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
+import datasets  # noqa: E402
+import frozen_clip  # noqa: E402
 import pipeline  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 REAL_PHOTOS = ROOT.parent / "shared" / "data" / "real_sample" / "voc" / "JPEGImages"
@@ -64,7 +69,7 @@ def photo_folder(folder: Path, count: int, kind: str = "voc") -> data.MultiLabel
         import synthetic
 
         world = synthetic.build(folder / "world", synthetic.WorldConfig(seed=0, train=count, test=1), progress=False)
-        return data.load_dataset("synthetic", world, "trainval")
+        return datasets.load("synthetic", world, "trainval")
     sources = sorted(REAL_PHOTOS.glob("*.jpg")) if REAL_PHOTOS.is_dir() else []
     rng = np.random.default_rng(0)
     samples = []
@@ -88,7 +93,7 @@ def measure_encoder(cfg, backbone, batch: int, device: str) -> dict:
                 fn(x)
         return call
     out = {"encoder_forward_img_s": images_per_s(run(backbone.clip.encode_image), batch, device)}
-    for readout in bacgcn.SUBSET_READOUTS:
+    for readout in config.SUBSET_READOUTS:
         out[f"readout_{readout}_img_s"] = images_per_s(
             run(lambda v, r=readout: backbone.features(v, cfg.h_fraction, r)), batch, device)
     return out
@@ -107,19 +112,18 @@ def measure_cache_and_training(cfg, backbone, photos: data.MultiLabelImages, dev
     prompts = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=-1)
     targets = (torch.rand(len(feats), classes, generator=gen) < 0.1).float()
     counts = targets.t() @ targets
-    model = pipeline.build_model(cfg, prompts, classes, counts, counts.diagonal(), 100.0).to(device)
-    dtype = pipeline.compute_dtype(device, cfg.amp)
+    model = bacgcn.build_model(cfg, prompts, classes, counts, counts.diagonal(), 100.0).to(device)
     split = pipeline.Split(feats.ids, feats, photos)
     with open(os.devnull, "w") as devnull:
-        sink = train.MetricsLog(devnull)
+        sink = runs.MetricsLog(devnull)
         t0 = time.perf_counter()
-        train.train_epochs(cfg.replace(epochs=1), model, backbone, split, targets, targets > 0, classes, device,
-                           dtype, sink)
+        train.train_epochs(cfg.replace(epochs=1), model, backbone, train.TrainSet(split, targets, targets > 0, classes),
+                           device, sink)
         sync(device)
         first_epoch_s = time.perf_counter() - t0        # includes torch.compile when asked
         t0 = time.perf_counter()
-        train.train_epochs(cfg.replace(epochs=1), model, backbone, split, targets, targets > 0, classes, device,
-                           dtype, sink)
+        train.train_epochs(cfg.replace(epochs=1), model, backbone, train.TrainSet(split, targets, targets > 0, classes),
+                           device, sink)
         sync(device)
         epoch_s = time.perf_counter() - t0
     steps = -(-len(feats) // cfg.batch_size)
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA)")
     parser.add_argument("--json", help="write the row here (default: bench/results/throughput-<device>-<model>.json)")
     args = parser.parse_args(argv)
-    cfg, _ = bacgcn.parse_overrides([f"--preset={args.preset}"])
+    cfg, _ = config.parse_overrides([f"--preset={args.preset}"])
     model_name = args.model or cfg.clip_model
     weights = Path(cfg.clip_weights) if Path(cfg.clip_weights).is_absolute() else ROOT / cfg.clip_weights
     device = pipeline.resolve_device(args.device)
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
             weights = Path(tmp) / "random.safetensors"
             torch.manual_seed(0)
             from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in bacgcn.create_clip(model_name).state_dict().items()},
+            save_file({k: v.contiguous() for k, v in frozen_clip.create_clip(model_name).state_dict().items()},
                       str(weights))
         cfg = cfg.replace(clip_model=model_name, clip_weights=str(weights),
                           image_size=args.image_size or cfg.image_size, batch_size=args.batch,
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
     row.update({"device": name, "model": model_name, "image_size": backbone.image_size, "batch": args.batch,
                 "images": args.images, "photos": kind, "workers": args.workers, "subset_readout": cfg.subset_readout,
                 "dtype": "bf16" if device.startswith("cuda") and cfg.amp else "fp32", "torch": torch.__version__,
-                "python": platform.python_version(), "commit": pipeline.git_commit(),
+                "python": platform.python_version(), "commit": checkpoints.git_commit(),
                 "date": time.strftime("%Y-%m-%d")})
     for k, v in row.items():
         print(f"{k:>28}: {v:.3f}" if isinstance(v, float) else f"{k:>28}: {v}")

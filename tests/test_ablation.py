@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-import bacgcn
 import cache
-import data
+import config
 import synthetic as S
-import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import ablation  # noqa: E402
+
+import datasets
+import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def world(tmp_path_factory):
 
 
 def _cfg(world, **kw):
-    cfg, _ = bacgcn.parse_overrides(["--preset=synthetic-tiny", f"--data-root={world}"])
-    return train.resolve_paths(cfg).replace(**kw)
+    cfg, _ = config.parse_overrides(["--preset=synthetic-tiny", f"--data-root={world}"])
+    return pipeline.resolve_paths(cfg).replace(**kw)
 
 
 def test_rows_are_the_issue_rows():
@@ -40,9 +41,9 @@ def test_rows_are_the_issue_rows():
 
 
 def test_oracle_trains_on_the_true_class_labels(world):
-    train_ds = data.load_dataset("synthetic", world, "trainval")
-    captions = train.caption_labels(_cfg(world), train_ds)
-    oracle = train.caption_labels(_cfg(world, train_labels="true"), train_ds)
+    train_ds = datasets.load("synthetic", world, "trainval")
+    captions = pipeline.caption_labels(_cfg(world), train_ds)
+    oracle = pipeline.caption_labels(_cfg(world, train_labels="true"), train_ds)
     c = len(train_ds.class_names)
     soft, hard = oracle.targets_for(train_ds.ids, 1)
     truth = torch.from_numpy(train_ds.label_matrix() == 1)
@@ -53,18 +54,18 @@ def test_oracle_trains_on_the_true_class_labels(world):
     assert soft.shape[1] > c and torch.equal(soft[:, c:], cap_soft[:, c:]) and torch.equal(hard[:, c:], cap_hard[:, c:])
     assert not torch.equal(cap_hard[:, :c], truth)          # the captions miss some objects: the oracle differs
     with pytest.raises(ValueError, match="--train-labels must be one of captions, true"):
-        bacgcn.parse_overrides(["--train-labels=human"])
+        config.parse_overrides(["--train-labels=human"])
 
 
 def test_validation_split_is_a_fixed_fifth_of_trainval(world):
     fit, val = ablation.carve_validation(world, 0)
-    fit_ids = data.load_dataset("synthetic", world, fit).ids
-    val_ids = data.load_dataset("synthetic", world, val).ids
-    trainval = data.load_dataset("synthetic", world, "trainval").ids
+    fit_ids = datasets.load("synthetic", world, fit).ids
+    val_ids = datasets.load("synthetic", world, val).ids
+    trainval = datasets.load("synthetic", world, "trainval").ids
     assert not set(fit_ids) & set(val_ids) and sorted(fit_ids + val_ids) == sorted(trainval)
     assert len(val_ids) == round(len(trainval) * ablation.VALIDATION_SHARE)
     assert ablation.carve_validation(world, 0) == (fit, val)
-    assert data.load_dataset("synthetic", world, val).ids == val_ids          # written once, read back the same
+    assert datasets.load("synthetic", world, val).ids == val_ids          # written once, read back the same
 
 
 def test_linear_probe_reads_g_and_max_pooled_patches():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bacgcn
 import cache as cache_mod
-import data
+import config
+import datasets
 import pipeline
 import synthetic as S
 import train
@@ -85,14 +85,14 @@ def small_world(tmp_path_factory):
 
 
 def _cfg(world, tmp_path, **kw):
-    cfg, _ = bacgcn.parse_overrides([f"--data-root={world}", f"--cache-dir={tmp_path / 'cache'}", "--workers=0"])
-    return train.resolve_paths(cfg).replace(**kw)
+    cfg, _ = config.parse_overrides([f"--data-root={world}", f"--cache-dir={tmp_path / 'cache'}", "--workers=0"])
+    return pipeline.resolve_paths(cfg).replace(**kw)
 
 
 def test_damaged_cache_is_rebuilt_and_changed_images_reencoded(small_world, tmp_path, capsys):
     cfg = _cfg(small_world, tmp_path)
     backbone = pipeline.build_backbone(cfg, "cpu")
-    test = data.load_dataset("synthetic", small_world, "test")
+    test = datasets.load("synthetic", small_world, "test")
     first = pipeline.cached_features(cfg, backbone, test, "cpu").feats.gather(range(30))
     shard = next((tmp_path / "cache").glob("*/*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])

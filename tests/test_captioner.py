@@ -8,6 +8,7 @@ import pytest
 
 import captions
 import data
+import datasets
 
 transformers = pytest.importorskip("transformers",
                                    reason="captions need the optional extra (requirements-captions.txt)")
@@ -128,7 +129,7 @@ def test_prompts_follow_the_released_files():
 def test_folder_end_to_end(blip2_dir, photos, tmp_path, monkeypatch, capsys):
     calls = _count_generate(monkeypatch)
     out = tmp_path / "caps"
-    synonyms = captions.dictionary_path("voc2007")
+    synonyms = datasets.get("voc2007").synonym_file()
     with pytest.warns(UserWarning, match="broken.png: cannot decode image"):
         assert _captions(["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(synonyms),
                           "--batch-size", "2"], out, blip2_dir) == 0
@@ -176,7 +177,8 @@ def test_voc_layout(blip2_dir, shared_data, tmp_path, capsys):
 
 def test_interrupted_run_resumes_without_captioning_twice(blip2_dir, photos, tmp_path, monkeypatch):
     out = tmp_path / "caps"
-    args = ["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(captions.dictionary_path("voc2007")),
+    synonyms = datasets.get("voc2007").synonym_file()
+    args = ["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(synonyms),
             "--batch-size", "1", "--save-every", "1"]
     saved = {}
 

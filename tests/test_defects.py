@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bacgcn
+import config
 import synthetic as S
 import train
 
@@ -55,13 +56,13 @@ def test_relu_is_refused_because_it_never_trains():
         grads[activation] = sum(float(w.grad.abs().sum()) for w in layer.weights)
     assert grads["relu"] == 0 and grads["leaky_relu"] > 0 and grads["gelu"] > 0
     with pytest.raises(ValueError, match="relu cannot train the zero-initialised GCN"):
-        bacgcn.parse_overrides(["--gcn-activation=relu"])
+        config.parse_overrides(["--gcn-activation=relu"])
 
 
 def test_graph_direction_is_a_transpose():
     m = torch.tensor([[10.0, 9.0, 1.0], [9.0, 30.0, 0.0], [1.0, 0.0, 5.0]])
     n = m.diagonal()
-    cfg = bacgcn.BACGCNConfig(tau_a=0.5)
+    cfg = config.BACGCNConfig(tau_a=0.5)
     row = bacgcn.build_adjacency(m, n, 3, cfg)[:3, :3]
     col = bacgcn.build_adjacency(m, n, 3, cfg.replace(graph_direction="mlgcn"))[:3, :3]
     # P(1|0) = 0.9 >= 0.5 but P(0|1) = 0.3: node 0 aggregates from node 1 in "row", node 1 from 0 in "mlgcn"

@@ -20,14 +20,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import bacgcn
 import captions
+import checkpoints
+import config
 import data
 import eval as eval_cli
+import frozen_clip
 import pipeline
+import runs
 import synthetic as S
 import train
-from tests.test_trust_cli import _checkpoint, _one_line, _rewrite
+from tests.helpers import one_error_line, rewrite_file, write_checkpoint
 
 FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -44,10 +47,10 @@ def world(tmp_path_factory):
 def ckpt(world, tmp_path_factory):
     """An untrained head over the world's categories with the shipped tiny CLIP (no cache dir of
     its own: each test gives one)."""
-    dim = bacgcn.create_clip(S.TINY_CLIP).visual.proj.shape[1]
-    cfg = bacgcn.BACGCNConfig(data_root=str(world), clip_weights=str(S.TINY_CLIP_WEIGHTS), test_split="test",
+    dim = frozen_clip.create_clip(S.TINY_CLIP).visual.proj.shape[1]
+    cfg = config.BACGCNConfig(data_root=str(world), clip_weights=str(S.TINY_CLIP_WEIGHTS), test_split="test",
                               workers=0)
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.safetensors", cfg, dim)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.safetensors", cfg, dim)
 
 
 @pytest.fixture
@@ -250,7 +253,7 @@ def test_resume_of_a_finished_run_is_refused(finished, capsys):
     run = finished / "run"
     before = _contents(run)
     assert train.main(["--resume", str(run)]) == 2
-    assert _one_line(capsys, f"{run}: this run has finished", "nothing to resume")
+    assert one_error_line(capsys, f"{run}: this run has finished", "nothing to resume")
     assert _contents(run) == before
 
 
@@ -259,7 +262,7 @@ def unfinished(finished, tmp_path):
     """A copy of the finished run as if stopped after its last epoch's state was saved."""
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(finished / "run" / train.STATE_FILE, run)
+    shutil.copy(finished / "run" / runs.STATE_FILE, run)
     return run
 
 
@@ -267,8 +270,8 @@ def unfinished(finished, tmp_path):
 @given(where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
 def test_any_byte_changed_in_a_state_or_checkpoint_is_refused(unfinished, ckpt, tmp_path_factory, where, mask):
     """The digest written with the file: a changed byte is refused, or changed nothing read."""
-    for original, read in ((unfinished / train.STATE_FILE, lambda p: train.read_state(p.parent)),
-                           (ckpt, lambda p: pipeline.read_checkpoint(str(p)))):
+    for original, read in ((unfinished / runs.STATE_FILE, lambda p: runs.read_state(p.parent)),
+                           (ckpt, lambda p: checkpoints.read_checkpoint(str(p)))):
         path = tmp_path_factory.mktemp("flip") / original.name
         raw = bytearray(original.read_bytes())
         at = int(where * len(raw))
@@ -286,23 +289,23 @@ def test_any_byte_changed_in_a_state_or_checkpoint_is_refused(unfinished, ckpt, 
 
 
 def test_a_state_changed_on_disk_is_refused_before_any_work(unfinished, capsys):
-    path = unfinished / train.STATE_FILE
-    _rewrite(path, tensors={"model.bias": torch.ones(20)}, digest=False)
+    path = unfinished / runs.STATE_FILE
+    rewrite_file(path, tensors={"model.bias": torch.ones(20)}, digest=False)
     assert train.main(["--resume", str(unfinished)]) == 2
-    _one_line(capsys, f"{path}: its content does not match the digest written with it")
+    one_error_line(capsys, f"{path}: its content does not match the digest written with it")
 
 
 def test_nan_in_a_state_names_the_file(unfinished, capsys):
-    path = unfinished / train.STATE_FILE
-    _rewrite(path, tensors={"model.bias": torch.full((20,), float("nan"))})
+    path = unfinished / runs.STATE_FILE
+    rewrite_file(path, tensors={"model.bias": torch.full((20,), float("nan"))})
     assert train.main(["--resume", str(unfinished)]) == 2
-    assert _one_line(capsys) == f"error: {path}: tensor model.bias holds NaN or infinite values"
+    assert one_error_line(capsys) == f"error: {path}: tensor model.bias holds NaN or infinite values"
 
 
 @pytest.mark.parametrize("key", ["model.gcn.weights.0", "opt.3.exp_avg"])
 def test_a_state_that_does_not_fit_its_config_gives_both_shapes(key, unfinished, capsys):
-    path = unfinished / train.STATE_FILE
-    _rewrite(path, tensors={key: torch.zeros(7, 3)})
+    path = unfinished / runs.STATE_FILE
+    rewrite_file(path, tensors={key: torch.zeros(7, 3)})
     assert train.main(["--resume", str(unfinished)]) == 2
     line = _error_line(capsys)
     assert line.startswith(f"error: {path}: tensor {key} has shape [7, 3], the recorded config gives ["), line
@@ -315,7 +318,7 @@ def test_a_state_that_does_not_fit_its_config_gives_both_shapes(key, unfinished,
 def test_scores_that_overflow_are_refused_not_tagged(ckpt, photos, tmp_path, capsys):
     overflowing = tmp_path / "overflow.safetensors"
     shutil.copy(ckpt, overflowing)
-    _rewrite(overflowing, tensors={"model.branch": torch.tensor([3e38, -3e38, 3e38])})
+    rewrite_file(overflowing, tensors={"model.branch": torch.tensor([3e38, -3e38, 3e38])})
     out = tmp_path / "tags.csv"
     assert eval_cli.main([str(overflowing), "--images", str(photos), "--out", str(out)]) == 2
     assert f"{overflowing}: its head gives NaN or infinite scores for 3 of 3 images" in _error_line(capsys)
@@ -329,7 +332,7 @@ def test_pseudo_labels_of_no_caption_is_an_error(tmp_path, capsys):
     out = tmp_path / "scores.csv"
     assert captions.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path), "--out", str(out),
                       "--quiet"]) == 2
-    assert _one_line(capsys) == f"error: {tmp_path / 'captions.json'}: names no image (an empty object)"
+    assert one_error_line(capsys) == f"error: {tmp_path / 'captions.json'}: names no image (an empty object)"
     assert not out.exists()
 
 
@@ -370,10 +373,10 @@ def test_threshold_must_be_a_finite_number(value, world, capsys):
 
 def test_a_damaged_read_only_cache_is_encoded_into_the_local_one(world, tmp_path, monkeypatch, capsys):
     recorded = tmp_path / "recorded"
-    dim = bacgcn.create_clip(S.TINY_CLIP).visual.proj.shape[1]
-    cfg = bacgcn.BACGCNConfig(data_root=str(world), clip_weights=str(S.TINY_CLIP_WEIGHTS), test_split="test",
+    dim = frozen_clip.create_clip(S.TINY_CLIP).visual.proj.shape[1]
+    cfg = config.BACGCNConfig(data_root=str(world), clip_weights=str(S.TINY_CLIP_WEIGHTS), test_split="test",
                               cache_dir=str(recorded), workers=0)
-    path = _checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
+    path = write_checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
     assert eval_cli.main([str(path), "--cache-dir", str(recorded)]) == 0
     shard = next(recorded.rglob("*shard*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])
@@ -397,9 +400,9 @@ def test_a_cache_dir_that_is_a_file_is_named_before_any_work(ckpt, world, tmp_pa
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
     assert eval_cli.main([str(ckpt), "--cache-dir", str(a_file)]) == 2
-    assert _one_line(capsys) == f"error: --cache-dir={a_file}: exists and is not a folder"
+    assert one_error_line(capsys) == f"error: --cache-dir={a_file}: exists and is not a folder"
     assert train.main([f"--data-root={world}", f"--out={tmp_path / 'run'}", f"--cache-dir={a_file}"]) == 2
-    assert _one_line(capsys) == f"error: --cache-dir={a_file}: exists and is not a folder"
+    assert one_error_line(capsys) == f"error: --cache-dir={a_file}: exists and is not a folder"
     assert a_file.read_text() == "keep" and not (tmp_path / "run").exists()
 
 
@@ -412,7 +415,7 @@ def test_pseudo_labels_outputs_are_checked_before_any_work(world, tmp_path, caps
                            ([f"--out={out}", f"--graph={tmp_path}"], f"--graph={tmp_path}: is a folder, not a file")):
         assert captions.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--quiet",
                           *extra]) == 2
-        assert _one_line(capsys).startswith(f"error: {problem}")
+        assert one_error_line(capsys).startswith(f"error: {problem}")
     assert not out.exists() and a_file.read_text() == "keep"
 
 
@@ -424,7 +427,7 @@ def test_plot_ap_refuses_a_report_whose_ap_is_no_percentage(tmp_path_factory, va
     ap = {"cat": 50.0, "dog": 70.0}
     report.write_text(json.dumps({"mAP": value, "AP": ap} if on_map else {"mAP": 60.0, "AP": {**ap, "dog": value}}))
     assert eval_cli.main(["--plot-ap", str(report), "--out", str(folder / "ap.png")]) == 2
-    assert _one_line(capsys, f"{report}: ", "not a number from 0 to 100")
+    assert one_error_line(capsys, f"{report}: ", "not a number from 0 to 100")
     assert not (folder / "ap.png").exists()
 
 
@@ -433,7 +436,7 @@ def test_visualize_with_empty_categories_is_an_error(ckpt, photos, tmp_path, cap
     for names in ("", " , "):
         assert eval_cli.main([str(ckpt), "--visualize", str(next(photos.iterdir())), "--categories", names,
                               "--out", str(out)]) == 2
-        assert _one_line(capsys).startswith("error: --categories: names no category; valid: ")
+        assert one_error_line(capsys).startswith("error: --categories: names no category; valid: ")
     assert not out.exists()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import datasets
 
 VOC_XML = """<annotation><filename>{id}.jpg</filename><size><width>64</width><height>48</height></size>
 {objects}</annotation>"""
@@ -19,7 +20,7 @@ def _jpeg(path, seed=0, size=(48, 64)):
     Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path, quality=90)
 
 
-def _voc_tree(root, objects_by_id, split="trainval", class_files=False):
+def voc_tree(root, objects_by_id, split="trainval", class_files=False):
     base = root / "VOCdevkit" / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -71,8 +72,8 @@ def test_coco_real_sample(shared_data):
 @pytest.mark.parametrize("class_files", [True, False])
 def test_voc_split_and_labels(tmp_path, class_files):
     objs = {"000001": [("dog", "0"), ("person", "0")], "000002": [("cat", "1")], "000003": [("car", "")]}
-    _voc_tree(tmp_path, objs, class_files=class_files)
-    ds = data.load_dataset("voc2007", tmp_path / "VOCdevkit", "trainval")
+    voc_tree(tmp_path, objs, class_files=class_files)
+    ds = datasets.load("voc2007", tmp_path / "VOCdevkit", "trainval")
     assert len(ds) == 3 and ds.class_names == list(data.VOC_CLASSES)
     lab = ds.label_matrix()
     idx = data.VOC_CLASSES.index
@@ -84,7 +85,7 @@ def test_voc_split_and_labels(tmp_path, class_files):
 
 
 def test_voc_malformed_files(tmp_path):
-    base = _voc_tree(tmp_path, {"000001": [("dog", "0")]})
+    base = voc_tree(tmp_path, {"000001": [("dog", "0")]})
     (base / "Annotations" / "000001.xml").write_text("<annotation><object><name>dog</name>")
     with pytest.raises(data.DataError, match=r"000001\.xml: not valid XML"):
         data.load_voc(tmp_path, 2007, "trainval")
@@ -94,7 +95,7 @@ def test_voc_malformed_files(tmp_path):
         data.load_voc(tmp_path, 2007, "trainval")
     with pytest.raises(data.DataError, match=r"test\.txt: split file not found"):
         data.load_voc(tmp_path, 2007, "test")
-    _voc_tree(tmp_path, {"000001": [("dog", "0")]}, class_files=True)
+    voc_tree(tmp_path, {"000001": [("dog", "0")]}, class_files=True)
     (base / "ImageSets/Main/dog_trainval.txt").write_text("000001 yes\n")
     with pytest.raises(data.DataError, match=r"dog_trainval\.txt: line 1: expected"):
         data.load_voc(tmp_path, 2007, "trainval")
@@ -158,7 +159,7 @@ def test_nuswide_fixture_counts_missing_images(tmp_path):
     assert [s.id for s in samples] == ["0001_1", "0003_3"]
     assert samples[1].labels.tolist() == [-1, -1, 1]
     with pytest.warns(UserWarning):
-        ds = data.load_dataset("nuswide", tmp_path, "train")
+        ds = datasets.load("nuswide", tmp_path, "train")
     assert ds[0]["image"].shape == (3, 48, 64)
 
 

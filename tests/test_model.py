@@ -6,59 +6,42 @@ import torch
 
 import bacgcn
 import cache as cache_mod
+import config
 import data
 import eval as eval_cli
+import frozen_clip
 import pipeline
+import reso
 import synthetic as S
 import tinyclip
 import train
+from tests.helpers import torchscript_archive
 
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
 
 def test_overrides_are_type_checked():
-    cfg, preset = bacgcn.parse_overrides(["--preset=voc2007-vitb16", "--topk=4", "--use-reso=false", "--lr", "0.01"])
+    cfg, preset = config.parse_overrides(["--preset=voc2007-vitb16", "--topk=4", "--use-reso=false", "--lr", "0.01"])
     assert preset == "voc2007-vitb16" and cfg.dataset == "voc2007" and cfg.clip_model == "ViT-B-16-quickgelu"
     assert cfg.topk == 4 and cfg.use_reso is False and cfg.lr == 0.01 and cfg.image_size == 448
     with pytest.raises(ValueError, match="--topk: expected int, got 'x'"):
-        bacgcn.parse_overrides(["--topk=x"])
+        config.parse_overrides(["--topk=x"])
     with pytest.raises(ValueError, match="unknown option --top-k"):
-        bacgcn.parse_overrides(["--top-k=3"])
+        config.parse_overrides(["--top-k=3"])
     with pytest.raises(ValueError, match="--use-gcn: expected bool"):
-        bacgcn.parse_overrides(["--use-gcn=maybe"])
+        config.parse_overrides(["--use-gcn=maybe"])
     with pytest.raises(ValueError, match="unknown preset"):
-        bacgcn.parse_overrides(["--preset=imagenet"])
+        config.parse_overrides(["--preset=imagenet"])
     with pytest.raises(ValueError, match="loss must be one of"):
-        bacgcn.parse_overrides(["--loss=hinge"])
-    assert bacgcn.BACGCNConfig.from_json(cfg.to_json()) == cfg
+        config.parse_overrides(["--loss=hinge"])
+    assert config.BACGCNConfig.from_json(cfg.to_json()) == cfg
 
 
 # --------------------------------------------------------------------------------------------
 # CLIP backbone: ViT-B/16 in the three weight formats, on real photos
 # --------------------------------------------------------------------------------------------
 
-def _torchscript_archive(state: dict, path):
-    """An archive shaped like OpenAI's ViT-B-16.pt: a TorchScript module whose state dict has
-    CLIP's keys plus OpenAI's three metadata entries."""
-    class Node(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    root = Node()
-    for key, value in {**state, "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
-                       "vocab_size": torch.tensor(49408)}.items():
-        *path_parts, leaf = key.split(".")
-        node = root
-        for part in path_parts:
-            if not hasattr(node, part):
-                node.add_module(part, Node())
-            node = getattr(node, part)
-        if value.is_floating_point():
-            node.register_parameter(leaf, torch.nn.Parameter(value.half(), requires_grad=False))
-        else:
-            node.register_buffer(leaf, value)
-    torch.jit.save(torch.jit.script(root), str(path))
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +50,11 @@ def vitb16_files(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("vitb16")
     torch.manual_seed(0)
-    model = bacgcn.create_clip("ViT-B-16-quickgelu")
+    model = frozen_clip.create_clip("ViT-B-16-quickgelu")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     files = {"openai": folder / "ViT-B-16.pt", "state_dict": folder / "open_clip.pt",
              "safetensors": folder / "weights.safetensors"}
-    _torchscript_archive(state, files["openai"])
+    torchscript_archive(state, files["openai"])
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, files["state_dict"])
     save_file(state, str(files["safetensors"]))
     return files, state
@@ -82,16 +65,16 @@ def test_vitb16_loads_in_each_format_and_encodes_real_photos(vitb16_files, fmt, 
     files, state = vitb16_files
     # TorchScript can carry code: OpenAI's archive loads only when asked for by name
     weights_format = "openai-torchscript" if fmt == "openai" else "auto"
-    model = bacgcn.create_clip("ViT-B-16-quickgelu", files[fmt], weights_format)
+    model = frozen_clip.create_clip("ViT-B-16-quickgelu", files[fmt], weights_format)
     loaded = model.state_dict()
     tol = 1e-3 if fmt == "openai" else 0.0          # OpenAI's archive is fp16
     for k in ("visual.proj", "visual.transformer.resblocks.11.mlp.c_fc.weight", "text_projection"):
         assert (loaded[k] - state[k]).abs().max() <= tol * state[k].abs().max()
-    backbone = bacgcn.CLIPBackbone(model)
+    backbone = frozen_clip.CLIPBackbone(model)
     samples = data.load_voc(shared_data / "real_sample" / "voc", 2011, None)
     images = torch.stack([pipeline.image_transform(224)(data.decode_image(s.path)) for s in samples])
     with torch.no_grad():
-        feats = backbone.features(bacgcn.preprocess(images, backbone.image_size), h_fraction=0.25)
+        feats = backbone.features(frozen_clip.preprocess(images, backbone.image_size), h_fraction=0.25)
     assert feats["patches"].shape == (3, 196, 512) and feats["g"].shape == (3, 512)
     assert feats["gH"].shape == feats["gHc"].shape == (3, 512) and feats["attn"].shape == (3, 196)
     assert torch.allclose(feats["patches"].norm(dim=-1), torch.ones(3, 196), atol=1e-4)
@@ -100,35 +83,35 @@ def test_vitb16_loads_in_each_format_and_encodes_real_photos(vitb16_files, fmt, 
 def test_torchscript_needs_an_explicit_choice_and_converts_once(vitb16_files, tmp_path, capsys):
     files, state = vitb16_files
     with pytest.raises(data.DataError) as e:
-        bacgcn.create_clip("ViT-B-16-quickgelu", files["openai"])
+        frozen_clip.create_clip("ViT-B-16-quickgelu", files["openai"])
     message = str(e.value)
     assert "\n" not in message and message.startswith(f"{files['openai']}: a TorchScript archive")
-    assert "--clip-weights-format=openai-torchscript" in message and "python bacgcn.py convert" in message
+    assert "--clip-weights-format=openai-torchscript" in message and "python frozen_clip.py convert" in message
     converted = tmp_path / "ViT-B-16.safetensors"
-    assert bacgcn.main(["convert", str(files["openai"]), str(converted)]) == 0
+    assert frozen_clip.main(["convert", str(files["openai"]), str(converted)]) == 0
     assert "loads it strict" in capsys.readouterr().out
-    loaded = bacgcn.create_clip("ViT-B-16-quickgelu", converted).state_dict()   # auto, strict
+    loaded = frozen_clip.create_clip("ViT-B-16-quickgelu", converted).state_dict()   # auto, strict
     for k in ("visual.proj", "text_projection", "logit_scale"):
         assert (loaded[k] - state[k]).abs().max() <= 1e-3 * state[k].abs().max()
     # the converted file is written once, never over another file
-    assert bacgcn.main(["convert", str(files["openai"]), str(converted)]) == 2
+    assert frozen_clip.main(["convert", str(files["openai"]), str(converted)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {converted}: exists; remove it or choose another name"
 
 
 def test_wrong_weights_name_the_architecture(tmp_path):
-    tiny = bacgcn.create_clip(S.TINY_CLIP)
+    tiny = frozen_clip.create_clip(S.TINY_CLIP)
     tinyclip.save_clip(tiny, tmp_path / "tiny.safetensors", {})
     with pytest.raises(ValueError, match=r"tiny\.safetensors: not a ViT-B-16-quickgelu checkpoint") as e:
-        bacgcn.create_clip("ViT-B-16-quickgelu", tmp_path / "tiny.safetensors")
+        frozen_clip.create_clip("ViT-B-16-quickgelu", tmp_path / "tiny.safetensors")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="unknown CLIP architecture 'ViT-B-17'"):
-        bacgcn.create_clip("ViT-B-17")
+        frozen_clip.create_clip("ViT-B-17")
 
 
 def test_image_size_interpolates_position_embeddings():
-    model = bacgcn.create_clip("ViT-B-16-quickgelu")
-    bacgcn.set_image_size(model, 448)
-    backbone = bacgcn.CLIPBackbone(model)
+    model = frozen_clip.create_clip("ViT-B-16-quickgelu")
+    frozen_clip.set_image_size(model, 448)
+    backbone = frozen_clip.CLIPBackbone(model)
     with torch.no_grad():
         out = backbone.encode_image(torch.zeros(1, 3, 448, 448))
     assert out["patches"].shape == (1, 784, 512)
@@ -141,21 +124,21 @@ def test_image_size_interpolates_position_embeddings():
 @pytest.fixture(scope="module")
 def tiny_features():
     torch.manual_seed(0)
-    clip = bacgcn.create_clip(S.TINY_CLIP)
-    backbone = bacgcn.CLIPBackbone(clip)
+    clip = frozen_clip.create_clip(S.TINY_CLIP)
+    backbone = frozen_clip.CLIPBackbone(clip)
     scenes = [S.render_scene(np.random.default_rng(k), S.WorldConfig()) for k in range(6)]
     images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes])
     with torch.no_grad():
-        feats = backbone.features(bacgcn.preprocess(images, backbone.image_size), 0.25)
+        feats = backbone.features(frozen_clip.preprocess(images, backbone.image_size), 0.25)
         names = list(S.CLASS_NAMES) + list(S.BACKGROUNDS)
-        prompts = backbone.class_embeddings(names, bacgcn.tokenizer_for(S.TINY_CLIP))
+        prompts = backbone.class_embeddings(names, frozen_clip.tokenizer_for(S.TINY_CLIP))
     return clip, feats, prompts
 
 
 @pytest.mark.parametrize("linear_readout", [False, True])
 def test_untrained_model_scores_equal_clip_zero_shot(tiny_features, linear_readout):
     clip, feats, prompts = tiny_features
-    cfg = bacgcn.BACGCNConfig(linear_readout=linear_readout)
+    cfg = config.BACGCNConfig(linear_readout=linear_readout)
     counts = torch.rand(20, 20) * 50
     counts = (counts + counts.t()) / 2
     adjacency = bacgcn.build_adjacency(counts, counts.diagonal() + 20, 12, cfg)
@@ -171,7 +154,7 @@ def test_untrained_model_scores_equal_clip_zero_shot(tiny_features, linear_reado
 
 
 def test_adjacency_rules():
-    cfg = bacgcn.BACGCNConfig(tau_a=0.5, reweight_p=0.2, global_edge=0.5)
+    cfg = config.BACGCNConfig(tau_a=0.5, reweight_p=0.2, global_edge=0.5)
     # 2 classes + 2 backgrounds; P(1|0) = 0.8, P(2|0) = 0.6 (class-bg), P(3|2) = 0.9 (bg-bg: dropped)
     m = torch.tensor([[10., 8, 6, 0], [8, 10, 0, 0], [6, 0, 10, 9], [0, 0, 9, 10]])
     adj = bacgcn.build_adjacency(m, m.diagonal(), 2, cfg)
@@ -219,7 +202,7 @@ def test_feature_cache_hit_miss_and_invalidation(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def test_reso_regions_and_crop_box():
-    cfg = bacgcn.BACGCNConfig(reso_tau=0.5, reso_eps=0.1, reso_max_crops=2)
+    cfg = config.BACGCNConfig(reso_tau=0.5, reso_eps=0.1, reso_max_crops=2)
     grid = 8
     sim = torch.zeros(1, grid * grid, 3)
     small = sim[0, :, 0].view(grid, grid)
@@ -227,12 +210,12 @@ def test_reso_regions_and_crop_box():
     sim[0, :, 1].view(grid, grid)[:, :4] = 1.0  # half the image: not small
     sim[0, :, 2].view(grid, grid)[7, 7] = 1.0   # small, but not a pseudo-positive
     positives = torch.tensor([[True, True, False]])
-    found = train.reso_regions(sim, positives, cfg)
+    found = reso.reso_regions(sim, positives, cfg)
     assert found == [(0, 0, (1, 5, 2, 6))]
     # 128 px image: the region spans x 80-112, y 16-48; grown by 50% each side -> 64 px square,
     # shifted inside the image
-    assert pipeline.crop_box((1, 5, 2, 6), grid, 128, 128, 0.5) == (64, 0, 128, 64)
-    assert pipeline.crop_box((0, 0, 7, 7), grid, 128, 96, 0.5) == (16, 0, 112, 96)
+    assert reso.crop_box((1, 5, 2, 6), grid, 128, 128, 0.5) == (64, 0, 128, 64)
+    assert reso.crop_box((0, 0, 7, 7), grid, 128, 96, 0.5) == (16, 0, 112, 96)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +226,7 @@ def test_smoke_run_and_eval_reproduce(tmp_path, capsys):
     world = tmp_path / "world"
     S.build(world, S.WorldConfig(seed=2, train=80, test=50), progress=False)
     torch.manual_seed(0)
-    tinyclip.save_clip(bacgcn.create_clip(S.TINY_CLIP), tmp_path / "clip.safetensors", {})
+    tinyclip.save_clip(frozen_clip.create_clip(S.TINY_CLIP), tmp_path / "clip.safetensors", {})
     out = tmp_path / "run"
     code = train.main([f"--data-root={world}", f"--clip-weights={tmp_path / 'clip.safetensors'}", "--epochs=2",
                        "--reso-epoch=1", "--reso-eps=0.5", f"--out={out}", f"--cache-dir={tmp_path / 'cache'}",
@@ -275,7 +258,7 @@ def test_one_pass_subset_readout():
     """last_block reads g^H / g^Hc from the shared encoder pass: with every patch kept it is g
     itself, and its subsets differ from g and from each other, as re-encoding's do."""
     torch.manual_seed(0)
-    backbone = bacgcn.CLIPBackbone(bacgcn.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS))
+    backbone = frozen_clip.CLIPBackbone(frozen_clip.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS))
     x = torch.randn(3, 3, backbone.image_size, backbone.image_size)
     with torch.no_grad():
         enc = backbone._encode(x)

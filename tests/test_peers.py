@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import bacgcn
 import cache
+import config
 import peers
 import synthetic as S
-import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import compare  # noqa: E402
+
+import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,9 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def context(world):
-    cfg, _ = bacgcn.parse_overrides(["--preset=synthetic-tiny", f"--data-root={world}",
+    cfg, _ = config.parse_overrides(["--preset=synthetic-tiny", f"--data-root={world}",
                                      f"--cache-dir={world / 'cache'}", "--workers=0", "--device=cpu"])
-    ctx, labels = compare.build_context(train.resolve_paths(cfg))
+    ctx, labels = compare.build_context(pipeline.resolve_paths(cfg))
     return ctx, labels
 
 

@@ -2,34 +2,35 @@
 missing piece. The full-size run on that layout is tests/test_real_path.py."""
 import pytest
 
-import bacgcn
+import config
 import data
+import datasets
 import train
-from tests.test_real_path import release_layout
+from tests.helpers import release_layout
 
 
 @pytest.mark.parametrize("typed,dataset", [("voc07", "voc2007"), ("voc12", "voc2012"), ("coco", "coco2014"),
                                            ("coco14", "coco2014"), ("nus", "nuswide"), ("VOC07", "voc2007"),
                                            ("voc2007", "voc2007")])
 def test_short_dataset_names_choose_the_vitb16_preset(typed, dataset):
-    cfg, preset = bacgcn.parse_overrides(["--dataset", typed])
+    cfg, preset = config.parse_overrides(["--dataset", typed])
     assert cfg.dataset == dataset and preset == f"{dataset}-vitb16" and cfg.clip_model == "ViT-B-16-quickgelu"
     assert cfg.image_size == 448 and cfg.clip_weights == "ViT-B-16.safetensors"
 
 
 def test_an_explicit_preset_wins_and_no_dataset_is_the_proving_ground():
-    cfg, preset = bacgcn.parse_overrides(["--dataset=voc07", "--preset=synthetic-tiny"])
+    cfg, preset = config.parse_overrides(["--dataset=voc07", "--preset=synthetic-tiny"])
     assert (cfg.dataset, preset, cfg.clip_model) == ("voc2007", "synthetic-tiny", "synthclip-vit-t8")
-    cfg, preset = bacgcn.parse_overrides([])
+    cfg, preset = config.parse_overrides([])
     assert (cfg.dataset, preset) == ("synthetic", "synthetic-tiny")
-    assert bacgcn.parse_overrides(["--dataset=synthetic"])[1] == "synthetic-tiny"
+    assert config.parse_overrides(["--dataset=synthetic"])[1] == "synthetic-tiny"
 
 
 def test_voc_splits_are_read_from_their_own_release_trees(shared_data, tmp_path):
     release_layout(shared_data / "real_sample" / "voc", tmp_path / "data_folder", copies=1)
     root = tmp_path / "data_folder" / "voc2007"
     for split, tree in (("trainval", "VOCtrainval_06-Nov-2007"), ("test", "VOCtest_06-Nov-2007")):
-        ds = data.load_dataset("voc2007", root, split)
+        ds = datasets.load("voc2007", root, split)
         assert len(ds) == 3 and all(s.path.is_relative_to(root / tree / "VOCdevkit" / "VOC2007") for s in ds.samples)
         assert ds[0]["image"].shape[0] == 3
     # one merged VOCdevkit is still read as it was
@@ -53,7 +54,7 @@ def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monke
                              "VOCtest_06-Nov-2007/")
     assert captions.startswith("error: data_folder/voc2007/captions.json: no captions: put the paper's captions.json")
     assert weights.startswith("error: ViT-B-16.safetensors: CLIP weights not found: download OpenAI's ViT-B-16.pt (")
-    assert "`python bacgcn.py convert ViT-B-16.pt ViT-B-16.safetensors`" in weights
+    assert "`python frozen_clip.py convert ViT-B-16.pt ViT-B-16.safetensors`" in weights
     # the trainval tree alone: the test split's tree is the one piece named
     (tmp_path / "data_folder" / "voc2007" / "VOCtrainval_06-Nov-2007" / "VOCdevkit" / "VOC2007" / "JPEGImages").mkdir(
         parents=True)

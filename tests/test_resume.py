@@ -1,19 +1,15 @@
 """Exact resume, interruptions, run folders, and runs that must not pass for a success."""
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import synthetic as S
 import train
+from tests.helpers import launch_train, stop_after
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,40 +26,22 @@ def _args(world, cache, out, *more):
             "--reso-epoch=1", "--reso-eps=0.5", "--batch-size=16", "--log-every=5", *more]
 
 
-def _launch(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, as a user runs it
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _epoch_saved(out: Path) -> int:
-    try:
-        with safe_open(str(out / "state.safetensors"), "pt") as f:
-            return int(f.metadata()["epoch"])
-    except (OSError, KeyError, ValueError):
-        return 0
 
 
-def _stop_after(proc, out: Path, epochs: int, sig) -> None:
-    """Send `sig` as soon as the state after `epochs` epochs is on disk."""
-    deadline = time.time() + 600
-    while _epoch_saved(out) < epochs:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < deadline
-        time.sleep(0.005)
-    proc.send_signal(sig)
 
 
 def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(world, tmp_path):
     cache = tmp_path / "cache"
-    whole = _launch(*_args(world, cache, tmp_path / "whole"))
+    whole = launch_train(*_args(world, cache, tmp_path / "whole"))
     assert whole.wait() == 0, whole.communicate()[1][-2000:]
     # killed after epoch 2, once ReSO's crops exist, so the state must carry them
-    killed = _launch(*_args(world, cache, tmp_path / "killed"))
-    _stop_after(killed, tmp_path / "killed", 2, signal.SIGKILL)
+    killed = launch_train(*_args(world, cache, tmp_path / "killed"))
+    stop_after(killed, tmp_path / "killed", 2, signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "ckpt.safetensors").exists(), "finished before the kill: nothing was tested"
-    resumed = _launch("--resume", str(tmp_path / "killed"))
+    resumed = launch_train("--resume", str(tmp_path / "killed"))
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err[-2000:]
     a, b = load_file(str(tmp_path / "whole" / "ckpt.safetensors")), load_file(str(tmp_path / "killed" /
@@ -77,8 +55,8 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(world, tmp_path):
 
 
 def test_ctrl_c_stops_with_one_line_and_keeps_the_state(world, tmp_path):
-    proc = _launch(*_args(world, tmp_path / "cache", tmp_path / "run"))
-    _stop_after(proc, tmp_path / "run", 1, signal.SIGINT)
+    proc = launch_train(*_args(world, tmp_path / "cache", tmp_path / "run"))
+    stop_after(proc, tmp_path / "run", 1, signal.SIGINT)
     _, err = proc.communicate()
     lines = [x for x in err.splitlines() if x.startswith("stopped")]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]

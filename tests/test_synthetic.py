@@ -7,7 +7,9 @@ import pytest
 
 import captions
 import data
+import datasets
 import eval as eval_cli
+import metrics
 import synthetic as S
 
 
@@ -38,8 +40,8 @@ def test_rendering_processes_do_not_change_the_bytes(tmp_path):
 
 
 def test_layout_reads_back_through_voc_loader(world):
-    train = data.load_dataset("synthetic", world, "trainval")
-    test = data.load_dataset("synthetic", world, "test")
+    train = datasets.load("synthetic", world, "trainval")
+    test = datasets.load("synthetic", world, "test")
     assert len(train) == 40 and len(test) == 30
     assert train.class_names == list(S.CLASS_NAMES)
     assert not set(train.ids) & set(test.ids)
@@ -97,7 +99,7 @@ def test_caption_pseudo_labels_are_as_wrong_as_real_ones(tmp_path):
     pseudo = captions.pseudo_labels(caps, dictionary, S.CLASS_NAMES)
     c = len(S.CLASSES)
     q = captions.label_quality(pseudo.scores[:, :c], pseudo.hard(1)[:, :c], labels, areas,
-                               (S.SMALL_AREA, S.LARGE_AREA))
+                               (metrics.SMALL_AREA, metrics.LARGE_AREA))
     assert 86 <= q["mAP"] <= 90.5 and 0.70 <= q["precision"] <= 0.80, q
     assert q["recall_small"] <= 0.55 and q["recall_large"] >= 0.95 and q["recall"] >= 0.76, q
     votes, positive = pseudo.votes[:, :c], labels == 1
@@ -119,25 +121,25 @@ def test_caption_pseudo_labels_are_as_wrong_as_real_ones(tmp_path):
 def test_small_objects_are_common():
     cfg = S.WorldConfig()
     areas = [o.area for k in range(300) for o in S.render_scene(np.random.default_rng([5, k]), cfg).objects]
-    assert np.mean(np.array(areas) < S.SMALL_AREA) >= 0.30
+    assert np.mean(np.array(areas) < metrics.SMALL_AREA) >= 0.30
     assert np.mean(np.array(areas) >= 0.25) > 0.02
 
 
 def test_tiny_clip_loads_strict_and_is_stable():
     import torch
 
-    import bacgcn
+    import frozen_clip
     if not S.TINY_CLIP_WEIGHTS.is_file():
         pytest.skip("assets/synthclip.safetensors not built yet")
-    bb1 = bacgcn.CLIPBackbone(bacgcn.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS))
-    bb2 = bacgcn.CLIPBackbone(bacgcn.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS))
+    bb1 = frozen_clip.CLIPBackbone(frozen_clip.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS))
+    bb2 = frozen_clip.CLIPBackbone(frozen_clip.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS))
     scene = S.render_scene(np.random.default_rng(0), S.WorldConfig())
-    x = bacgcn.preprocess(torch.from_numpy(scene.image).permute(2, 0, 1)[None], bb1.image_size)
+    x = frozen_clip.preprocess(torch.from_numpy(scene.image).permute(2, 0, 1)[None], bb1.image_size)
     with torch.no_grad():
         f1, f2 = bb1.encode_image(x), bb2.encode_image(x)
     assert torch.equal(f1["g"], f2["g"]) and torch.equal(f1["patches"], f2["patches"])
     assert f1["patches"].shape == (1, 64, bb1.embed_dim)
-    text = bb1.class_embeddings(S.CLASS_NAMES, bacgcn.tokenizer_for(S.TINY_CLIP))
+    text = bb1.class_embeddings(S.CLASS_NAMES, frozen_clip.tokenizer_for(S.TINY_CLIP))
     cos = text @ text.t()
     assert cos.fill_diagonal_(0).max() < 0.95     # class prompts stay apart
 
@@ -181,19 +183,19 @@ def test_crop_view_recomputes_what_the_crop_shows():
 def test_training_at_2x_matches_the_2x_read_out():
     import torch
 
-    import bacgcn
+    import frozen_clip
     import tinyclip
 
-    clip = bacgcn.create_clip(S.TINY_CLIP)
-    x = bacgcn.preprocess(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8), 128)
+    clip = frozen_clip.create_clip(S.TINY_CLIP)
+    x = frozen_clip.preprocess(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8), 128)
     with tinyclip.reading_at(clip.visual, 128):
-        g = bacgcn.CLIPBackbone(clip).encode_image(x)["g"]
+        g = frozen_clip.CLIPBackbone(clip).encode_image(x)["g"]
     g.sum().backward()
     assert clip.visual.positional_embedding.shape[0] == 65                  # the native table is kept
     assert clip.visual.positional_embedding.grad.abs().sum() > 0             # and trained through the 2x read
-    bacgcn.set_image_size(clip, 128)
+    frozen_clip.set_image_size(clip, 128)
     with torch.no_grad():
-        assert torch.allclose(bacgcn.CLIPBackbone(clip).encode_image(x)["g"], g, atol=1e-5)
+        assert torch.allclose(frozen_clip.CLIPBackbone(clip).encode_image(x)["g"], g, atol=1e-5)
 
 
 def test_stage_two_pretraining_continues_the_shipped_weights(tmp_path):
@@ -201,7 +203,7 @@ def test_stage_two_pretraining_continues_the_shipped_weights(tmp_path):
     strict, and the history reads zero-shot at the native and the 2x size."""
     import torch
 
-    import bacgcn
+    import frozen_clip
     import tinyclip
 
     cfg = tinyclip.PretrainConfig(steps=2, batch=8, warmup=1, single_frac=0.0, pool_single=16, pool_mixed=16,
@@ -211,7 +213,7 @@ def test_stage_two_pretraining_continues_the_shipped_weights(tmp_path):
     result = tinyclip.pretrain(out, cfg, log=lambda _: None)
     (row,) = result["history"]
     assert {"top1_64", "mAP_128", "small_128", "large_128", "max_prompt_cosine"} <= set(row)
-    before = bacgcn.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS).state_dict()
-    after = bacgcn.create_clip(S.TINY_CLIP, out).state_dict()
+    before = frozen_clip.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS).state_dict()
+    after = frozen_clip.create_clip(S.TINY_CLIP, out).state_dict()
     assert before.keys() == after.keys()
     assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])

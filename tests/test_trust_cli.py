@@ -12,23 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-import bacgcn
+import checkpoints
+import config
 import data
+import datasets
 import eval as eval_cli
+import frozen_clip
 import pipeline
 import synthetic as S
 import train
-from tests.test_model import _torchscript_archive
+from tests.helpers import one_error_line, rewrite_file, torchscript_archive, write_checkpoint
 
-ROOT = bacgcn.ROOT
+ROOT = frozen_clip.ROOT
 
 
-def _one_line(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +54,24 @@ BAD_OPTIONS = [
 def test_bad_option_values_are_refused_before_any_work(option, tmp_path, capsys):
     name = option.split("=")[0]
     with pytest.raises(ValueError, match=f"^{name} must be") as e:
-        bacgcn.parse_overrides([option])
+        config.parse_overrides([option])
     assert "\n" not in str(e.value)
     out = tmp_path / "run"
     assert train.main([option, f"--data-root={tmp_path / 'world'}", f"--out={out}"]) == 2
-    _one_line(capsys, name)
+    one_error_line(capsys, name)
     assert not out.exists() and not (tmp_path / "world").exists()
 
 
 def test_every_numeric_field_has_a_range():
-    numeric = {f.name for f in dataclasses.fields(bacgcn.BACGCNConfig)
+    numeric = {f.name for f in dataclasses.fields(config.BACGCNConfig)
                if type(f.default) in (int, float)}
-    assert numeric == set(bacgcn.NUMBER_RULES)
+    assert numeric == set(config.NUMBER_RULES)
 
 
 def test_unknown_dataset_lists_the_datasets_with_or_without_roots(capsys):
     for extra in ([], ["--data-root=x", "--captions=y"]):
         assert train.main(["--dataset=nonsense", *extra]) == 2
-        _one_line(capsys, "--dataset must be one of", *data.DATASETS)
+        one_error_line(capsys, "--dataset must be one of", *datasets.names())
 
 
 def test_cuda_device_without_cuda(monkeypatch, world, tmp_path, capsys):
@@ -83,15 +80,15 @@ def test_cuda_device_without_cuda(monkeypatch, world, tmp_path, capsys):
         pipeline.resolve_device("cuda")
     out, missing_world = tmp_path / "run", tmp_path / "world"
     assert train.main(["--device=cuda:1", f"--data-root={world}", f"--out={out}"]) == 2
-    assert _one_line(capsys) == "error: --device=cuda:1: CUDA is not available"
+    assert one_error_line(capsys) == "error: --device=cuda:1: CUDA is not available"
     # found before anything else is looked at or built
     assert train.main(["--device=cuda", f"--data-root={missing_world}", "--build-world=true", f"--out={out}"]) == 2
-    assert _one_line(capsys) == "error: --device=cuda: CUDA is not available"
+    assert one_error_line(capsys) == "error: --device=cuda: CUDA is not available"
     assert not out.exists() and not missing_world.exists()
 
 
 def test_image_size_and_topk_are_checked_against_the_model(world, tmp_path, capsys):
-    cfg = bacgcn.BACGCNConfig(clip_weights=str(S.TINY_CLIP_WEIGHTS), image_size=100)
+    cfg = config.BACGCNConfig(clip_weights=str(S.TINY_CLIP_WEIGHTS), image_size=100)
     with pytest.raises(ValueError, match=r"^--image-size=100: not a multiple of the patch size 8 of synthclip"):
         pipeline.build_backbone(cfg, "cpu")
     backbone = pipeline.build_backbone(cfg.replace(image_size=0), "cpu")
@@ -103,7 +100,7 @@ def test_image_size_and_topk_are_checked_against_the_model(world, tmp_path, caps
                             ("--image-size=100", "--image-size=100: not a multiple")):
         assert train.main([option, f"--data-root={world}", f"--out={tmp_path / 'run'}", f"--cache-dir={cache}",
                            "--workers=0"]) == 2
-        _one_line(capsys, problem)
+        one_error_line(capsys, problem)
         assert not cache.exists() and not list((tmp_path / "run").iterdir())
 
 
@@ -114,10 +111,10 @@ def test_image_size_and_topk_are_checked_against_the_model(world, tmp_path, caps
 def test_help_lists_every_option_with_type_default_and_meaning(capsys):
     assert train.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for f in dataclasses.fields(bacgcn.BACGCNConfig):
+    for f in dataclasses.fields(config.BACGCNConfig):
         assert f"--{f.name.replace('_', '-')} " in out
     assert "--lr FLOAT" in out and "0.002" in out and "Top-K patches pooled per category" in out
-    assert "--preset=NAME" in out and all(p in out for p in bacgcn.PRESETS)
+    assert "--preset=NAME" in out and all(p in out for p in config.PRESETS)
     assert " Similarity Kernel (stage 3)" in out
     run = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -131,7 +128,7 @@ def test_help_lists_every_option_with_type_default_and_meaning(capsys):
 def test_missing_world_is_built_only_at_the_default_path_or_on_request(tmp_path, monkeypatch, capsys):
     typo = tmp_path / "wrold"
     assert train.main([f"--data-root={typo}", f"--out={tmp_path / 'run'}"]) == 2
-    _one_line(capsys, f"{typo}: no proving-ground world here (no world.json)", "--build-world=true",
+    one_error_line(capsys, f"{typo}: no proving-ground world here (no world.json)", "--build-world=true",
               f"synthetic.py build --out {typo}")
     assert not typo.exists() and not (tmp_path / "run").exists()
     built = []
@@ -141,11 +138,11 @@ def test_missing_world_is_built_only_at_the_default_path_or_on_request(tmp_path,
         root.mkdir(parents=True)
         (root / "world.json").write_text(json.dumps({"classes": ["a"]}))
     monkeypatch.setattr(S, "build", build)
-    cfg = train.resolve_paths(bacgcn.BACGCNConfig(data_root=str(typo), build_world=True))
+    cfg = pipeline.resolve_paths(config.BACGCNConfig(data_root=str(typo), build_world=True))
     assert built == [typo] and cfg.data_root == str(typo)
     default = tmp_path / "repo"
     monkeypatch.setattr(train, "ROOT", default)
-    cfg = train.resolve_paths(bacgcn.BACGCNConfig(seed=7))
+    cfg = pipeline.resolve_paths(config.BACGCNConfig(seed=7))
     assert built[-1] == default / "runs" / "world-seed7" and cfg.data_root == str(built[-1])
 
 
@@ -194,7 +191,7 @@ WEIGHT_CASES = [("empty.safetensors", "not a safetensors file"), ("random.safete
 def test_weight_files_that_lie_give_one_line(kind, problem, tmp_path, capsys):
     path = _lying_weights(tmp_path, kind)
     with pytest.raises(data.DataError) as e:
-        bacgcn.create_clip(S.TINY_CLIP, path)
+        frozen_clip.create_clip(S.TINY_CLIP, path)
     assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: {problem}")
     assert "a pickle that runs code" not in capsys.readouterr().out
 
@@ -203,15 +200,16 @@ def test_lying_weights_stop_train_in_one_line(world, tmp_path, capsys):
     path = _lying_weights(tmp_path, "random.pt")
     assert train.main([f"--data-root={world}", f"--clip-weights={path}", f"--out={tmp_path / 'run'}",
                        f"--cache-dir={tmp_path / 'cache'}"]) == 2
-    _one_line(capsys, f"{path}: not a PyTorch state dict")
+    one_error_line(capsys, f"{path}: not a PyTorch state dict")
     assert not (tmp_path / "cache").exists()
 
 
 @pytest.fixture(scope="module")
 def tiny_archive(tmp_path_factory):
     path = tmp_path_factory.mktemp("ts") / "tiny.pt"
-    state = {k: v.contiguous() for k, v in bacgcn.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS).state_dict().items()}
-    _torchscript_archive(state, path)
+    clip = frozen_clip.create_clip(S.TINY_CLIP, S.TINY_CLIP_WEIGHTS)
+    state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    torchscript_archive(state, path)
     return path
 
 
@@ -221,18 +219,18 @@ def test_auto_never_runs_torch_jit_load(tiny_archive, monkeypatch):
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
     with pytest.raises(data.DataError, match="a TorchScript archive, which can carry code: pass "
                                              "--clip-weights-format=openai-torchscript") as e:
-        bacgcn.create_clip(S.TINY_CLIP, tiny_archive)
-    assert "python bacgcn.py convert" in str(e.value) and calls == []
-    bacgcn.create_clip(S.TINY_CLIP, tiny_archive, "openai-torchscript")
+        frozen_clip.create_clip(S.TINY_CLIP, tiny_archive)
+    assert "python frozen_clip.py convert" in str(e.value) and calls == []
+    frozen_clip.create_clip(S.TINY_CLIP, tiny_archive, "openai-torchscript")
     assert len(calls) == 1
 
 
 def test_convert_errors_are_one_line(tmp_path, capsys):
-    assert bacgcn.main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "out.safetensors")]) == 2
-    _one_line(capsys, "missing.pt: CLIP weights not found")
+    assert frozen_clip.main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "out.safetensors")]) == 2
+    one_error_line(capsys, "missing.pt: CLIP weights not found")
     junk = _lying_weights(tmp_path, "random.pt")
-    assert bacgcn.main(["convert", str(junk), str(tmp_path / "out.safetensors")]) == 2
-    _one_line(capsys, f"{junk}: not a PyTorch state dict")
+    assert frozen_clip.main(["convert", str(junk), str(tmp_path / "out.safetensors")]) == 2
+    one_error_line(capsys, f"{junk}: not a PyTorch state dict")
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -240,34 +238,12 @@ def test_convert_errors_are_one_line(tmp_path, capsys):
 # 6. Checkpoints that lie
 # --------------------------------------------------------------------------------------------
 
-def _checkpoint(path, cfg: bacgcn.BACGCNConfig, dim: int = 32):
-    """A checkpoint as train.py writes it, of an untrained head over the world's categories."""
-    classes, categories = list(S.CLASS_NAMES), list(S.CLASS_NAMES) + list(S.BACKGROUNDS)
-    gen = torch.Generator().manual_seed(0)
-    m = torch.randint(0, 20, (len(categories), len(categories)), generator=gen).float()
-    m = m + m.t()
-    prompts = torch.nn.functional.normalize(torch.randn(len(categories), dim, generator=gen), dim=-1)
-    model = pipeline.build_model(cfg, prompts, len(classes), m, m.diagonal() + 5, 100.0)
-    pipeline.save_checkpoint(path, model, cfg, classes, categories, m.numpy(), (m.diagonal() + 5).numpy(),
-                             {"mAP": 50.0}, "synthetic-tiny")
-    return path
 
 
-def _rewrite(path, meta=None, tensors=None, digest=True):
-    """Change a checkpoint's (or run state's) metadata and tensors; by default as a crafted file
-    would, with a digest that fits, so that the checks behind the digest are what is tested."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        old_meta, old = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    new_meta = {k: v for k, v in {**old_meta, **(meta or {})}.items() if v is not None}
-    new = {k: v for k, v in {**old, **(tensors or {})}.items() if v is not None}
-    save_file(new, str(path), metadata=pipeline.with_digest(new, new_meta) if digest else new_meta)
 
 
 def _config_with(**changes) -> str:
-    raw = json.loads(bacgcn.BACGCNConfig().to_json())
+    raw = json.loads(config.BACGCNConfig().to_json())
     return json.dumps({**raw, **changes})
 
 
@@ -275,54 +251,54 @@ CHECKPOINT_CASES = {
     "empty": (lambda p: p.write_bytes(b""), "not a safetensors checkpoint"),
     "random bytes": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)), "not a safetensors checkpoint"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-100]), "not a safetensors checkpoint"),
-    "no config": (lambda p: _rewrite(p, {"config": None}), "checkpoint metadata lacks 'config'"),
-    "config not JSON": (lambda p: _rewrite(p, {"config": "{lr: 1"}), "recorded config is not JSON"),
-    "config a list": (lambda p: _rewrite(p, {"config": "[1, 2]"}), "recorded config: not a JSON object"),
-    "invalid value": (lambda p: _rewrite(p, {"config": _config_with(lr=-1)}), "recorded config: --lr must be > 0"),
-    "unknown value": (lambda p: _rewrite(p, {"config": _config_with(dataset="imagenet")}),
+    "no config": (lambda p: rewrite_file(p, {"config": None}), "checkpoint metadata lacks 'config'"),
+    "config not JSON": (lambda p: rewrite_file(p, {"config": "{lr: 1"}), "recorded config is not JSON"),
+    "config a list": (lambda p: rewrite_file(p, {"config": "[1, 2]"}), "recorded config: not a JSON object"),
+    "invalid value": (lambda p: rewrite_file(p, {"config": _config_with(lr=-1)}), "recorded config: --lr must be > 0"),
+    "unknown value": (lambda p: rewrite_file(p, {"config": _config_with(dataset="imagenet")}),
                       "recorded config: --dataset must be one of"),
-    "wrong type": (lambda p: _rewrite(p, {"config": _config_with(topk="8")}),
+    "wrong type": (lambda p: rewrite_file(p, {"config": _config_with(topk="8")}),
                    "recorded config: --topk must be an int, got '8'"),
-    "classes not JSON": (lambda p: _rewrite(p, {"classes": "[cat"}), "checkpoint metadata 'classes' is not JSON"),
-    "no graph.M": (lambda p: _rewrite(p, tensors={"graph.M": None}), "checkpoint lacks the tensor graph.M"),
-    "no graph.N": (lambda p: _rewrite(p, tensors={"graph.N": None}), "checkpoint lacks the tensor graph.N"),
-    "graph.M shape": (lambda p: _rewrite(p, tensors={"graph.M": torch.ones(20, 19)}),
+    "classes not JSON": (lambda p: rewrite_file(p, {"classes": "[cat"}), "checkpoint metadata 'classes' is not JSON"),
+    "no graph.M": (lambda p: rewrite_file(p, tensors={"graph.M": None}), "checkpoint lacks the tensor graph.M"),
+    "no graph.N": (lambda p: rewrite_file(p, tensors={"graph.N": None}), "checkpoint lacks the tensor graph.N"),
+    "graph.M shape": (lambda p: rewrite_file(p, tensors={"graph.M": torch.ones(20, 19)}),
                       "tensor graph.M has shape [20, 19], expected [20, 20] for 20 categories"),
-    "prompts shape": (lambda p: _rewrite(p, tensors={"model.kernel.prompts": torch.ones(19, 32)}),
+    "prompts shape": (lambda p: rewrite_file(p, tensors={"model.kernel.prompts": torch.ones(19, 32)}),
                       "tensor model.kernel.prompts has shape [19, 32], expected [20, embedding size]"),
-    "gcn weight shape": (lambda p: _rewrite(p, tensors={"model.gcn.weights.0": torch.zeros(16, 16)}),
+    "gcn weight shape": (lambda p: rewrite_file(p, tensors={"model.gcn.weights.0": torch.zeros(16, 16)}),
                          "tensor model.gcn.weights.0 has shape [16, 16], the recorded config gives [32, 32]"),
-    "missing weight": (lambda p: _rewrite(p, tensors={"model.bias": None}), "lacks the tensor model.bias"),
-    "forged graph": (lambda p: _rewrite(p, tensors={"model.gcn.indices": torch.full((1,), 10 ** 6)}),
+    "missing weight": (lambda p: rewrite_file(p, tensors={"model.bias": None}), "lacks the tensor model.bias"),
+    "forged graph": (lambda p: rewrite_file(p, tensors={"model.gcn.indices": torch.full((1,), 10 ** 6)}),
                      "tensor model.gcn.indices has shape [1]"),
-    "NaN weight": (lambda p: _rewrite(p, tensors={"model.branch": torch.full((3,), float("nan"))}),
+    "NaN weight": (lambda p: rewrite_file(p, tensors={"model.branch": torch.full((3,), float("nan"))}),
                    "tensor model.branch holds NaN or infinite values"),
 }
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
 def test_checkpoints_that_lie_give_one_line(case, tmp_path, capsys):
-    path = _checkpoint(tmp_path / "ckpt.safetensors", bacgcn.BACGCNConfig())
+    path = write_checkpoint(tmp_path / "ckpt.safetensors", config.BACGCNConfig())
     spoil, problem = CHECKPOINT_CASES[case]
     spoil(path)
     with pytest.raises(data.DataError) as e:
-        cfg, classes, _, tensors, _ = pipeline.read_checkpoint(str(path))
-        pipeline.model_from_checkpoint(str(path), cfg, classes, tensors)
+        cfg, classes, _, tensors, _ = checkpoints.read_checkpoint(str(path))
+        checkpoints.model_from_checkpoint(str(path), cfg, classes, tensors)
     assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: {problem}"), str(e.value)
     if "model." not in problem:   # found before any data is read: through the command line too
         assert eval_cli.main([str(path)]) == 2
-        _one_line(capsys, f"{path}: {problem}")
+        one_error_line(capsys, f"{path}: {problem}")
 
 
 def test_forged_graph_of_the_right_size_is_refused(tmp_path):
-    path = _checkpoint(tmp_path / "ckpt.safetensors", bacgcn.BACGCNConfig())
-    cfg, classes, _, tensors, _ = pipeline.read_checkpoint(str(path))
+    path = write_checkpoint(tmp_path / "ckpt.safetensors", config.BACGCNConfig())
+    cfg, classes, _, tensors, _ = checkpoints.read_checkpoint(str(path))
     indices = tensors["model.gcn.indices"].clone()
     indices[0] = 10 ** 6
-    _rewrite(path, tensors={"model.gcn.indices": indices})
-    cfg, classes, _, tensors, _ = pipeline.read_checkpoint(str(path))
+    rewrite_file(path, tensors={"model.gcn.indices": indices})
+    cfg, classes, _, tensors, _ = checkpoints.read_checkpoint(str(path))
     with pytest.raises(data.DataError, match="model.gcn.indices does not match the graph rebuilt from graph.M"):
-        pipeline.model_from_checkpoint(str(path), cfg, classes, tensors)
+        checkpoints.model_from_checkpoint(str(path), cfg, classes, tensors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,10 +315,10 @@ def trained(world, tmp_path, monkeypatch):
     shutil.copy(S.TINY_CLIP_WEIGHTS, tmp_path / "train" / "clip.safetensors")
     os.symlink(world, tmp_path / "train" / "world")
     monkeypatch.chdir(tmp_path / "train")
-    dim = bacgcn.create_clip(S.TINY_CLIP).visual.proj.shape[1]
-    cfg = bacgcn.BACGCNConfig(data_root="world", clip_weights="clip.safetensors", cache_dir="cache", test_split="test",
+    dim = frozen_clip.create_clip(S.TINY_CLIP).visual.proj.shape[1]
+    cfg = config.BACGCNConfig(data_root="world", clip_weights="clip.safetensors", cache_dir="cache", test_split="test",
                               workers=0)
-    path = _checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
+    path = write_checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     return path
@@ -353,7 +329,7 @@ def _files(folder):
 
 
 def test_checkpoint_records_absolute_paths(trained, tmp_path):
-    cfg, *_ = pipeline.read_checkpoint(str(trained))
+    cfg, *_ = checkpoints.read_checkpoint(str(trained))
     assert cfg.data_root == str(tmp_path / "train" / "world")
     assert cfg.clip_weights == str(tmp_path / "train" / "clip.safetensors")
     assert cfg.cache_dir == str(tmp_path / "train" / "cache")
@@ -390,29 +366,30 @@ def test_eval_overrides_the_recorded_weights_and_data_root(trained, world, tmp_p
 def test_eval_never_takes_torchscript_from_a_checkpoint(world, tiny_archive, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: calls.append(a))
-    dim = bacgcn.create_clip(S.TINY_CLIP).visual.proj.shape[1]
-    cfg = bacgcn.BACGCNConfig(data_root=str(world), clip_weights=str(tiny_archive), test_split="test",
+    dim = frozen_clip.create_clip(S.TINY_CLIP).visual.proj.shape[1]
+    cfg = config.BACGCNConfig(data_root=str(world), clip_weights=str(tiny_archive), test_split="test",
                               clip_weights_format="openai-torchscript")
-    path = _checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
+    path = write_checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
     assert eval_cli.main([str(path), "--cache-dir", str(tmp_path / "c")]) == 2
-    _one_line(capsys, "a TorchScript archive", "--clip-weights-format=openai-torchscript")
+    one_error_line(capsys, "a TorchScript archive", "--clip-weights-format=openai-torchscript")
     assert calls == []
 
 
 def test_eval_bad_split_and_unwritable_json_stop_before_the_work(trained, tmp_path, capsys):
     assert eval_cli.main([str(trained), "--split", "bogus"]) == 2
-    assert _one_line(capsys) == "error: --split bogus: not a split of synthetic (its splits: trainval, test, fit, val)"
+    assert one_error_line(capsys) == ("error: --split bogus: not a split of synthetic (its splits: trainval, test, "
+                                      "fit, val)")
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     for target, problem in ((tmp_path, "is a folder, not a file"),
                             (a_file / "out.json", f"cannot be written ({a_file} is a file, not a folder)")):
         assert eval_cli.main([str(trained), "--json", str(target)]) == 2
-        assert _one_line(capsys) == f"error: --json={target}: {problem}"
+        assert one_error_line(capsys) == f"error: --json={target}: {problem}"
     assert not (tmp_path / "elsewhere" / ".cache").exists()     # nothing was encoded
     labels = tmp_path / "labels.csv"
     labels.write_text("image_id,cat\na,1\n")
     assert eval_cli.main(["--scores", str(labels), "--labels", str(labels), "--json", str(tmp_path)]) == 2
-    _one_line(capsys, "is a folder, not a file")
+    one_error_line(capsys, "is a folder, not a file")
     for _ in range(2):   # an existing report is replaced
         assert eval_cli.main(["--scores", str(labels), "--labels", str(labels), "--json", str(a_file)]) == 0
         assert json.loads(a_file.read_text())["mAP"] == 100.0
@@ -426,11 +403,11 @@ def test_synthetic_cli_bad_paths(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
     assert S.main(["build", "--out", str(a_file), "--train", "2", "--test", "2"]) == 2
-    assert _one_line(capsys) == f"error: --out={a_file}: exists and is not a folder"
+    assert one_error_line(capsys) == f"error: --out={a_file}: exists and is not a folder"
     assert a_file.read_text() == "keep"
     missing = tmp_path / "no_world"
     assert S.main(["zeroshot", "--data", str(missing), "--json", str(tmp_path / "z.json")]) == 2
-    _one_line(capsys, f"{missing}: no proving-ground world here (no world.json)")
+    one_error_line(capsys, f"{missing}: no proving-ground world here (no world.json)")
     assert not (tmp_path / "z.json").exists()
 
 
@@ -440,5 +417,5 @@ def test_train_out_that_cannot_be_a_run_folder(world, tmp_path, capsys):
     for out, problem in ((a_file, "exists and is not a folder"),
                          (a_file / "run", f"cannot be written ({a_file} is a file, not a folder)")):
         assert train.main([f"--data-root={world}", f"--out={out}", f"--cache-dir={tmp_path / 'cache'}"]) == 2
-        assert _one_line(capsys) == f"error: --out={out}: {problem}"
+        assert one_error_line(capsys) == f"error: --out={out}: {problem}"
     assert a_file.read_text() == "keep" and not (tmp_path / "cache").exists()

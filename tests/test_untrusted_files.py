@@ -23,7 +23,7 @@ def voc_copy(tmp_path, shared_data):
     return base
 
 
-def _one_line(error: pytest.ExceptionInfo, file_name: str, *fragments: str) -> str:
+def one_error_line(error: pytest.ExceptionInfo, file_name: str, *fragments: str) -> str:
     message = str(error.value)
     assert "\n" not in message and message.startswith(str(error.value.path))
     assert error.value.path.endswith(file_name), message
@@ -47,7 +47,7 @@ def test_voc_split_list_ids_cannot_leave_the_dataset(voc_copy, escape, class_fil
             (main / f"{c}_trainval.txt").write_text("".join(f"{i} -1\n" for i in ids))
     with pytest.raises(data.DataError) as e:
         data.load_voc(voc_copy, 2011, "trainval")
-    _one_line(e, "trainval.txt", repr(escape + (".jpg" if class_files else ".xml")))
+    one_error_line(e, "trainval.txt", repr(escape + (".jpg" if class_files else ".xml")))
 
 
 def test_voc_symlinked_image_folder_is_accepted_and_xml_filename_is_checked(voc_copy, tmp_path):
@@ -63,7 +63,7 @@ def test_voc_symlinked_image_folder_is_accepted_and_xml_filename_is_checked(voc_
                                            "<filename>../../../../etc/passwd</filename>"))
     with pytest.raises(data.DataError) as e:
         data.load_voc(voc_copy, 2011, split=None)
-    _one_line(e, "2011_000025.xml", "'../../../../etc/passwd' leads outside", "JPEGImages")
+    one_error_line(e, "2011_000025.xml", "'../../../../etc/passwd' leads outside", "JPEGImages")
 
 
 def test_voc_empty_xml_filename_falls_back_to_the_id(voc_copy):
@@ -85,7 +85,7 @@ def test_coco_file_names_cannot_leave_the_image_dir(tmp_path, shared_data, file_
     path.write_text(json.dumps(raw))
     with pytest.raises(data.DataError) as e:
         data.load_coco(path, shared_data / "real_sample/voc")
-    _one_line(e, "instances.json", repr(file_name), problem)
+    one_error_line(e, "instances.json", repr(file_name), problem)
 
 
 @pytest.mark.parametrize("image,problem", [
@@ -99,7 +99,7 @@ def test_coco_bad_image_entries_give_one_line(tmp_path, image, problem):
     path.write_text(json.dumps(raw))
     with pytest.raises(data.DataError) as e:
         data.load_coco(path, tmp_path)
-    _one_line(e, "instances.json", problem)
+    one_error_line(e, "instances.json", problem)
 
 
 def _nus_root(tmp_path, listed, concepts="sky\n"):
@@ -119,14 +119,14 @@ def test_nuswide_list_entries_cannot_leave_the_image_dir(tmp_path, entry):
     (tmp_path / "x.jpg").write_bytes(b"")   # what the escaping entry would reach
     with pytest.raises(data.DataError) as e:
         data.load_nuswide(root, "train")
-    _one_line(e, "TrainImagelist.txt", repr(entry))
+    one_error_line(e, "TrainImagelist.txt", repr(entry))
 
 
 def test_nuswide_empty_concept_list(tmp_path):
     root = _nus_root(tmp_path, ["actor\\0001_1.jpg"], concepts="\n \n")
     with pytest.raises(data.DataError) as e:
         data.load_nuswide(root, "train")
-    _one_line(e, "Concepts81.txt", "names no concept")
+    one_error_line(e, "Concepts81.txt", "names no concept")
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_oversized_csv_field_gives_one_line(tmp_path):
     path.write_text("image_id,cat\n" + "x" * 200_000 + ",1\n")
     with pytest.raises(data.DataError) as e:
         data.read_table_csv(path)
-    _one_line(e, "scores.csv", "line 2: not readable as CSV")
+    one_error_line(e, "scores.csv", "line 2: not readable as CSV")
 
 
 def test_undecodable_list_files_give_one_line(voc_copy, tmp_path):
@@ -181,19 +181,19 @@ def test_undecodable_list_files_give_one_line(voc_copy, tmp_path):
     (main / "trainval.txt").write_bytes("2011_000003\n".encode("utf-16"))
     with pytest.raises(data.DataError) as e:
         data.load_voc(voc_copy, 2011, "trainval")
-    _one_line(e, "trainval.txt", "not a UTF-8 split file")
+    one_error_line(e, "trainval.txt", "not a UTF-8 split file")
     (main / "trainval.txt").write_text("\ufeff2011_000003\n")   # a BOM is not part of the first id
     for c in data.VOC_CLASSES:
         (main / f"{c}_trainval.txt").write_text("2011_000003 -1\n")
     (main / "dog_trainval.txt").write_bytes(b"2011_000003 \xff1\n")
     with pytest.raises(data.DataError) as e:
         data.load_voc(voc_copy, 2011, "trainval")
-    _one_line(e, "dog_trainval.txt", "not a UTF-8 class file")
+    one_error_line(e, "dog_trainval.txt", "not a UTF-8 class file")
     root = _nus_root(tmp_path, ["actor\\0001_1.jpg"])
     (root / "Groundtruth/TrainTestLabels/Labels_sky_Train.txt").write_bytes(b"\x00\x01\x02")
     with pytest.raises(data.DataError) as e:
         data.load_nuswide(root, "train")
-    _one_line(e, "Labels_sky_Train.txt", "not a UTF-8 label file")
+    one_error_line(e, "Labels_sky_Train.txt", "not a UTF-8 label file")
 
 
 @pytest.mark.parametrize("old,new,problem", [
@@ -207,7 +207,7 @@ def test_voc_xml_oddities_give_one_line(voc_copy, old, new, problem):
     xml.write_text(text.replace(old, new, 1))
     with pytest.raises(data.DataError) as e:
         data.load_voc(voc_copy, 2011, split=None)
-    _one_line(e, "2011_000003.xml", problem)
+    one_error_line(e, "2011_000003.xml", problem)
 
 
 def test_deeply_nested_captions_json_gives_one_line(tmp_path, capsys):

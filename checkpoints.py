@@ -1,0 +1,196 @@
+"""The checkpoint format: a trained head's weights, its caption graph (M, N), its config,
+classes and categories and the run's figures in one safetensors file, with a digest of all of
+it. Reading one checks everything before any of it is used (a checkpoint is untrusted input:
+nothing in it is unpickled or run) and rebuilds the model from the recorded config alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bacgcn
+import config
+import data
+
+ROOT = Path(__file__).resolve().parent
+CHECKPOINT_FORMAT = "bacgcn-1"
+
+
+def git_commit() -> str:
+    """Short hash of the checkout, recorded in checkpoints and benchmark rows."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint: model weights, caption graph and config in one safetensors file
+# --------------------------------------------------------------------------------------------
+
+# Paths the checkpoint records as absolute, so that eval.py run from another folder finds (and
+# reports) the same files, never whatever its own working directory holds under those names.
+RECORDED_PATHS = ("clip_weights", "data_root", "cache_dir")
+
+
+DIGEST_KEY = "sha256"   # metadata key of the digest of a file's tensors and other metadata
+
+
+def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the
+    digest itself: written with a checkpoint or run state, checked when it is read, so a byte
+    changed on disk is refused instead of training or scoring with other weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    for key in sorted(k for k in meta if k != DIGEST_KEY):
+        digest.update(f"{key}\0{meta[key]}\0".encode())
+    return digest.hexdigest()
+
+
+def with_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
+    return {**meta, DIGEST_KEY: content_digest(tensors, meta)}
+
+
+def check_digest(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    if meta.get(DIGEST_KEY) != content_digest(tensors, meta):
+        raise data.DataError(path, "its content does not match the digest written with it (changed or damaged "
+                                   "on disk since)" if DIGEST_KEY in meta else "holds no digest of its content")
+
+
+def check_finite(path, tensors: dict[str, torch.Tensor]) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise data.DataError(path, f"tensor {key} holds NaN or infinite values")
+
+
+def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:
+    from safetensors.torch import save_file
+
+    cfg = cfg.replace(**{k: os.path.abspath(getattr(cfg, k)) for k in RECORDED_PATHS if getattr(cfg, k)})
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors["graph.M"] = torch.from_numpy(np.asarray(m, dtype=np.float32))
+    tensors["graph.N"] = torch.from_numpy(np.asarray(n, dtype=np.float32))
+    meta = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "classes": json.dumps(list(classes)),
+            "categories": json.dumps(list(categories)), "metrics": json.dumps(data.json_safe(report)),
+            "commit": git_commit(), "preset": preset}
+    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=with_digest(tensors, meta)))
+
+
+def _recorded_json(path: str, meta: dict, key: str):
+    if key not in meta:
+        raise data.DataError(path, f"checkpoint metadata lacks {key!r}")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise data.DataError(path, f"checkpoint metadata {key!r} is not JSON ({e})") from None
+
+
+def _recorded_names(path: str, meta: dict, key: str) -> list[str]:
+    names = _recorded_json(path, meta, key)
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        raise data.DataError(path, f"checkpoint metadata {key!r} is not a list of names")
+    return names
+
+
+def read_checkpoint(path: str):
+    """(config, classes, categories, tensors, metadata) of a train.py checkpoint; a file that is
+    not one, or whose parts disagree, is a one-line DataError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise data.DataError(path, "checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise data.DataError(path, f"not a safetensors checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise data.DataError(path, "not a checkpoint written by train.py (no bacgcn metadata)")
+    check_digest(path, tensors, meta)
+    if "config" not in meta:
+        raise data.DataError(path, "checkpoint metadata lacks 'config'")
+    try:
+        cfg = config.BACGCNConfig.from_json(meta["config"])
+        config.validate(cfg)
+    except json.JSONDecodeError as e:
+        raise data.DataError(path, f"recorded config is not JSON ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise data.DataError(path, f"recorded config: {e}") from None
+    classes, categories = _recorded_names(path, meta, "classes"), _recorded_names(path, meta, "categories")
+    if categories[:len(classes)] != classes:
+        raise data.DataError(path, "recorded categories do not start with the recorded classes")
+    meta = {**meta, "metrics": json.dumps(_recorded_json(path, meta, "metrics") if "metrics" in meta else {})}
+    check_checkpoint_tensors(path, tensors, len(categories))
+    return cfg, classes, categories, tensors, meta
+
+
+def shape_text(t: torch.Tensor) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def check_checkpoint_tensors(path: str, tensors: dict[str, torch.Tensor], num_categories: int) -> None:
+    """The graph and the prompts fit the recorded categories, and no weight is NaN or infinite."""
+    o = num_categories
+    expected = {"graph.M": (o, o), "graph.N": (o,), "model.logit_scale": ()}
+    for key in (*expected, "model.kernel.prompts"):
+        if key not in tensors:
+            raise data.DataError(path, f"checkpoint lacks the tensor {key}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise data.DataError(path, f"tensor {key} has shape {shape_text(tensors[key])}, expected "
+                                       f"[{', '.join(map(str, shape))}] for {o} categories")
+    prompts = tensors["model.kernel.prompts"]
+    if prompts.dim() != 2 or prompts.shape[0] != o or prompts.shape[1] == 0:
+        raise data.DataError(path, f"tensor model.kernel.prompts has shape {shape_text(prompts)}, expected "
+                                   f"[{o}, embedding size] for {o} categories")
+    check_finite(path, tensors)
+
+
+def check_fits(path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], prefix: str) -> None:
+    """The saved tensors are those of the model the recorded config builds (`own`), shape for
+    shape; else one line naming the tensor and both shapes (load_state_dict's is a traceback)."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    if missing or unexpected:
+        what = f"lacks the tensor {prefix}{missing[0]}" if missing else \
+            f"has an unexpected tensor {prefix}{unexpected[0]}"
+        raise data.DataError(path, f"{what} for the recorded config")
+    for k, v in own.items():
+        if saved[k].shape != v.shape:
+            raise data.DataError(path, f"tensor {prefix}{k} has shape {shape_text(saved[k])}, the recorded config "
+                                       f"gives {shape_text(v)}")
+
+
+# The GCN's sparse graph is rebuilt from graph.M, graph.N and the config; the stored copy must
+# match it (its indices address node rows: a forged one could read out of bounds in a kernel).
+GRAPH_BUFFERS = ("gcn.indptr", "gcn.indices", "gcn.values")
+
+
+def model_from_checkpoint(path: str, cfg, classes, tensors) -> bacgcn.BACGCN:
+    """The trained head rebuilt from a checkpoint's tensors and recorded config."""
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    prompts = torch.zeros_like(state["kernel.prompts"], dtype=torch.float32)
+    model = bacgcn.build_model(cfg, prompts, len(classes), tensors["graph.M"], tensors["graph.N"],
+                        float(state["logit_scale"]))
+    own = model.state_dict()
+    check_fits(path, state, own, "model.")
+    for k, v in own.items():
+        if k in GRAPH_BUFFERS and not torch.allclose(state[k].to(v.dtype), v, rtol=1e-5, atol=1e-6):
+            raise data.DataError(path, f"tensor model.{k} does not match the graph rebuilt from graph.M, graph.N "
+                                       "and the recorded config")
+    model.load_state_dict(state, strict=True)
+    return model
+
+

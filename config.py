@@ -1,0 +1,327 @@
+"""The config: every knob of BAC-GCN in one dataclass with commented defaults, the named
+presets, `--key=value` overrides checked by type and range, and `--help` made from the comments.
+
+  cfg, preset = config.parse_overrides(["--dataset=voc07", "--epochs=8"])
+
+A run records its config in its checkpoint and run state; `BACGCNConfig.from_json` reads it
+back and `validate` checks it as it checks a command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import datasets
+from cli import last_value, parse_bool, split_options
+
+# Ways the last block can read out per-patch embeddings.
+PATCH_READOUTS = ("self_attention", "value")
+# Ways to read g^H and g^Hc (CLIPBackbone.features).
+SUBSET_READOUTS = ("reencode", "last_block")
+LOSSES = ("bce", "asl")
+# The GCN starts at zero weights (so the untrained model is CLIP zero-shot): its activation
+# needs a nonzero gradient at 0. relu has none (measured: a relu run left every GCN weight at 0).
+GCN_ACTIVATIONS = ("leaky_relu", "gelu")
+GRAPH_DIRECTIONS = ("row", "mlgcn")
+# How CLIP weight files may be read. "auto" never runs torch.jit.load: a TorchScript archive can
+# carry code, so OpenAI's archive loads only when it is asked for by name.
+WEIGHT_FORMATS = ("auto", "openai-torchscript")
+# What the head trains on: the caption pseudo labels (the method) or the dataset's human labels
+# (the ceiling of the head on the same features: bench/ablation.py's oracle row).
+TRAIN_LABELS = ("captions", "true")
+# Where a run's numbers and files also go (tracking.py).
+TRACKERS = ("none", "mlflow")
+
+
+# ============================================================================================
+# Config
+# ============================================================================================
+
+@dataclass
+class BACGCNConfig:
+    """Every knob of the method. The paper leaves most open; the defaults are ours."""
+    # data
+    dataset: str = "synthetic"          # a dataset of the registry (datasets.py; listed above) or its short name
+    data_folder: str = "data_folder"    # the paper's release layout: <data_folder>/<dataset>/ (./ first, then the repo)
+    data_root: str = ""                 # '' = <data_folder>/<dataset>; synthetic: '' = runs/world-seed{seed}
+    build_world: bool = False           # synthetic: build the world at --data-root when it is missing
+    captions: str = ""                  # folder with captions.json (+ re_captions.json) ('' = <data_folder>/<dataset>)
+    synonyms: str = ""                  # dictionary JSON ('' = the project's for the dataset, 'paper')
+    train_split: str = ""               # '' = the dataset's training split
+    test_split: str = ""                # '' = the dataset's test split
+    # frozen CLIP (stage 2)
+    clip_model: str = "synthclip-vit-t8"   # open_clip name; OpenAI weights need ViT-B-16-quickgelu
+    clip_weights: str = "assets/synthclip.safetensors"   # safetensors or a torch state dict; ./ first, then the repo
+    clip_weights_format: str = "auto"   # auto (safetensors or a weights-only torch state dict) | openai-torchscript
+    image_size: int = 0                 # 0 = the model's own; ViT-B/16 at 448 interpolates position embeddings
+    patch_readout: str = "self_attention"  # last block: self_attention (residual + MLP kept) | value (MaskCLIP)
+    h_fraction: float = 0.25            # share of patches in the most-attended set H (fixed count)
+    subset_readout: str = "last_block"  # g^H, g^Hc: last_block (one encoder pass) | reencode (subset, every block)
+    # Similarity Kernel (stage 3)
+    topk: int = 8                       # Top-K patches pooled per category
+    temperature: float = 0.05           # T of the softmax over the Top-K similarities
+    # CLIP-GCN (stage 4)
+    tau_a: float = 0.3                  # keep edge i->j when P(j|i) >= tau_a
+    graph_direction: str = "row"        # row: i aggregates from j when P(j|i) >= tau_a | mlgcn: the transpose
+    reweight_p: float = 0.25            # ML-GCN re-weighting: neighbours share p, the node keeps 1 - p
+    global_edge: float = 0.5            # weight of each global<->local edge before normalisation
+    gcn_layers: int = 2
+    gcn_activation: str = "leaky_relu"  # leaky_relu | gelu (not relu: see GCN_ACTIVATIONS)
+    # ablation switches (bench/ablation.py)
+    use_local: bool = True              # local logits from the Similarity Kernel
+    use_gcn: bool = True
+    use_backgrounds: bool = True        # background categories as nodes, prompts and targets
+    use_reso: bool = True
+    # Ours, not the paper's (off by default): + a linear layer over [g, max-pooled patches] added
+    # to every logit, zero-initialised (the untrained model is still CLIP zero-shot). The ablation
+    # found the paper's head within 0.2-0.5 mAP of a linear probe on those inputs (README).
+    linear_readout: bool = False
+    # training (stage 5, 6)
+    train_labels: str = "captions"      # captions | true: human class labels (the oracle; backgrounds keep captions)
+    loss: str = "bce"                   # bce | asl (asymmetric loss, gamma_neg below)
+    asl_gamma_neg: float = 2.0
+    epochs: int = 16
+    batch_size: int = 64
+    lr: float = 2e-3
+    prompt_lr_mult: float = 0.1         # the prompts start at CLIP's text embeddings: move them gently
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_votes: int = 1                  # captions needed for a hard pseudo label (graph, ReSO)
+    # ReSO (stage 6)
+    reso_epoch: int = 10                # E_reso: first epoch (0-based) that trains on crops
+    reso_tau: float = 0.5               # a patch is in the region where the normalised similarity > tau
+    reso_eps: float = 0.1               # crop only regions covering less than eps of the image
+    reso_margin: float = 0.5            # crop box = region box grown by this fraction on each side
+    reso_max_crops: int = 2             # per image, smallest regions first
+    reso_gamma: float = 2.0             # crop loss weight 1 + (1 - p)^gamma grows with the error
+    reso_floor_quantile: float = 0.9    # a region's peak must beat this quantile of its class's uncaptioned peaks
+    # runtime
+    seed: int = 0
+    device: str = ""                    # '' = cuda if available else cpu
+    compile: bool = False               # torch.compile the head (CUDA)
+    amp: bool = True                    # bf16 autocast on CUDA (the CPU always runs fp32)
+    workers: int = 2                    # image decoding workers while caching features
+    cache_dir: str = ".cache/features"  # frozen-CLIP features, encoded once per image
+    cache_memory_gb: float = 8.0        # cached features held in memory up to this size; larger ones stream from disk
+    out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
+    log_every: int = 50
+    tracker: str = "none"               # none | mlflow (pip install -r requirements-tracking.txt; main process only)
+    tracker_uri: str = ""               # mlflow tracking URI ('' = runs/mlruns, a local store `mlflow ui` reads)
+
+    def replace(self, **kw) -> "BACGCNConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BACGCNConfig":
+        """The config of `to_json` (fields it does not know are dropped); not validated."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"not a JSON object but a {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+_VITB16 = dict(clip_model="ViT-B-16-quickgelu", clip_weights="ViT-B-16.safetensors", image_size=448, topk=16,
+               temperature=0.03, batch_size=64, epochs=16, reso_epoch=10, workers=8)
+PRESETS: dict[str, dict] = {
+    # Read at twice the tiny CLIP's native 64 px, as the paper reads ViT-B/16 (native 224) at 448:
+    # at 64 px a head on the true labels stopped ~1 mAP above zero-shot, no room for any component.
+    # The training settings were chosen on world 100's validation split (bench/ablation.py
+    # --validation; README): prompts at the full learning rate (x0.1 held the trained global
+    # branch 4.7 mAP lower), 32 epochs (+0.6), and a ReSO floor at the 0.99 quantile (crop
+    # precision 84 -> 94 %, +1.1 mAP: wrong crops cost more than missed ones). With the captions
+    # calibrated to real BLIP-2 noise, ReSO regions at tau 0.6 (+0.13 mAP, +0.8 mAP_small over 0.5;
+    # asymmetric loss and tau_a 0.5 gave -0.05 and +0.1).
+    "synthetic-tiny": dict(image_size=128, lr=5e-3, prompt_lr_mult=1.0, epochs=32, reso_epoch=20,
+                           reso_floor_quantile=0.99, reso_tau=0.6),
+    "voc2007-vitb16": dict(_VITB16, dataset="voc2007"),
+    "voc2012-vitb16": dict(_VITB16, dataset="voc2012"),
+    "coco2014-vitb16": dict(_VITB16, dataset="coco2014", tau_a=0.4),
+    "nuswide-vitb16": dict(_VITB16, dataset="nuswide", tau_a=0.4),
+}
+
+
+def preset_for(dataset: str | None) -> str:
+    """The preset a run takes without --preset: its dataset's entry names it (a real dataset's
+    ViT-B/16 one: the tiny CLIP of the proving ground knows nothing of real photos)."""
+    name = datasets.canonical(dataset or BACGCNConfig.dataset)
+    if name not in datasets.names():
+        raise ValueError(f"--dataset must be one of {dataset_choices()}, got {dataset!r}")
+    entry = datasets.get(name)
+    if entry.preset is None:
+        raise ValueError(f"--dataset={name} has no preset of its own: pass --preset=NAME "
+                         f"(presets: {', '.join(PRESETS)})")
+    return entry.preset
+
+
+def dataset_choices() -> str:
+    return f"{', '.join(datasets.names())} (or {', '.join(datasets.aliases())})"
+
+
+def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tuple[BACGCNConfig, str]:
+    """`--preset=NAME` and `--key=value` (or `--key value`) overrides, checked by field type.
+    `--dataset` takes the short names too and, without --preset, chooses the dataset's preset.
+    A repeated option means its last value, for the preset too. Returns (config, preset name).
+    An unknown key or a bad value is a one-line ValueError."""
+    return from_pairs(split_options(args), base)
+
+
+def from_pairs(pairs: Sequence[tuple[str, str]], base: BACGCNConfig | None = None) -> tuple[BACGCNConfig, str]:
+    """`parse_overrides` of options already split into (key, value) pairs (cli.split_options)."""
+    fields = {f.name: f for f in dataclasses.fields(BACGCNConfig)}
+    pairs = [(k, datasets.canonical(v) if k == "dataset" else v) for k, v in pairs]
+    preset = last_value(pairs, "preset") or preset_for(last_value(pairs, "dataset"))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    cfg = base or BACGCNConfig(**PRESETS[preset])
+    updates = {}
+    for k, v in pairs:
+        if k == "preset":
+            continue
+        if k not in fields:
+            raise ValueError(f"unknown option --{k.replace('_', '-')}")
+        kind = type(getattr(cfg, k))
+        try:
+            updates[k] = parse_bool(v) if kind is bool else kind(v)
+        except ValueError:
+            raise ValueError(f"--{k.replace('_', '-')}: expected {kind.__name__}, got {v!r}") from None
+    cfg = cfg.replace(**updates)
+    validate(cfg)
+    return cfg, preset
+
+
+# Range of every numeric config field: (test, what the value must be). A field missing here fails
+# tests/test_trust_cli.py, so a new knob cannot skip validation.
+NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "image_size": (lambda v: v >= 0, ">= 0 (0 = the model's own size)"),
+    "h_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "topk": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "tau_a": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "reweight_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "global_edge": (lambda v: v >= 0, ">= 0"),
+    "gcn_layers": (lambda v: v >= 1, ">= 1 (--use-gcn=false turns the GCN off)"),
+    "asl_gamma_neg": (lambda v: v >= 0, ">= 0"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "prompt_lr_mult": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "min_votes": (lambda v: v >= 1, ">= 1 (0 would make every category a positive)"),
+    "reso_epoch": (lambda v: v >= 0, ">= 0"),
+    "reso_tau": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "reso_eps": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "reso_margin": (lambda v: v >= 0, ">= 0"),
+    "reso_max_crops": (lambda v: v >= 1, ">= 1 (--use-reso=false turns ReSO off)"),
+    "reso_gamma": (lambda v: v >= 0, ">= 0"),
+    "reso_floor_quantile": (lambda v: 0 <= v <= 1, "in [0, 1] (0: no floor)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "workers": (lambda v: v >= 0, ">= 0 (0 = decode in the main process)"),
+    "cache_memory_gb": (lambda v: v >= 0, ">= 0 (0 = always stream the cache from disk)"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+}
+CHOICES = {"patch_readout": PATCH_READOUTS, "subset_readout": SUBSET_READOUTS,
+           "loss": LOSSES, "clip_weights_format": WEIGHT_FORMATS, "train_labels": TRAIN_LABELS,
+           "graph_direction": GRAPH_DIRECTIONS, "tracker": TRACKERS}
+DEVICE_PATTERN = re.compile(r"(cpu|cuda(:\d+)?)?")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_problem(value, default) -> str | None:
+    """What is wrong with the type of `value` for a field whose default is `default` (JSON from
+    a checkpoint can hold anything), or None."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a bool"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None if isinstance(value, str) else "a string"
+
+
+def validate(cfg: BACGCNConfig) -> None:
+    """Every field, before any work: types, ranges (finite numbers), choices and the device's
+    spelling. A bad value is a one-line ValueError naming the option. What only the model can
+    judge (image size, Top-K against the patch count) is checked by pipeline.build_backbone and
+    pipeline.check_against_backbone; whether CUDA is there, by pipeline.resolve_device."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = _type_problem(value, f.default)
+        if kind:
+            raise ValueError(f"{_option(f.name)} must be {kind}, got {value!r}")
+        if f.name in NUMBER_RULES:
+            test, rule = NUMBER_RULES[f.name]
+            if not math.isfinite(value):
+                raise ValueError(f"{_option(f.name)} must be a finite number {rule}, got {value!r}")
+            if not test(value):
+                raise ValueError(f"{_option(f.name)} must be {rule}, got {value!r}")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{_option(f.name)} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
+    if cfg.dataset not in datasets.names():      # the registry's names, a dataset added at run time too
+        raise ValueError(f"--dataset must be one of {dataset_choices()}, got {cfg.dataset!r}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ValueError(f"--device must be '' (CUDA when there is one), cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.gcn_activation not in GCN_ACTIVATIONS:
+        raise ValueError(f"gcn_activation must be one of {GCN_ACTIVATIONS}"
+                         + (": relu cannot train the zero-initialised GCN (its gradient at 0 is 0, so the "
+                            "weights never move)" if cfg.gcn_activation == "relu" else ""))
+
+
+def _config_comments() -> tuple[dict[str, str], dict[str, str]]:
+    """(trailing comment, section heading) of each config field, read from this file's source:
+    the comments are the options' documentation, so --help cannot drift from them."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    comments = {}   # line -> (comment text, whether the line holds nothing else)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "BACGCNConfig")
+    trailing, heading, last = {}, {}, cls.lineno
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+            text, alone = comments.get(node.lineno, ("", True))
+            trailing[name] = "" if alone else text
+            above = [comments[k][0] for k in range(last + 1, node.lineno) if comments.get(k, ("", False))[1]]
+            if above:
+                heading[name] = above[-1]
+            last = node.end_lineno
+    return trailing, heading
+
+
+def options_help() -> str:
+    """The presets and every config option with its type, default and documentation."""
+    trailing, heading = _config_comments()
+    lines = ["presets (--preset=NAME; default: the preset of the --dataset, listed with the datasets below):"]
+    for name, values in PRESETS.items():
+        lines.append(f"  {name:<17} " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"))
+    lines += ["", "datasets (--dataset=NAME; short names in brackets):"]
+    for entry in datasets.REGISTRY.values():
+        short = f" ({', '.join(entry.aliases)})" if entry.aliases else ""
+        lines.append(f"  {entry.name + short:<26} splits {', '.join(entry.splits)}; trains on {entry.train_split}, "
+                     f"tests on {entry.test_split}; preset {entry.preset or '(none: --preset required)'}")
+    lines += ["", "options (--key=value or --key value; a bare --flag means true; the last of a repeated option "
+                  "wins):"]
+    for f in dataclasses.fields(BACGCNConfig):
+        if f.name in heading:
+            lines.append(f" {heading[f.name]}")
+        spec = f"{_option(f.name)} {type(f.default).__name__.upper()}"
+        lines.append(f"  {spec:<28} {f.default!r:<20} {trailing[f.name]}".rstrip())
+    return "\n".join(lines)
+

@@ -1,0 +1,210 @@
+"""ReSO (Re-training for Small Objects): the small regions of a category's similarity map,
+the crops of the original images around them, encoded once (cached), and the training tensors
+of those crops. The region rule and the crops also serve the peers that re-encode regions
+(peers.py's TagCLIP- and CDUL-style rows).
+
+A region of category o in an image: the patches where o's similarity map, min-max normalised
+over the patches, exceeds tau; it is small when it covers less than eps of the image. The paper
+crops such regions of the captions' positives (pseudo-positives), upscales them to the input
+size and trains on them from epoch E_reso, a hard sample weighing more the worse it is predicted.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import closing
+from dataclasses import dataclass
+
+import torch
+
+import data
+import datasets
+from cache import CachedFeatures
+from pipeline import Split, feature_spec, load_or_encode, log, prefetched, scoring_batch
+
+# --------------------------------------------------------------------------------------------
+# Regions and crops of the original images (ReSO, and the peers that re-encode crops)
+# --------------------------------------------------------------------------------------------
+
+def region_masks(maps: torch.Tensor, tau: float) -> torch.Tensor:
+    """[B, N, C] -> bool [B, N, C]: where each image's map of each category, min-max normalised
+    over its N patches, exceeds `tau` (ReSO's regions, and TagCLIP's re-identified ones)."""
+    lo, hi = maps.amin(1, keepdim=True), maps.amax(1, keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(1e-12) > tau
+
+
+def box_of_cells(cells: torch.Tensor, grid: int) -> tuple[int, int, int, int]:
+    """(r0, c0, r1, c1), inclusive, of the patches `cells` (flat indices, at least one) of a grid x grid map."""
+    rows, cols = cells // grid, cells % grid
+    return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
+
+
+def crop_box(patch_box: tuple[int, int, int, int], grid: int, width: int, height: int,
+             margin: float) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1) of a patch-grid box grown by `margin` of its size on each
+    side, made square (objects keep their aspect when upscaled) and clipped to the image."""
+    r0, c0, r1, c1 = patch_box
+    x0, x1 = c0 / grid * width, (c1 + 1) / grid * width
+    y0, y1 = r0 / grid * height, (r1 + 1) / grid * height
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = min(side, width, height)
+    x0 = min(max(cx - side / 2, 0), width - side)
+    y0 = min(max(cy - side / 2, 0), height - side)
+    return int(round(x0)), int(round(y0)), int(round(x0 + side)), int(round(y0 + side))
+
+
+class CropImages(torch.utils.data.Dataset):
+    """Crops of original images, upscaled to the encoder's input size."""
+
+    def __init__(self, dataset: data.MultiLabelImages, crops: list[tuple[int, int, tuple]], size: int, grid: int,
+                 margin: float):
+        """`crops`: (dataset index, class, patch box) each."""
+        self.dataset, self.crops, self.size, self.grid, self.margin = dataset, crops, size, grid, margin
+        self.name = f"{dataset.name} crops"
+        self.ids = [f"{dataset.samples[i].id}:{c}:{','.join(map(str, box))}" for i, c, box in crops]
+
+    def __len__(self):
+        return len(self.crops)
+
+    def __getitem__(self, k):
+        from torchvision.transforms.v2 import functional as TF
+
+        index, _, patch_box = self.crops[k]
+        item = self.dataset[index]
+        if item is None:
+            return None
+        img = item["image"]
+        x0, y0, x1, y1 = crop_box(patch_box, self.grid, img.shape[2], img.shape[1], self.margin)
+        img = TF.resize(img[:, y0:y1, x0:x1], [self.size, self.size], antialias=True)
+        return {"image": img, "labels": item["labels"], "id": self.ids[k], "index": k}
+
+
+def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str,
+                 margin: float | None = None) -> tuple[CachedFeatures, list]:
+    """(features, the crops kept) of the crops `found` [(row, class, patch box)] grown by
+    `margin` (default: ReSO's), each encoded once (cached under `kind` and the crops' list). A
+    crop whose image could not be read is dropped. ReSO and the peers that re-encode crops
+    (bench/compare.py) share it."""
+    margin = cfg.reso_margin if margin is None else margin
+    grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
+    row = {s.id: k for k, s in enumerate(split.dataset.samples)}
+    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
+                         backbone.image_size, grid, margin)
+    spec = feature_spec(cfg, backbone, split.dataset, kind)
+    spec.update({"crops": crop_ds.ids, "margin": margin})
+    feats = load_or_encode(cfg, backbone, crop_ds, spec, device, kind)
+    encoded = set(feats.ids)
+    return feats, [f for f, i in zip(found, crop_ds.ids) if i in encoded]
+
+
+
+# --------------------------------------------------------------------------------------------
+# ReSO: crops of small pseudo-positive regions (used by stage 4)
+# --------------------------------------------------------------------------------------------
+
+def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """Small regions worth a crop: [(image row, class, (r0, c0, r1, c1) patch box incl.)].
+
+    For each pseudo-positive class o of an image, the similarity map S[:, o] is min-max
+    normalised over the patches; the region is {patch: S_hat > tau}; it is kept when it covers
+    less than eps of the image (the object is small). At most `reso_max_crops` per image,
+    smallest first.
+    """
+    n = sim.shape[1]
+    grid = int(round(math.sqrt(n)))
+    region = region_masks(sim, cfg.reso_tau)       # [B, N, C]
+    cover = region.float().mean(1)                          # [B, C]
+    out = []
+    for b, c in (positives & (cover < cfg.reso_eps) & (cover > 0)).nonzero().tolist():
+        out.append((b, c, box_of_cells(region[b, :, c].nonzero()[:, 0], grid), float(cover[b, c])))
+    out.sort(key=lambda t: (t[0], t[3]))
+    kept, per_image = [], {}
+    for b, c, box, _ in out:
+        if per_image.get(b, 0) < cfg.reso_max_crops:
+            per_image[b] = per_image.get(b, 0) + 1
+            kept.append((b, c, box))
+    return kept
+
+
+
+@dataclass
+class ResoCrops:
+    """The ReSO crops of a run, ready to train on: row k is crop k."""
+    feats: CachedFeatures            # cached features, as for images
+    targets: torch.Tensor            # [n, O] its class 1, the parent's uncaptioned categories 0
+    masks: torch.Tensor              # [n, O] 1 where an entry is trained
+    classes: torch.Tensor            # [n] the class each crop was cut for
+    found: list                      # [(image row, class, patch box)] of each crop: the run state keeps it
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes: int, device: str,
+                       dtype) -> list:
+    """reso_regions of the pseudo-positive classes over a whole split, batch by batch (all
+    similarity maps of COCO would not fit in memory), kept only where the region's peak
+    similarity beats the class's noise floor: the `reso_floor_quantile` of that class's peaks
+    on images whose captions do not name it (no hard pseudo label). A min-max normalised map always yields a region,
+    even where the map is noise; the floor is what tells the two apart. Every process of a
+    distributed job scans every image (the model is the same on all of them, so they agree on
+    the crops) and encodes only its share of the crops."""
+    found, peaks = [], []
+    model.eval()
+    step = scoring_batch(split.feats)
+    batches = [torch.arange(i, min(i + step, len(split.ids))) for i in range(0, len(split.ids), step)]
+    with torch.no_grad(), closing(prefetched([(split.feats, b) for b in batches], device, dtype)) as stream:
+        for idx, x in zip(batches, stream):
+            sim = model(x)["sim"][:, :, :num_classes].float().cpu()
+            peaks.append(sim.amax(1))
+            found += [(int(idx[0]) + b, c, box) for b, c, box in reso_regions(sim, hard[idx, :num_classes], cfg)]
+    model.train()
+    peaks = torch.cat(peaks)                                             # [n, C]
+    unnamed = ~hard[:, :num_classes]         # the soft targets are never exactly 0 (the caption-context tie-break)
+    floor = torch.stack([torch.quantile(peaks[unnamed[:, c], c], cfg.reso_floor_quantile) if unnamed[:, c].any()
+                         else peaks[:, c].min() for c in range(num_classes)])
+    kept = [(b, c, box) for b, c, box in found if peaks[b, c] > floor[c]]
+    log(f"ReSO: {len(kept)} of {len(found)} small regions peak above their class's noise floor")
+    return kept
+
+
+def crop_precision(cfg, split: Split, found: list) -> float | None:
+    """Share of the crops whose box holds most (>= half) of a true instance of their class,
+    from the VOC-layout boxes (Annotations/); None where the dataset has none."""
+    year = datasets.get(cfg.dataset).voc_year
+    if year is None or not found:
+        return None
+    base = data.voc_root(cfg.data_root, year, cfg.train_split)
+    grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
+    names, hits = split.dataset.class_names, 0
+    for row, cls, patch_box in found:
+        ann = data.read_voc_annotation(base / "Annotations" / f"{split.ids[row]}.xml")
+        x0, y0, x1, y1 = crop_box(patch_box, grid, ann.width, ann.height, cfg.reso_margin)
+        for o in ann.objects:
+            area = max((o.box[2] - o.box[0]) * (o.box[3] - o.box[1]), 1e-9)
+            inside = max(0.0, min(x1, o.box[2]) - max(x0, o.box[0])) * max(0.0, min(y1, o.box[3]) - max(y0, o.box[1]))
+            if o.name == names[cls] and inside >= 0.5 * area:
+                hits += 1
+                break
+    return 100.0 * hits / len(found)
+
+
+def build_reso_crops(cfg, backbone, train: Split, found: list, targets: torch.Tensor,
+                     device: str) -> ResoCrops | None:
+    """Crop the small regions `found` [(row, class, patch box)] from the original images,
+    encode each crop once (cached), and return their training tensors."""
+    if not found:
+        return None
+    feats, found = encode_crops(cfg, backbone, train, found, "reso-crops", device)
+    parents = torch.tensor([b for b, _, _ in found], dtype=torch.int64)
+    cls = torch.tensor([c for _, c, _ in found], dtype=torch.int64)
+    # Crop targets: its class is present; what the captions never named in the parent is absent
+    # in the crop too; the parent's other positives may or may not be inside: not trained.
+    crop_targets = torch.zeros(len(found), targets.shape[1])
+    crop_targets[torch.arange(len(found)), cls] = 1.0
+    crop_masks = (targets[parents] <= 0.05).float()
+    crop_masks[torch.arange(len(found)), cls] = 1.0
+    # On the device once: copied per batch from pageable memory, each step waited for the host.
+    return ResoCrops(feats, crop_targets.to(device), crop_masks.to(device), cls.to(device), found)
+
+

@@ -1,0 +1,170 @@
+"""A run's bookkeeping, out of the training loop's way: the run folder (one run in it, its
+files), the run state an exact resume restores (weights, optimiser, schedule, every random
+state, the ReSO crops), metrics.jsonl, and how a stopped run says what it kept.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoints
+import config
+import data
+import tracking
+from reso import ResoCrops
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops, the last epoch's state is kept."""
+
+
+@dataclass
+class Loop:
+    """Where training stands: what an exact resume restores (with the model's weights)."""
+    opt: torch.optim.Optimizer
+    base_lr: list[float]
+    gen: torch.Generator             # the batch order
+    warmup: int
+    total: int
+    epoch: int = 0                   # the next epoch to run
+    step: int = 0
+    crops: ResoCrops | None = None
+
+
+STATE_FILE = "state.safetensors"
+STATE_FORMAT = "bacgcn-state-1"
+
+
+def save_state(path: Path, model, loop: Loop, cfg, preset: str) -> None:
+    """Everything an exact resume needs, atomically: weights, optimiser moments and steps, the
+    schedule position, every random state, the ReSO crops (by their regions; their features
+    are in the cache). Tensors in safetensors and the rest as JSON: nothing is pickled."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = loop.opt.state_dict()
+    for index, moments in opt["state"].items():
+        tensors.update({f"opt.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in moments.items()})
+    numpy_rng = np.random.get_state()
+    tensors.update({"rng.torch": torch.get_rng_state(), "rng.batches": loop.gen.get_state(),
+                    "rng.numpy": torch.from_numpy(numpy_rng[1].astype(np.int64))})
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"format": STATE_FORMAT, "config": cfg.to_json(), "preset": preset, "epoch": str(loop.epoch),
+            "step": str(loop.step), "total": str(loop.total),
+            "param_groups": json.dumps(opt["param_groups"]), "numpy_rng": json.dumps(list(numpy_rng[2:])),
+            "python_rng": json.dumps(random.getstate()),
+            "reso_found": json.dumps(None if loop.crops is None else loop.crops.found)}
+    data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=checkpoints.with_digest(tensors, meta)))
+
+
+def read_state(run_dir: str | Path) -> dict:
+    """The state a run folder holds: {"config", "tensors", "meta", "path"}; one-line errors
+    otherwise, naming the file: unreadable, changed since it was written (its digest), NaN."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise data.DataError(run_dir, f"no {STATE_FILE} here: not a run folder, or its first epoch never ended")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError("not a train.py run state")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise data.DataError(path, f"unreadable run state ({e})") from None
+    checkpoints.check_digest(path, tensors, meta)
+    try:
+        cfg = config.BACGCNConfig.from_json(meta["config"])
+        config.validate(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise data.DataError(path, f"unreadable run state ({e})") from None
+    checkpoints.check_finite(path, tensors)
+    return {"config": cfg, "tensors": tensors, "meta": meta, "path": path}
+
+
+def restore_state(state: dict, model, loop: Loop) -> list | None:
+    """Put a saved state back into the model and the loop; returns the ReSO regions, if any.
+    Tensors that do not fit the model its config builds are one line with both shapes."""
+    tensors, meta, path = state["tensors"], state["meta"], state["path"]
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    checkpoints.check_fits(path, weights, model.state_dict(), "model.")
+    model.load_state_dict(weights, strict=True)
+    params = [p for g in loop.opt.param_groups for p in g["params"]]
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            if name != "step" and (int(index) >= len(params) or value.shape != params[int(index)].shape):
+                shape = checkpoints.shape_text(params[int(index)]) if int(index) < len(params) else "no parameter"
+                raise data.DataError(path, f"tensor {key} has shape {checkpoints.shape_text(value)}, the recorded "
+                                           f"config gives {shape}")
+            moments.setdefault(int(index), {})[name] = value
+    loop.opt.load_state_dict({"state": moments, "param_groups": json.loads(meta["param_groups"])})
+    loop.gen.set_state(tensors["rng.batches"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    pos, has_gauss, cached = json.loads(meta["numpy_rng"])
+    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(meta["python_rng"])
+    random.setstate((version, tuple(internal), gauss))
+    loop.epoch, loop.step, loop.total = int(meta["epoch"]), int(meta["step"]), int(meta["total"])
+    found = json.loads(meta["reso_found"])
+    return [(row, cls, tuple(box)) for row, cls, box in found] if found else None
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON record a line, each record's numbers also sent to the tracker
+    at `step` (the training step for losses, the epoch for per-epoch figures)."""
+
+    def __init__(self, file, tracker: tracking.Tracker | None = None):
+        self.file, self.tracker = file, tracker or tracking.Tracker()
+
+    def record(self, values: dict, step: int | None) -> None:
+        self.file.write(json.dumps(data.json_safe(values), allow_nan=False) + "\n")   # strict JSON: NaN is null
+        self.file.flush()
+        if step is not None:
+            self.tracker.log_metrics({k: v for k, v in values.items() if k not in ("step", "epoch")}, step)
+
+
+RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE, tracking.RUN_ID_FILE)
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early (interrupted, or a non-finite loss): one line and an exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A run folder holds one run: reusing one that is not empty takes --resume (continue it)
+    or --overwrite (its earlier outputs are removed first, so no file mixes two runs)."""
+    if resume:
+        return
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, --overwrite "
+                                          "replaces it")
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        if any(out_dir.iterdir()):
+            raise data.DataError(out_dir, "--overwrite: the folder holds files train.py did not write; "
+                                          "choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def stopped_note(out_dir: Path) -> str:
+    if (out_dir / STATE_FILE).is_file():
+        epoch = read_state(out_dir)["meta"]["epoch"]
+        return f"the state after epoch {epoch} is kept: python train.py --resume {out_dir}"
+    return "no epoch had ended, so there is nothing to resume"
+
+

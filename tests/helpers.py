@@ -1,0 +1,138 @@
+"""Helpers several test modules share (checkpoints and files crafted as an attacker would,
+OpenAI-style archives, the paper's release layout, a trainer in its own process)."""
+import json
+import os
+import shutil
+import signal  # noqa: F401  (the callers pass signals to stop_after)
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import bacgcn
+import checkpoints
+import config
+import data
+import synthetic as S
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIES = 4          # 3 real photos x 4 = 12 images per split
+CAPTION = "a photo of {} in the city street"
+
+
+def launch_train(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, as a user runs it
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def epoch_saved(out: Path) -> int:
+    try:
+        with safe_open(str(out / "state.safetensors"), "pt") as f:
+            return int(f.metadata()["epoch"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def stop_after(proc, out: Path, epochs: int, sig) -> None:
+    """Send `sig` as soon as the state after `epochs` epochs is on disk."""
+    deadline = time.time() + 600
+    while epoch_saved(out) < epochs:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+
+
+def voc_tree(real, base, splits, copies):
+    """A VOC2007 tree at `base` with the real photos copied `copies` times and per-class
+    ImageSets files for `splits` (from the XML); returns {caption key: captions naming each
+    image's classes}."""
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (base / sub).mkdir(parents=True)
+    ids, captions = [], {}
+    for xml in sorted((real / "Annotations").glob("*.xml")):
+        ann = data.read_voc_annotation(xml)
+        names = sorted({o.name for o in ann.objects})
+        for k in range(copies):
+            image_id = f"{xml.stem}_{k}"
+            shutil.copy(real / "JPEGImages" / f"{xml.stem}.jpg", base / "JPEGImages" / f"{image_id}.jpg")
+            text = xml.read_text().replace(f"{xml.stem}.jpg", f"{image_id}.jpg")
+            (base / "Annotations" / f"{image_id}.xml").write_text(text)
+            ids.append((image_id, names))
+            captions[f"{image_id}."] = [CAPTION.format(" and a ".join(names))] * 6
+    main = base / "ImageSets" / "Main"
+    for split in splits:
+        (main / f"{split}.txt").write_text("".join(f"{i}\n" for i, _ in ids))
+        for c in data.VOC_CLASSES:
+            (main / f"{c}_{split}.txt").write_text("".join(f"{i} {1 if c in n else -1}\n" for i, n in ids))
+    return captions
+
+
+def release_layout(real, data_folder, copies=COPIES):
+    """The paper's release layout: data_folder/voc2007/ with each tar as it unpacks (trainval
+    and test in separate trees, the same photos in both) and captions.json beside them."""
+    folder = data_folder / "voc2007"
+    captions = voc_tree(real, folder / "VOCtrainval_06-Nov-2007" / "VOCdevkit" / "VOC2007", ("trainval",), copies)
+    voc_tree(real, folder / "VOCtest_06-Nov-2007" / "VOCdevkit" / "VOC2007", ("test",), copies)
+    (folder / "captions.json").write_text(json.dumps(captions))
+
+
+def torchscript_archive(state: dict, path):
+    """An archive shaped like OpenAI's ViT-B-16.pt: a TorchScript module whose state dict has
+    CLIP's keys plus OpenAI's three metadata entries."""
+    class Node(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = Node()
+    for key, value in {**state, "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+                       "vocab_size": torch.tensor(49408)}.items():
+        *path_parts, leaf = key.split(".")
+        node = root
+        for part in path_parts:
+            if not hasattr(node, part):
+                node.add_module(part, Node())
+            node = getattr(node, part)
+        if value.is_floating_point():
+            node.register_parameter(leaf, torch.nn.Parameter(value.half(), requires_grad=False))
+        else:
+            node.register_buffer(leaf, value)
+    torch.jit.save(torch.jit.script(root), str(path))
+
+
+def one_error_line(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def write_checkpoint(path, cfg: config.BACGCNConfig, dim: int = 32):
+    """A checkpoint as train.py writes it, of an untrained head over the world's categories."""
+    classes, categories = list(S.CLASS_NAMES), list(S.CLASS_NAMES) + list(S.BACKGROUNDS)
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randint(0, 20, (len(categories), len(categories)), generator=gen).float()
+    m = m + m.t()
+    prompts = torch.nn.functional.normalize(torch.randn(len(categories), dim, generator=gen), dim=-1)
+    model = bacgcn.build_model(cfg, prompts, len(classes), m, m.diagonal() + 5, 100.0)
+    checkpoints.save_checkpoint(path, model, cfg, classes, categories, m.numpy(), (m.diagonal() + 5).numpy(),
+                             {"mAP": 50.0}, "synthetic-tiny")
+    return path
+
+
+def rewrite_file(path, meta=None, tensors=None, digest=True):
+    """Change a checkpoint's (or run state's) metadata and tensors; by default as a crafted file
+    would, with a digest that fits, so that the checks behind the digest are what is tested."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        old_meta, old = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    new_meta = {k: v for k, v in {**old_meta, **(meta or {})}.items() if v is not None}
+    new = {k: v for k, v in {**old, **(tensors or {})}.items() if v is not None}
+    save_file(new, str(path), metadata=checkpoints.with_digest(new, new_meta) if digest else new_meta)
