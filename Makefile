@@ -20,7 +20,7 @@ PIP := .venv/bin/pip
 	$(PIP) install -r requirements-tracking.txt
 	touch $@
 
-.PHONY: setup run test
+.PHONY: setup run test gpu-wheels
 setup: .venv/.installed
 
 run: .venv/.installed
@@ -31,3 +31,17 @@ run: .venv/.installed
 test: .venv/.test-installed
 	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The wheels bench/gpu_check.py installs on the GPU image (Python 3.12, no open_clip, ftfy or
+# pytest there, and no package index): exactly the list in bench/gpu-wheels.txt, no dependencies
+# (torch, torchvision and triton are the image's own). wheels/ is git-ignored; the GPU machine gets
+# it by carrying wheels/py312 with the working tree.
+GPU_WHEELS := wheels/py312
+gpu-wheels: $(GPU_WHEELS)/.complete
+
+$(GPU_WHEELS)/.complete: bench/gpu-wheels.txt
+	rm -rf $(GPU_WHEELS)
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) -r bench/gpu-wheels.txt
+	touch $@

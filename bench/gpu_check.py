@@ -1,41 +1,48 @@
 """GPU acceptance: one command that checks and measures the whole CUDA path on a card.
 
-  python bench/gpu_check.py [--budget 480] [--results bench/results] [--dry-run]
+  python bench/gpu_check.py --out DIR [--budget 360] [--dry-run]
 
-On the GPU image (Python 3.12, torch 2.11, torchvision 0.26, triton 3.6; no open_clip, no ftfy),
-first bring the missing packages as wheels, downloaded where PyPI is reachable:
-  pip download --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \\
-      -d wheels/py312 open-clip-torch==3.3.0 ftfy wcwidth regex safetensors tqdm
-  pip install --no-index --no-deps wheels/py312/*.whl          # on the GPU machine, first thing
-
-Steps, each in its own process under its own time limit (a failed step is recorded, the next
-one runs; the whole stays within --budget seconds):
- 1. the CUDA tests: the kernel tests compiled on this GPU (odd shapes, N = 784 and 1024, bf16),
-    the CUDA-path tests;
- 2. bench/profile_kernel.py: each kernel fwd+bwd against torch eager and torch.compile of its
-    reference, and against the card's copy bandwidth;
- 3. bench/train_throughput.py, ViT-B/16 (random weights) at 224 and 448 px: the bare encoder
-    forward, the read-out, the cache build end to end (img/s and its ratio to the bare forward),
-    training steps/s from that cache;
- 4. JPEG decoding, CPU (Pillow, per core) against nvjpeg (torchvision.io.decode_jpeg on the GPU):
-    whether the CPU decoders can feed the encoder;
- 5. `train.py --preset=voc2007-vitb16` end to end, timed, on a generated VOC2007-layout set of
-    5,011 trainval and 4,952 test images with captions.
-Then bench/results/<card>.json (card, versions, commit, shapes, every step's figures and the
-targets met or missed) and the table between the gpu-check markers of bench/README.md.
-`--dry-run` runs the same steps on the CPU at toy sizes into a temporary folder: CI runs it, so
-this script cannot rot before the first GPU runs it.
+Before it, where PyPI is reachable: `make gpu-wheels` (the wheels of bench/gpu-wheels.txt into the
+git-ignored wheels/py312, which travels with the working tree to the GPU machine). The run then:
+ 0. installs, from wheels/py312 with no index, each listed distribution this Python lacks (the GPU
+    image has no open_clip, ftfy or, maybe, pytest), and checks the machine: CUDA visible, a C
+    compiler and Python.h for Triton's launcher, free /dev/shm for the loader, free disk for the
+    generated data set and the caches; one line per problem;
+ 1. runs the steps, most important first, each under its share of --budget seconds:
+    CUDA tests (the kernel tests compiled on this GPU, the CUDA-path tests); kernel profile
+    (bench/profile_kernel.py --quick: the presets' 448-px shapes first); throughput at 448 and
+    224 px (bench/train_throughput.py, ViT-B/16, random weights: bare encoder, read-out, cache
+    build, training steps/s); a generated VOC2007-layout set of 5,011 trainval and 4,952 test
+    images with captions; random ViT-B/16 weights; JPEG decoding on one CPU core against nvjpeg;
+    `train.py --preset=voc2007-vitb16` end to end on that set.
+Nothing measured is lost: a step that fails, raises or is cut at its limit is recorded with its
+error and the next one runs, and after every step (the profile and throughput steps also after
+every case, into their own files) DIR holds the figures so far:
+  DIR/<card>.json       card, versions, commit, sizes, figures, targets met or missed, each step
+  DIR/README.md         bench/README.md with the table between the gpu-check markers filled in
+  DIR/gpu_check.log     everything every step printed
+  DIR/profile.json, DIR/throughput-448.json, DIR/throughput-224.json   the steps' own rows
+The exit status is the number of steps that failed. `--dry-run` runs the same steps on the CPU at
+toy sizes (the shipped tiny CLIP instead of ViT-B/16): tests/test_gpu_check.py runs it in CI, so
+this script cannot rot before a card runs it. BACGCN_GPU_CHECK_RAISE=<step> makes a step raise and
+BACGCN_GPU_CHECK_STALL=<step> makes the profile or a throughput step stall after its first saved
+case until its limit cuts it: that test proves with them that the other steps' figures survive.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 README = ROOT / "bench" / "README.md"
 MARKERS = ("<!-- gpu-check:begin -->", "<!-- gpu-check:end -->")
+WHEEL_LIST = ROOT / "bench" / "gpu-wheels.txt"
+WHEELS = ROOT / "wheels" / "py312"
+GPU_BUDGET_S = 360.0      # six minutes of a 15-minute lease: room for the machine's start and a rerun
+DRY_BUDGET_S = 900.0
 
 # The figures a card must reach (the proving of the performance design).
 TARGETS = {
@@ -54,19 +65,85 @@ TARGETS = {
 TRAIN_SECONDS_TARGET = 60.0     # VOC2007 training from the cache, at most
 
 
-def run_step(name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
-    """One step in its own process: its exit status, time and output tail, never an exception."""
-    print(f"\n=== {name}: {' '.join(cmd)}  (limit {timeout:.0f} s)", flush=True)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(timeout, 1))
-        code, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        code, out = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-    seconds = time.perf_counter() - t0
-    print(out[-4000:], flush=True)
-    print(f"=== {name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds:.0f} s", flush=True)
-    return {"step": name, "ok": code == 0, "exit": code, "seconds": round(seconds, 1), "tail": out[-2000:]}
+# --------------------------------------------------------------------------------------------
+# The wheels and the machine
+# --------------------------------------------------------------------------------------------
+
+def wheel_list(path: Path = WHEEL_LIST) -> dict[str, list[str]]:
+    """bench/gpu-wheels.txt: the pinned requirements ("wheels"), and the names of its `# image:`
+    and `# unused:` lines (requirement strings, a version where the image's is known)."""
+    out: dict[str, list[str]] = {"wheels": [], "image": [], "unused": []}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        for kind in ("image", "unused"):
+            if line.startswith(f"# {kind}:"):
+                out[kind] += line.split(":", 1)[1].split()
+        if line and not line.startswith("#"):
+            out["wheels"].append(line.split("#")[0].strip())
+    return out
+
+
+def missing_distributions(requirements: list[str]) -> list[str]:
+    """The requirements whose distribution is not installed in this Python at any version (one
+    that is there stays: the image's own build wins over a carried one)."""
+    missing = []
+    for req in requirements:
+        try:
+            importlib.metadata.version(req.split("==")[0])
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(req)
+    return missing
+
+
+def install_missing(site: Path) -> tuple[list[str], list[str]]:
+    """pip-install the listed distributions this Python lacks from wheels/py312 (no index, no
+    dependencies: the list is closed, tests/test_gpu_check.py proves it) into `site`, which goes
+    on sys.path and on the steps' PYTHONPATH (the image's own environment is left as it is).
+    Returns (what was installed, the problems, one line each)."""
+    missing = missing_distributions(wheel_list()["wheels"])
+    if not missing:
+        return [], []
+    print(f"installing from {WHEELS.relative_to(ROOT)}: {' '.join(missing)}", flush=True)
+    if not WHEELS.is_dir():
+        return [], [f"missing {', '.join(missing)} and no {WHEELS.relative_to(ROOT)} folder: run `make gpu-wheels` "
+                    "where PyPI is reachable and carry wheels/py312 to this machine"]
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                           "--disable-pip-version-check", "--no-compile", "--find-links", str(WHEELS),
+                           "--target", str(site), *missing], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return [], [f"pip could not install {' '.join(missing)} from {WHEELS.relative_to(ROOT)}: "
+                    + (proc.stderr.strip().splitlines() or ["(no message)"])[-1]]
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    importlib.invalidate_caches()
+    return missing, []
+
+
+def machine_problems(cuda: bool, dry_run: bool, scratch: Path, need_gb: float) -> list[str]:
+    """What would fail a step on this machine, one line each (empty when all is well)."""
+    problems = []
+    if not cuda and not dry_run:
+        problems.append("no CUDA device visible to torch "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                        "--dry-run runs the steps on the CPU at toy sizes")
+    if cuda:
+        # Triton builds a small C launcher per kernel signature with the host compiler.
+        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")
+        if not compiler:
+            problems.append("no C compiler (gcc, clang, cc or $CC): Triton cannot build its kernel launchers")
+        include = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        if not include.is_file():
+            problems.append(f"no {include}: Triton's launchers include it (install the Python development headers)")
+    if Path("/dev/shm").is_dir():
+        shm_gb = shutil.disk_usage("/dev/shm").free / 1e9
+        if shm_gb < 1.0:
+            problems.append(f"/dev/shm has {shm_gb:.2f} GB free: the data loader's workers need about 1 GB "
+                            "(docker: --shm-size=8g)")
+    free_gb = shutil.disk_usage(scratch).free / 1e9
+    if free_gb < need_gb:
+        problems.append(f"{scratch} has {free_gb:.1f} GB free; the generated data set and the feature caches "
+                        f"need about {need_gb:.0f} GB")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,15 +206,14 @@ def voc_layout(root: Path, trainval: int, test: int, workers: int) -> tuple[Path
     return root / "VOCdevkit", root / "captions"
 
 
-def random_weights(path: Path) -> Path:
+def random_weights(model: str, path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
     import frozen_clip
 
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in frozen_clip.create_clip("ViT-B-16-quickgelu").state_dict().items()},
-              str(path))
+    save_file({k: v.contiguous() for k, v in frozen_clip.create_clip(model).state_dict().items()}, str(path))
     return path
 
 
@@ -179,7 +255,7 @@ def decode_rates(folder: Path, count: int, cuda: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def kernel_figures(profile: dict) -> dict:
-    """The best-case figures of profile_kernel.py's rows (Triton provider, per op)."""
+    """The worst-case figures of profile_kernel.py's rows (Triton provider, per op)."""
     out: dict[str, float] = {}
     for r in profile.get("rows", []):
         if r["provider"] != "triton":
@@ -195,14 +271,13 @@ def kernel_figures(profile: dict) -> dict:
     return out
 
 
-def throughput_figures(rows: dict[int, dict]) -> dict:
-    out = {}
-    for size, row in rows.items():
-        out[f"cache build vs bare encoder, {size} px"] = row["cache_build_vs_encoder"]
-        out[f"cache build img/s, {size} px"] = row["cache_build_img_s"]
-        out[f"bare encoder img/s, {size} px"] = row["encoder_forward_img_s"]
-        out[f"training steps/s, {size} px"] = row["train_steps_s"]
-    return out
+def throughput_figures(size: int, row: dict) -> dict:
+    """The figures of one train_throughput.py row, as far as it got."""
+    names = {"cache_build_vs_encoder": f"cache build vs bare encoder, {size} px",
+             "cache_build_img_s": f"cache build img/s, {size} px",
+             "encoder_forward_img_s": f"bare encoder img/s, {size} px",
+             "train_steps_s": f"training steps/s, {size} px"}
+    return {name: row[key] for key, name in names.items() if key in row}
 
 
 def judge(figures: dict) -> dict:
@@ -216,8 +291,9 @@ def judge(figures: dict) -> dict:
 
 def readme_table(result: dict) -> str:
     lines = [f"{result['card']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}, "
-             f"{result['date']}{' (dry run on the CPU: figures meaningless)' if result['dry_run'] else ''}", "",
-             "| figure | measured | target | met |", "|---|---|---|---|"]
+             f"{result['date']}{' (dry run on the CPU: figures meaningless)' if result['dry_run'] else ''}", ""]
+    lines += [f"Machine check: {p}" for p in result["problems"]] + ([""] if result["problems"] else [])
+    lines += ["| figure | measured | target | met |", "|---|---|---|---|"]
     for name, c in result["checks"].items():
         measured = "—" if c["measured"] is None else f"{c['measured']:.3g}"
         lines.append(f"| {name} | {measured} | {c['target']:g} | {'yes' if c['met'] else 'no'} |")
@@ -227,134 +303,249 @@ def readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
+def with_table(text: str, table: str) -> str:
+    """bench/README.md's text with `table` between the gpu-check markers."""
     begin, end = MARKERS
     block = f"{begin}\n{table}\n{end}"
     if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + f"\n\n## GPU acceptance (bench/gpu_check.py)\n\n{block}\n"
-    readme.write_text(text)
+        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    return text.rstrip() + f"\n\n## GPU acceptance (bench/gpu_check.py)\n\n{block}\n"
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 # --------------------------------------------------------------------------------------------
+# The run: its steps against one budget, and what it writes into DIR after each
+# --------------------------------------------------------------------------------------------
 
-class Steps:
-    """The run's steps against one time budget, and the figures they produced."""
+# (name, share of the budget), in the order they run: most important first. The in-process steps
+# (no share) are bounded by their sizes; the last step gets whatever is left.
+STEPS = (("CUDA tests", 0.14), ("kernel profile", 0.26), ("throughput 448 px", 0.13), ("throughput 224 px", 0.10),
+         ("VOC2007 layout", None), ("random weights", None), ("JPEG decode", None),
+         ("train.py --preset=voc2007-vitb16, end to end", 1.0))
+STALLABLE = ("kernel profile", "throughput 448 px", "throughput 224 px")   # steps that save case by case
 
-    def __init__(self, budget: float, dry_run: bool, cuda: bool, tmp: Path):
-        self.budget, self.dry_run, self.cuda, self.tmp = budget, dry_run, cuda, tmp
+
+class StepFailed(Exception):
+    """A step that cannot run (what it needs failed before it): recorded, not raised further."""
+
+
+class Run:
+    def __init__(self, out: Path, scratch: Path, budget: float, dry_run: bool, cuda: bool):
+        import torch
+
+        from checkpoints import git_commit
+
+        self.out, self.scratch, self.budget, self.dry_run, self.cuda = out, scratch, budget, dry_run, cuda
         self.start = time.perf_counter()
-        self.env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        self.log_path = out / "gpu_check.log"
+        self.env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BACGCN_STALL_AFTER_SAVE")}
         self.env["HF_HUB_OFFLINE"] = "1"
+        self.env["PYTHONUNBUFFERED"] = "1"
         self.workers = max(1, (os.cpu_count() or 2) - 2)
-        self.sizes = {"trainval": 5011, "test": 4952, "throughput_images": 2048, "batch": 256} if not dry_run else \
-            {"trainval": 8, "test": 8, "throughput_images": 8, "batch": 4}
-        self.done: list[dict] = []
-        self.figures: dict = {}
+        self.sizes = {"trainval": 5011, "test": 4952, "throughput_images": 2048, "batch": 256, "jpegs": 512} \
+            if not dry_run else {"trainval": 8, "test": 8, "throughput_images": 8, "batch": 4, "jpegs": 8}
+        card = torch.cuda.get_device_name() if cuda else f"cpu-{os.cpu_count()}cores"
+        self.result = {"card": card, "dry_run": dry_run, "torch": torch.__version__, "triton": _triton_version(),
+                       "python": platform.python_version(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
+                       "budget_s": budget, "sizes": self.sizes, "problems": [], "installed": [], "figures": {},
+                       "checks": {}, "steps": [], "seconds": 0.0}
+        self.raise_in = os.environ.get("BACGCN_GPU_CHECK_RAISE", "")
+        self.stall_in = os.environ.get("BACGCN_GPU_CHECK_STALL", "")
+        self.made: dict[str, Path] = {}     # what one step makes for a later one
+        self.shares = dict(STEPS)
 
-    def run(self, name: str, args: list[str], share: float) -> dict:
-        """Run `python ARGS` with `share` of the budget at most (and no more than is left)."""
-        limit = max(1.0, min(share * self.budget, self.budget - (time.perf_counter() - self.start)))
-        step = run_step(name, [sys.executable, *args], limit, self.env)
-        self.done.append(step)
-        return step
+    # ---- the log and the files in DIR
 
-    def tests_and_profile(self) -> None:
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(text + "\n")
+
+    def save(self) -> None:
+        """The figures so far into DIR: the JSON and bench/README.md's copy with the table."""
+        r = self.result
+        r["checks"] = judge(r["figures"])
+        r["seconds"] = round(time.perf_counter() - self.start, 1)
+        (self.out / f"{slug(r['card'])}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+        (self.out / "README.md").write_text(with_table(README.read_text(), readme_table(r)))
+
+    # ---- steps
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.start)
+
+    def step(self, name: str, work) -> None:
+        """Run one step (a callable returning its figures), record it whatever happens, save."""
+        self.log(f"\n=== {name} ({self.left():.0f} s of the budget left)")
+        t0 = time.perf_counter()
+        record = {"step": name, "ok": False, "exit": None}
+        try:
+            if self.raise_in == name:
+                raise RuntimeError(f"BACGCN_GPU_CHECK_RAISE={name}: raised on purpose")
+            ok, code, figures = work()
+            self.result["figures"].update(figures)
+            record.update(ok=ok, exit=code)
+        except Exception as e:        # a step's failure is a figure too; the next step runs
+            with open(self.log_path, "a") as f:
+                traceback.print_exc(file=f)
+            record.update(exit=f"{type(e).__name__}: {e}")
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        self.result["steps"].append(record)
+        status = "ok" if record["ok"] else f"FAILED ({record['exit']})"
+        self.log(f"=== {name}: {status} in {record['seconds']:.0f} s")
+        self.save()
+
+    def child(self, name: str, args: list[str]) -> tuple[bool, object]:
+        """`python ARGS` in its own process group, its output appended to the log, cut at the
+        step's share of the budget (or what is left of it): (ok, exit status or "timeout")."""
+        limit = max(1.0, min(self.shares[name] * self.budget, self.left()))
+        env = dict(self.env)
+        if self.stall_in == name:
+            env["BACGCN_STALL_AFTER_SAVE"] = "1"
+        cmd = [sys.executable, *args]
+        self.log(f"$ {' '.join(cmd)}  (limit {limit:.0f} s)")
+        with open(self.log_path, "a") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                # The whole group: loader workers and compile workers must not outlive the step.
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = "timeout"
+        return code == 0, code
+
+    def cuda_tests(self):
         tests = ["tests/test_kernels.py", "tests/test_cuda_path.py"] if self.cuda else ["tests/test_cuda_path.py"]
-        self.run("CUDA tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 0.15)
-        profile = self.tmp / "profile.json"
-        self.run("kernel profile", ["bench/profile_kernel.py", "--dtype", "bf16", "--out", str(profile)]
-                 + ([] if self.cuda else ["--quick"]), 0.2)
-        if profile.is_file():
-            self.figures.update(kernel_figures(json.loads(profile.read_text())))
+        ok, code = self.child("CUDA tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests])
+        return ok, code, {}
 
-    def throughput(self) -> None:
-        rows = {}
-        for size in (224, 448) if not self.dry_run else (224,):
-            out = self.tmp / f"throughput-{size}.json"
-            # The dry run reads with the shipped tiny CLIP (ViT-B/16 on two CPU cores takes minutes).
-            model = ["--preset=voc2007-vitb16", f"--image-size={size}"] if not self.dry_run else \
-                ["--preset=synthetic-tiny", "--image-size=64", "--photos=voc"]
-            self.run(f"throughput {size} px", ["bench/train_throughput.py", *model,
-                                               f"--images={self.sizes['throughput_images']}",
-                                               f"--batch={self.sizes['batch']}", f"--workers={self.workers}",
-                                               "--json", str(out)], 0.12)
-            if out.is_file():
-                rows[size] = json.loads(out.read_text())
-        self.figures.update(throughput_figures(rows))
+    def profile(self):
+        path = self.out / "profile.json"
+        ok, code = self.child("kernel profile", ["bench/profile_kernel.py", "--dtype", "bf16", "--quick",
+                                                 "--out", str(path)])
+        return ok, code, kernel_figures(json.loads(path.read_text())) if path.is_file() else {}
 
-    def end_to_end(self) -> None:
+    def throughput(self, size: int):
+        path = self.out / f"throughput-{size}.json"
+        # The dry run reads with the shipped tiny CLIP (ViT-B/16 on two CPU cores takes minutes).
+        model = ["--preset=voc2007-vitb16", f"--image-size={size}"] if not self.dry_run else \
+            ["--preset=synthetic-tiny", f"--image-size={size // 224 * 64}", "--photos=voc"]
+        ok, code = self.child(f"throughput {size} px", ["bench/train_throughput.py", *model,
+                                                        f"--images={self.sizes['throughput_images']}",
+                                                        f"--batch={self.sizes['batch']}", f"--workers={self.workers}",
+                                                        "--json", str(path)])
+        return ok, code, throughput_figures(size, json.loads(path.read_text())) if path.is_file() else {}
+
+    def layout(self):
+        devkit, captions = voc_layout(self.scratch / "voc", self.sizes["trainval"], self.sizes["test"],
+                                      os.cpu_count() or 1)
+        self.made.update(devkit=devkit, captions=captions)
+        return True, 0, {}
+
+    def weights(self):
         import config
 
-        devkit, captions = voc_layout(self.tmp / "voc", self.sizes["trainval"], self.sizes["test"],
-                                      os.cpu_count() or 1)
-        self.figures.update({f"JPEG decode: {k}": v for k, v in decode_rates(
-            devkit / "VOC2007" / "JPEGImages", 512 if self.cuda else 8, self.cuda).items()})
-        args = ["train.py", "--preset=voc2007-vitb16", f"--data-root={devkit}", f"--captions={captions}",
-                f"--cache-dir={self.tmp / 'cache'}", f"--out={self.tmp / 'run'}"]
+        tiny, _ = config.parse_overrides(["--preset=synthetic-tiny"])
+        model = tiny.clip_model if self.dry_run else "ViT-B-16-quickgelu"
+        self.made["weights"] = random_weights(model, self.scratch / f"{model}.safetensors")
+        return True, 0, {}
+
+    def decode(self):
+        if "devkit" not in self.made:
+            raise StepFailed("no generated data set (the VOC2007 layout step failed)")
+        rates = decode_rates(self.made["devkit"] / "VOC2007" / "JPEGImages", self.sizes["jpegs"], self.cuda)
+        return True, 0, {f"JPEG decode: {k}": v for k, v in rates.items()}
+
+    def end_to_end(self):
+        import config
+
+        name = STEPS[-1][0]
+        needs = [k for k in ("devkit", "captions", "weights") if k not in self.made]
+        if needs:
+            raise StepFailed(f"missing {', '.join(needs)} (an earlier step failed)")
+        run = self.scratch / "run"
+        args = ["train.py", "--preset=voc2007-vitb16", f"--data-root={self.made['devkit']}",
+                f"--captions={self.made['captions']}", f"--cache-dir={self.scratch / 'cache'}", f"--out={run}",
+                f"--clip-weights={self.made['weights']}"]
         if self.dry_run:
             tiny, _ = config.parse_overrides(["--preset=synthetic-tiny"])
-            args += [f"--clip-weights={ROOT / tiny.clip_weights}", "--device=cpu", f"--clip-model={tiny.clip_model}",
-                     f"--image-size={tiny.image_size}", "--epochs=1", "--batch-size=4", "--workers=0",
-                     "--reso-epoch=0", "--reso-eps=0.5"]
+            args += ["--device=cpu", f"--clip-model={tiny.clip_model}", f"--image-size={tiny.image_size}",
+                     "--epochs=1", "--batch-size=4", "--workers=0", "--reso-epoch=0", "--reso-eps=0.5"]
         else:
-            args += [f"--clip-weights={random_weights(self.tmp / 'ViT-B-16.safetensors')}",
-                     f"--workers={self.workers}"]
-        step = self.run("train.py --preset=voc2007-vitb16, end to end", args, 1.0)
-        report = self.tmp / "run" / "report.json"
-        if report.is_file():
-            rep = json.loads(report.read_text())
-            self.figures["VOC2007 end to end s"] = step["seconds"]
-            self.figures["VOC2007 training s"] = rep["train_seconds"]
-            self.figures["VOC2007 cache and caption stages s"] = rep["total_seconds"] - rep["train_seconds"]
+            args += [f"--workers={self.workers}"]
+        t0 = time.perf_counter()
+        ok, code = self.child(name, args)
+        seconds = time.perf_counter() - t0
+        report = run / "report.json"
+        if not report.is_file():
+            return ok, code, {}
+        rep = json.loads(report.read_text())
+        return ok, code, {"VOC2007 end to end s": round(seconds, 1), "VOC2007 training s": rep["train_seconds"],
+                          "VOC2007 cache and caption stages s": rep["total_seconds"] - rep["train_seconds"]}
+
+    def all_steps(self) -> None:
+        work = {"CUDA tests": self.cuda_tests, "kernel profile": self.profile,
+                "throughput 448 px": lambda: self.throughput(448), "throughput 224 px": lambda: self.throughput(224),
+                "VOC2007 layout": self.layout, "random weights": self.weights, "JPEG decode": self.decode,
+                STEPS[-1][0]: self.end_to_end}
+        for name, _ in STEPS:
+            self.step(name, work[name])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, help="seconds for all steps together (default: 480 on a GPU, "
-                                                     "900 for the dry run on a CPU)")
-    parser.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of the JSON result")
-    parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes, results in "
-                                                               "a temporary folder")
-    parser.add_argument("--keep", metavar="DIR", help="with --dry-run: leave its results and README copy in DIR")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder of everything the run writes (JSON, README copy with the table, log, the steps' "
+                             "rows); created if absent")
+    parser.add_argument("--budget", type=float, help=f"seconds for all steps together (default {GPU_BUDGET_S:.0f} "
+                                                     f"on a GPU, {DRY_BUDGET_S:.0f} for the dry run on a CPU)")
+    parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes")
+    parser.add_argument("--scratch", metavar="DIR", help="folder for the generated data set, caches and installed "
+                                                         "wheels (default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
-    import torch
+    names = [n for n, _ in STEPS]
+    for var, allowed in (("BACGCN_GPU_CHECK_RAISE", names), ("BACGCN_GPU_CHECK_STALL", STALLABLE)):
+        if os.environ.get(var, "") not in ("", *allowed):
+            print(f"error: {var}={os.environ[var]!r} names none of: {', '.join(allowed)}", file=sys.stderr)
+            return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.log").write_text("")
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        scratch = Path(tmp)
+        installed, problems = install_missing(scratch / "site")
+        import torch
 
-    from checkpoints import git_commit
-
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run:
-        print("error: no CUDA device here; --dry-run runs the steps on the CPU at toy sizes", file=sys.stderr)
-        return 2
-    budget = args.budget or (480.0 if cuda else 900.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        steps = Steps(budget, args.dry_run, cuda, Path(tmp))
-        steps.tests_and_profile()
-        steps.throughput()
-        steps.end_to_end()
-        kept = Path(args.keep) if args.dry_run and args.keep else Path(tmp)
-        results = Path(args.results) if not args.dry_run else kept / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        card = torch.cuda.get_device_name() if cuda else f"cpu-{os.cpu_count()}cores"
-        result = {"card": card, "dry_run": args.dry_run, "torch": torch.__version__, "triton": _triton_version(),
-                  "python": platform.python_version(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
-                  "sizes": steps.sizes, "figures": steps.figures, "checks": judge(steps.figures),
-                  "steps": steps.done, "seconds": round(time.perf_counter() - steps.start, 1)}
-        path = results / f"{''.join(c if c.isalnum() else '-' for c in card.lower()).strip('-')}.json"
-        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        readme = README if not args.dry_run else kept / "README.md"
-        if args.dry_run:
-            readme.write_text(README.read_text())
-        write_readme(readme, readme_table(result))
-        print(f"\n{readme_table(result)}\n\nwrote {path} and the table in {readme} "
-              f"({result['seconds']:.0f} s of {budget:.0f})")
-    failed = [s["step"] for s in steps.done if not s["ok"]]
+        cuda = torch.cuda.is_available()
+        budget = args.budget or (GPU_BUDGET_S if cuda else DRY_BUDGET_S)
+        run = Run(out, scratch, budget, args.dry_run, cuda)
+        need_gb = 14.0 if not args.dry_run else 0.5      # 10k JPEGs, caches of 12k images x 784 x 512 bf16
+        run.result["installed"] = installed
+        run.result["problems"] = problems + machine_problems(cuda, args.dry_run, scratch, need_gb)
+        run.log(f"bench/gpu_check.py: {run.result['card']}, torch {run.result['torch']}, triton "
+                f"{run.result['triton']}, budget {budget:.0f} s{', dry run' if args.dry_run else ''}; out {out}")
+        for p in run.result["problems"]:
+            run.log(f"machine check: {p}")
+        run.save()
+        if not cuda and not args.dry_run:
+            for name in names:
+                run.result["steps"].append({"step": name, "ok": False, "exit": "not run: no CUDA device",
+                                            "seconds": 0.0})
+            run.save()
+        else:
+            run.all_steps()
+        table = readme_table(run.result)
+    failed = [s["step"] for s in run.result["steps"] if not s["ok"]]
+    run.log(f"\n{table}\n\nwrote {out}: {slug(run.result['card'])}.json, README.md, gpu_check.log "
+            f"({run.result['seconds']:.0f} s of {budget:.0f})")
     if failed:
-        print(f"failed steps: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+        run.log(f"failed steps: {', '.join(failed)}")
+    return min(len(failed), 100)
 
 
 def _triton_version() -> str:

@@ -131,6 +131,15 @@ def measure_cache_and_training(cfg, backbone, photos: data.MultiLabelImages, dev
             "train_compile_s": max(0.0, first_epoch_s - epoch_s) if cfg.compile else 0.0}
 
 
+def save(path, row: dict) -> None:
+    data.write_json(path, row)
+    print(f"wrote {path}", flush=True)
+    # bench/gpu_check.py's fault injection (tests/test_gpu_check.py): a step that runs past its
+    # time limit right after it saved a measurement, to prove that what it saved survives.
+    if os.environ.get("BACGCN_STALL_AFTER_SAVE") == "1":
+        time.sleep(3600)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="synthetic-tiny", help="config preset to start from")
@@ -152,6 +161,7 @@ def main(argv=None) -> int:
     weights = Path(cfg.clip_weights) if Path(cfg.clip_weights).is_absolute() else ROOT / cfg.clip_weights
     device = pipeline.resolve_device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu-{os.cpu_count()}cores"
     with tempfile.TemporaryDirectory() as tmp:
         if model_name != cfg.clip_model or not weights.is_file():     # random weights, saved so the cache can key them
             weights = Path(tmp) / "random.safetensors"
@@ -167,19 +177,21 @@ def main(argv=None) -> int:
         (Path(tmp) / "photos").mkdir()
         kind = args.photos if args.photos != "auto" else ("world" if model_name == "synthclip-vit-t8" else "voc")
         photos = photo_folder(Path(tmp) / "photos", args.images, kind)
-        row = measure_encoder(cfg, backbone, args.batch, device)
+        row = {"device": name, "model": model_name, "image_size": backbone.image_size, "batch": args.batch,
+               "images": args.images, "photos": kind, "workers": args.workers, "subset_readout": cfg.subset_readout,
+               "dtype": "bf16" if device.startswith("cuda") and cfg.amp else "fp32", "torch": torch.__version__,
+               "python": platform.python_version(), "commit": checkpoints.git_commit(),
+               "date": time.strftime("%Y-%m-%d")}
+        slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{model_name}-{backbone.image_size}".lower())
+        out = args.json or ROOT / "bench" / "results" / f"throughput-{slug}.json"
+        # The row is saved after each measurement: a run cut at a time limit keeps what it measured.
+        row.update(measure_encoder(cfg, backbone, args.batch, device))
+        save(out, row)
         row.update(measure_cache_and_training(cfg, backbone, photos, device))
-    row["cache_build_vs_encoder"] = row["cache_build_img_s"] / row["encoder_forward_img_s"]
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu-{os.cpu_count()}cores"
-    row.update({"device": name, "model": model_name, "image_size": backbone.image_size, "batch": args.batch,
-                "images": args.images, "photos": kind, "workers": args.workers, "subset_readout": cfg.subset_readout,
-                "dtype": "bf16" if device.startswith("cuda") and cfg.amp else "fp32", "torch": torch.__version__,
-                "python": platform.python_version(), "commit": checkpoints.git_commit(),
-                "date": time.strftime("%Y-%m-%d")})
+        row["cache_build_vs_encoder"] = row["cache_build_img_s"] / row["encoder_forward_img_s"]
     for k, v in row.items():
         print(f"{k:>28}: {v:.3f}" if isinstance(v, float) else f"{k:>28}: {v}")
-    slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{model_name}-{backbone.image_size}".lower())
-    data.write_json(args.json or ROOT / "bench" / "results" / f"throughput-{slug}.json", row)
+    save(out, row)
     return 0
 
 

@@ -243,8 +243,9 @@ def _k_pad(topk: int) -> int:
     return max(2, next_pow2(topk))
 
 
-def launch_config(kernel: str, topk: int, dtype: torch.dtype, n: int = 64) -> dict:
-    """Tile sizes and launch options of the "forward" or "backward" kernel.
+def launch_config(kernel: str, topk: int, dtype: torch.dtype, n: int = 64, gpu_tiles: bool = False) -> dict:
+    """Tile sizes and launch options of the "forward" or "backward" kernel; with `gpu_tiles`,
+    the GPU's plan even in the interpreter (the tests run the multi-tile paths that way).
 
     Patch tiles of BLOCK_N = 64 walk N (the running top-K merge makes N free), so nothing here
     grows with N: every N up to 1024 (ViT-L/14 at 448 px) compiles to the same resources. The
@@ -258,7 +259,7 @@ def launch_config(kernel: str, topk: int, dtype: torch.dtype, n: int = 64) -> di
     K > 32.
     """
     block_o = 32 if _k_pad(topk) <= 32 else 16
-    if interpret_mode():
+    if interpret_mode() and not gpu_tiles:
         # The interpreter pays per op, not per byte: one tile over all N (no GPU limits apply
         # there) keeps CPU training under TRITON_INTERPRET=1 at the old kernel's speed.
         return {"BLOCK_N": max(64, next_pow2(n)), "BLOCK_O": block_o, "BLOCK_D": 64, "num_warps": 4,
@@ -273,8 +274,8 @@ def _flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": interpret_mode() and dtype == torch.bfloat16, "IEEE": dtype == torch.float32}
 
 
-def forward_launch(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
-                   temperature: float) -> tuple[Launch, tuple[torch.Tensor, ...]]:
+def forward_launch(patches: torch.Tensor, prompts: torch.Tensor, topk: int, temperature: float,
+                   gpu_tiles: bool = False) -> tuple[Launch, tuple[torch.Tensor, ...]]:
     """The forward kernel's launch and its outputs (local, sim, idx, wgt), allocated here."""
     b, n, d = patches.shape
     o = prompts.shape[0]
@@ -282,7 +283,7 @@ def forward_launch(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
     local = torch.empty((b, o, d), device=patches.device, dtype=patches.dtype)
     idx = torch.empty((b, o, topk), device=patches.device, dtype=torch.int32)
     wgt = torch.empty((b, o, topk), device=patches.device, dtype=torch.float32)
-    options = launch_config("forward", topk, patches.dtype, n)
+    options = launch_config("forward", topk, patches.dtype, n, gpu_tiles)
     grid = (b, triton.cdiv(o, options["BLOCK_O"]))
     args = (patches, prompts, sim, local, idx, wgt, n, o, d, 1.0 / temperature,
             *patches.stride(), *prompts.stride(), *sim.stride(), *local.stride())
@@ -291,13 +292,14 @@ def forward_launch(patches: torch.Tensor, prompts: torch.Tensor, topk: int,
 
 
 def backward_launch(patches: torch.Tensor, dlocal: torch.Tensor, dsim: Optional[torch.Tensor], idx: torch.Tensor,
-                    wgt: torch.Tensor, temperature: float) -> tuple[Launch, tuple[torch.Tensor, ...]]:
+                    wgt: torch.Tensor, temperature: float,
+                    gpu_tiles: bool = False) -> tuple[Launch, tuple[torch.Tensor, ...]]:
     """The backward kernel's launch and its outputs (G, A), allocated here."""
     b, n, d = patches.shape
     o, topk = idx.shape[1], idx.shape[2]
     g = torch.empty((b, n, o), device=patches.device, dtype=patches.dtype)
     a = torch.empty_like(g)
-    options = launch_config("backward", topk, patches.dtype, n)
+    options = launch_config("backward", topk, patches.dtype, n, gpu_tiles)
     grid = (b, triton.cdiv(o, options["BLOCK_O"]))
     args = (patches, dlocal, dsim if dsim is not None else g, idx, wgt, g, a, n, o, d, 1.0 / temperature,
             *patches.stride(), *dlocal.stride(), *g.stride())

@@ -12,7 +12,7 @@ import kernels  # noqa: E402
 from kernels._common import interpret_mode  # noqa: E402
 from kernels.gcn_propagate import gcn_propagate_ref  # noqa: E402
 from kernels.similarity_pool import similarity_pool_ref, topk_lowest_index  # noqa: E402
-from tests.kernel_cases import CPU_DTYPES, assert_close, normalised, random_csr  # noqa: E402
+from tests.kernel_cases import CPU_DTYPES, assert_close, normalised, random_csr, separated_topk  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not interpret_mode(), reason="TRITON_INTERPRET=1 not set before triton import")
 # The odd-shape tests run wherever the kernels do: the interpreter on the CPU, or a GPU.
@@ -104,6 +104,55 @@ def test_similarity_pool_ties_go_to_the_lower_index():
     assert torch.equal(local[0, 0].cpu(), patches[0, 5])
     local_ref, _ = similarity_pool_ref(patches, prompts, 1, 0.1)
     assert torch.equal(local_ref[0, 0], patches[0, 5])
+
+
+def _exact_inputs(b, n, d, o, gen):
+    """Patches and prompts in eighths with small D: every dot product is exact in fp32 whatever
+    the summation order, so ties are exact ties (the reference breaks them the same way) and few
+    distinct values make many of them, within and across patch tiles."""
+    patches = torch.randint(-4, 5, (b, n, d), generator=gen).double() / 8
+    prompts = torch.randint(-4, 5, (o, d), generator=gen).double() / 8
+    # Image 1: every patch from 64 on repeats one 64 back, so each tile ties with the previous one.
+    patches[1, 64:] = patches[1, :n - 64].clone()
+    # Image 2: the first tile leads every later one (prompt coordinate 0 is 1 and the patches'
+    # is 16 in the first tile, 0 after it; the other d - 1 coordinates add at most (d - 1) / 4 in
+    # magnitude), so no later tile beats a K-th value for K <= 64: the merge's skip branch.
+    patches[2, :, 0] = 0.0
+    patches[2, :64, 0] = 16.0
+    prompts[:, 0] = 1.0
+    return patches.float(), prompts.float()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n, topk", [(130, 1), (130, 8), (200, 16), (193, 33), (200, 64)])
+def test_similarity_pool_gpu_tiles_in_the_interpreter(n, topk, poisoned_outputs):
+    """The GPU's tile plan (BLOCK_N = 64: several patch tiles, the running top-K merge, its skip
+    branch, ties across tiles, K up to MAX_TRITON_TOPK) run in the interpreter, whose own plan is
+    one tile over all N: without this test the GPU would be the first to execute these paths."""
+    from kernels.similarity_pool import MAX_TRITON_TOPK, backward_launch, forward_launch, launch_config
+
+    assert topk <= MAX_TRITON_TOPK and launch_config("forward", topk, torch.float32, n, gpu_tiles=True)["BLOCK_N"] < n
+    b, d, o, temperature = 3, 32, 21, 0.5
+    gen = torch.Generator().manual_seed(n * 100 + topk)
+    patches, prompts = _exact_inputs(b, n, d, o, gen)
+    launch, (local, sim, idx, wgt) = forward_launch(patches, prompts, topk, temperature, gpu_tiles=True)
+    launch()
+    dlocal = torch.randn(b, o, d, generator=gen)
+    dsim = torch.randn(b, n, o, generator=gen)
+    launch, (g, a) = backward_launch(patches, dlocal, dsim, idx, wgt, temperature, gpu_tiles=True)
+    launch()
+    # d patches and d prompts from G and A exactly as the op's backward makes them (cuBLAS there).
+    dpatches = torch.baddbmm(g.double() @ prompts.double(), a.double(), dlocal.double())
+    dprompts = g.double().flatten(0, 1).t() @ patches.double().flatten(0, 1)
+
+    p64, w64 = (t.detach().double().requires_grad_() for t in (patches, prompts))
+    local_ref, sim_ref = similarity_pool_ref(p64, w64, topk, temperature)
+    ((local_ref * dlocal.double()).sum() + (sim_ref * dsim.double()).sum()).backward()
+    assert torch.equal(idx.long(), topk_lowest_index(sim_ref, topk).transpose(1, 2))
+    assert torch.equal(sim.double(), sim_ref.detach())
+    assert_close(local, local_ref, torch.float32, max(d, topk), "local")
+    assert_close(dpatches, p64.grad, torch.float32, max(o, d), "d patches")
+    assert_close(dprompts, w64.grad, torch.float32, b * n, "d prompts")
 
 
 @pytest.mark.parametrize("topk", [1, 3, 16, 33])
@@ -233,16 +282,20 @@ def test_compile_traces_both_ops_without_graph_breaks():
 @pytest.mark.parametrize("shape", [(8, 196, 512, 105, 8), (8, 784, 512, 105, 16), (4, 1024, 768, 84, 16)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernels_on_gpu(dtype, shape):
-    """The real shapes (ViT-B/16 at 224 and 448 px, ViT-L/14 at 448), compiled for this GPU."""
+    """The real shapes (ViT-B/16 at 224 and 448 px, ViT-L/14 at 448), compiled for this GPU, on
+    inputs whose top-K leads the rest by a margin: plain random ones put the 16th and 17th of a
+    column 4.7e-8 apart (fp16, N = 784), and a tensor-core summation order may swap them."""
     gen = torch.Generator().manual_seed(0)
     b, n, d, o, k = shape
-    patches = normalised(b, n, d, dtype=dtype, gen=gen).cuda().requires_grad_()
-    prompts = normalised(o, d, dtype=dtype, gen=gen).cuda().requires_grad_()
-    local, sim = kernels.similarity_pool(patches, prompts, k, 0.07)
+    patches, prompts = separated_topk(b, n, d, o, k, dtype, gen)
+    patches, prompts = patches.cuda().requires_grad_(), prompts.cuda().requires_grad_()
+    local, sim, pooled = kernels.similarity_pool(patches, prompts, k, 0.07, with_indices=True)
     (local.float().square().sum() + sim.float().sum()).backward()
     p64, w64 = (t.detach().double().cpu().requires_grad_() for t in (patches, prompts))
     local_ref, sim_ref = similarity_pool_ref(p64, w64, k, 0.07)
     (local_ref.square().sum() + sim_ref.sum()).backward()
+    picked_ref = topk_lowest_index(sim_ref, k).transpose(1, 2)
+    assert torch.equal(pooled.cpu().sort(-1).values, picked_ref.sort(-1).values)
     assert_close(sim, sim_ref, dtype, d, "sim")
     assert_close(local, local_ref, dtype, max(d, k), "local")
     assert_close(patches.grad, p64.grad, dtype, max(o, d), "d patches")
