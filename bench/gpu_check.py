@@ -109,7 +109,8 @@ def install_missing(site: Path) -> tuple[list[str], list[str]]:
                     "where PyPI is reachable and carry wheels/py312 to this machine"]
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                            "--disable-pip-version-check", "--no-compile", "--find-links", str(WHEELS),
-                           "--target", str(site), *missing], capture_output=True, text=True)
+                           "--target", str(site), *missing], capture_output=True, text=True,
+                          env=dict(os.environ, PIP_CONFIG_FILE=os.devnull))    # the carried wheels only
     if proc.returncode != 0:
         return [], [f"pip could not install {' '.join(missing)} from {WHEELS.relative_to(ROOT)}: "
                     + (proc.stderr.strip().splitlines() or ["(no message)"])[-1]]

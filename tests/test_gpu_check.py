@@ -107,7 +107,9 @@ def test_gpu_wheels_resolve_offline_for_python_312(wheels, tmp_path):
                "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform",
                "manylinux2014_x86_64", "--target", str(tmp_path / "site"), "--report", str(tmp_path / "report.json"),
                *listed["wheels"]]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # No pip configuration either: a machine's own find-links or mirror must not supply a wheel.
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     installs = json.loads((tmp_path / "report.json").read_text())["install"]
     assert sorted(canonicalize_name(i["metadata"]["name"]) for i in installs) == \
