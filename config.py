@@ -111,7 +111,7 @@ class BACGCNConfig:
     out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
     log_every: int = 50
     tracker: str = "none"               # none | mlflow (pip install -r requirements-tracking.txt; main process only)
-    tracker_uri: str = ""               # mlflow tracking URI ('' = runs/mlruns, a local store `mlflow ui` reads)
+    tracker_uri: str = ""               # mlflow URI ('' = runs/mlflow.db, SQLite, `mlflow ui` reads it; http://HOST:PORT)
 
     def replace(self, **kw) -> "BACGCNConfig":
         return dataclasses.replace(self, **kw)

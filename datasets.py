@@ -50,6 +50,7 @@ class Dataset:
     size_buckets: bool = False           # report mAP_small / mAP_large (the proving ground's size rule)
     build_command: tuple[str, ...] = ()  # a command that writes the dataset where it is missing (+ --out DIR --seed S)
     build_marker: str = ""               # the file a built copy holds
+    title: str = ""                      # what messages call a copy of it ('' = its name)
     default_root: str = ""               # '' = <data_folder>/<name>; else a folder under the repo, {seed} filled in
     split_notes: dict[str, str] = field(default_factory=dict)   # said in the first lines of a run on that split
 
@@ -215,6 +216,6 @@ register(Dataset(
     # its trainval for tuning (bench/ablation.py --validation).
     "synthetic", load_synthetic, splits=("trainval", "test", "fit", "val"), train_split="trainval",
     test_split="test", classes_from=data.synthetic_classes, preset="synthetic-tiny", voc_year=2007,
-    size_buckets=True, build_command=("synthetic.py", "build"), build_marker="world.json",
+    size_buckets=True, build_command=("synthetic.py", "build"), build_marker="world.json", title="proving-ground world",
     default_root="runs/world-seed{seed}"))
 

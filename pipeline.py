@@ -231,8 +231,8 @@ def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
         root = Path(cfg.data_root or default)
         if not (root / entry.build_marker).is_file():
             if root.resolve() != default.resolve() and not cfg.build_world:
-                build = " ".join(entry.build_command)
-                raise data.DataError(root, f"no {entry.name} here (no {entry.build_marker}); build one with "
+                build, what = " ".join(entry.build_command), entry.title or entry.name
+                raise data.DataError(root, f"no {what} here (no {entry.build_marker}); build one with "
                                            f"--build-world=true or `python {build} --out {root}`")
             build_dataset(entry, root, cfg.seed)
         updates["data_root"] = str(root)

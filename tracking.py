@@ -1,26 +1,32 @@
 """Experiment tracking: a training run's numbers and files, sent to mlflow as they are made.
 
   python train.py --tracker=mlflow [--tracker-uri=URI]     # needs: pip install -r requirements-tracking.txt
-  MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/mlruns   # browse (the full `mlflow` package)
+  mlflow ui --backend-store-uri sqlite:///runs/mlflow.db   # browse, from the repo root (the full `mlflow` package)
 
-Only the client is used (`mlflow-skinny`): params (the config), the loss at every log interval,
-per-epoch figures, the final mAP / CF1 / OF1 / per-class AP, caption quality and ReSO, and
-report.json and the AP plot as artifacts. The default store is a local folder, runs/mlruns.
-A run folder remembers its mlflow run (`mlflow_run.json`), so a resumed run goes on logging
-into the same mlflow run. Only the main process of a torchrun job tracks.
+Only the client is used (`mlflow-skinny`, with SQLAlchemy and Alembic for a database store):
+params (the config), the loss at every log interval, per-epoch figures, the final mAP / CF1 / OF1 /
+per-class AP, caption quality and ReSO, and report.json and the AP plot as artifacts. The default
+store is the one mlflow 3 recommends for a single machine, a SQLite file, runs/mlflow.db, with the
+artifacts beside it in runs/mlartifacts; `--tracker-uri` names a server or another store. A
+tracker that does not answer within a few seconds stops the run before any work. A run folder
+remembers its mlflow run (`mlflow_run.json`), so a resumed run goes on logging into the same
+mlflow run. Only the main process of a torchrun job tracks.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_STORE = ROOT / "runs" / "mlruns"
+DEFAULT_DB = ROOT / "runs" / "mlflow.db"   # the default store; absolute, so any working directory finds it
+ANSWER_SECONDS = 5                  # a tracker slower than this to answer a run's first requests is not there
 RUN_ID_FILE = "mlflow_run.json"      # in the run folder: the mlflow run a resume continues
 INSTALL = "pip install -r requirements-tracking.txt"
 
@@ -38,10 +44,56 @@ class Tracker:
         pass
 
 
-def check_available(tracker: str) -> None:
-    """Before any work: the chosen tracker's package is there (one-line ValueError otherwise)."""
-    if tracker == "mlflow" and importlib.util.find_spec("mlflow") is None:
+def store_uri(uri: str) -> str:
+    """The tracking URI a run logs to: --tracker-uri, or the default SQLite file."""
+    return uri or f"sqlite:///{DEFAULT_DB.as_posix()}"
+
+
+def check_available(tracker: str, uri: str = "") -> None:
+    """Before any work: the chosen tracker's package is there, and a tracking server at
+    --tracker-uri answers (a local store is a file: it answers at once, or fails when opened).
+    A one-line ValueError otherwise: a run should not go silently untracked."""
+    if tracker != "mlflow":
+        return
+    if importlib.util.find_spec("mlflow") is None:
         raise ValueError(f"--tracker=mlflow needs mlflow: {INSTALL}")
+    if uri.startswith(("http://", "https://")):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with answering_quickly():
+                mlflow_client(uri).search_experiments(max_results=1)
+        except MlflowException as e:
+            raise ValueError(f"--tracker-uri={uri}: {reason(e)}") from None
+
+
+@contextlib.contextmanager
+def answering_quickly():
+    """mlflow's client retries a server that does not answer for about 4 minutes (7 retries with
+    backoff, a 120 s timeout each): while a run starts, one try with a short timeout instead
+    (mlflow reads these at each request); the run's own logging keeps mlflow's patience."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(ANSWER_SECONDS)}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def reason(e: Exception) -> str:
+    """Why a store refused, in a few words: mlflow wraps a failed request in urllib3's messages."""
+    text = str(e)
+    if "timed out" in text:
+        return f"no answer within {ANSWER_SECONDS} s"
+    cause = re.search(r"\[Errno -?\d+\][^\"'()]+", text)      # connection refused, unknown host
+    if cause:
+        return f"no answer ({cause.group(0).strip()})"
+    return text.split(". Response body")[0].splitlines()[0][:200]
 
 
 def numbers(values: dict, prefix: str = "") -> dict[str, float]:
@@ -57,14 +109,23 @@ def numbers(values: dict, prefix: str = "") -> dict[str, float]:
 
 
 def mlflow_client(uri: str):
-    """mlflow's client for a tracking URI; a local folder (file:) as mlflow's file store, which
-    mlflow 3 keeps in maintenance mode behind an opt-in: it needs no database, and `mlflow ui`
-    reads it as it is."""
+    """mlflow's client for a tracking URI. A local folder (file:) is mlflow's file store, which
+    mlflow 3 keeps in maintenance mode behind an opt-in: given by name, it is still opened."""
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MlflowClient(uri)
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's files go: beside a SQLite file (mlartifacts/<experiment>);
+    mlflow's own choice for a SQLite store is ./mlruns in whatever folder the run started from.
+    Other stores (a server, a file: folder) keep their own choice (None)."""
+    path = uri.removeprefix("sqlite:///")
+    if path == uri or not path or path == ":memory:":
+        return None
+    return (Path(path).resolve().parent / "mlartifacts" / experiment).as_uri()
 
 
 class MlflowTracker(Tracker):
@@ -73,16 +134,21 @@ class MlflowTracker(Tracker):
     def __init__(self, cfg, preset: str, out_dir: Path, resumed: bool):
         from mlflow.entities import Param
 
-        uri = cfg.tracker_uri or DEFAULT_STORE.as_uri()
-        self.client = mlflow_client(uri)
         record = out_dir / RUN_ID_FILE
-        if resumed and record.is_file():
-            self.run_id = json.loads(record.read_text())["run_id"]
+        known = json.loads(record.read_text()) if resumed and record.is_file() else None
+        # a resumed run goes on where it began (before SQLite, the default store was runs/mlruns)
+        uri = known["tracking_uri"] if known else store_uri(cfg.tracker_uri)
+        if uri == store_uri(""):
+            DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
+        self.client = mlflow_client(uri)
+        if known:
+            self.run_id = known["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
             return
         name = f"bacgcn-{cfg.dataset}"
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        experiment_id = (experiment.experiment_id if experiment else
+                         self.client.create_experiment(name, artifact_location=artifact_location(uri, name)))
         run = self.client.create_run(experiment_id, run_name=out_dir.name, tags={"preset": preset})
         self.run_id = run.info.run_id
         record.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}) + "\n")
@@ -115,14 +181,16 @@ class MlflowTracker(Tracker):
 
 
 def open_tracker(cfg, preset: str, out_dir: Path, resumed: bool, main_process: bool) -> Tracker:
-    """The run's tracker; a store that refuses the run is a one-line ValueError naming it (a
-    server that does not answer takes mlflow's own retries first)."""
+    """The run's tracker; a store that refuses the run, or a server that does not answer within
+    ANSWER_SECONDS, is a one-line ValueError naming it."""
     if not (cfg.tracker == "mlflow" and main_process):
         return Tracker()
     from mlflow.exceptions import MlflowException
 
     try:
-        return MlflowTracker(cfg, preset, out_dir, resumed)
-    except (MlflowException, OSError) as e:     # a server's refusal; a local store that cannot be written
-        where = cfg.tracker_uri or DEFAULT_STORE.as_uri()
-        raise ValueError(f"--tracker-uri={where}: {str(e).splitlines()[0][:200]}") from None
+        with answering_quickly():
+            return MlflowTracker(cfg, preset, out_dir, resumed)
+    except MlflowException as e:                # a server's refusal or silence
+        raise ValueError(f"--tracker-uri={store_uri(cfg.tracker_uri)}: {reason(e)}") from None
+    except OSError as e:                        # a local store that cannot be written
+        raise ValueError(f"--tracker-uri={store_uri(cfg.tracker_uri)}: {str(e).splitlines()[0][:200]}") from None

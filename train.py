@@ -385,7 +385,7 @@ def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, bool]
         state = None
         cfg, preset = config.from_pairs(pairs)
     pipeline.resolve_device(cfg.device)
-    tracking.check_available(cfg.tracker)
+    tracking.check_available(cfg.tracker, cfg.tracker_uri)
     if cfg.out:
         data.check_writable(cfg.out, "--out", folder=True)
     data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)

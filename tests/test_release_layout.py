@@ -5,6 +5,7 @@ import pytest
 import config
 import data
 import datasets
+import pipeline
 import train
 from tests.helpers import release_layout
 
@@ -46,7 +47,7 @@ def _error_lines(capsys) -> list[str]:
 
 
 def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "ROOT", tmp_path / "repo")      # a clean clone: nothing in the repo either
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path / "repo")   # a clean clone: nothing in the repo either
     monkeypatch.chdir(tmp_path)
     assert train.main(["--dataset", "voc07"]) == 2
     folder, captions, weights = _error_lines(capsys)

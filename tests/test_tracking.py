@@ -1,16 +1,30 @@
-"""`--tracker=mlflow`: a short run, stopped and resumed into the same mlflow run, read back with
-mlflow's own client; and the one line that says what to install. Runs are commands of their own
-(the CPU path, not the Triton interpreter of in-process tests)."""
+"""`--tracker=mlflow`: a short run against a real `mlflow server` on the loopback, stopped and
+resumed into the same mlflow run, read back with mlflow's own client; the default store (a SQLite
+file) and a file: store read back the same way; and the one lines: what to install, a store that
+cannot be written, a tracker that does not answer. Runs are commands of their own (the CPU path,
+not the Triton interpreter of in-process tests). Nothing here reaches beyond 127.0.0.1."""
+import errno
 import json
+import os
+import re
 import signal
+import socket
+import subprocess
+import time
+import urllib.request
 
 import pytest
 
-import bacgcn
+import config
 import synthetic as S
 import tracking
 import train
-from tests.test_resume import _launch, _stop_after
+from tests.helpers import launch_train, stop_after
+
+# The full mlflow (the server), the extra's version, in a venv of its own so that the trainer's
+# venv holds only the extra and these tests prove it is enough (the Makefile's test setup).
+SERVER = tracking.ROOT / ".venv" / "mlflow-server" / "bin" / "mlflow"
+ANSWER_LIMIT = 15                     # s: a tracker that does not answer is an error by then, not a hang
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +34,51 @@ def world(tmp_path_factory):
     return root
 
 
-def _args(world, tmp_path, *more):
+@pytest.fixture
+def loopback(monkeypatch):
+    """Requests to 127.0.0.1 go there, not to a proxy the environment names (children inherit it)."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, loopback):
+    """A real `mlflow server` on a free loopback port (SQLite behind it, artifacts proxied), its
+    URI; ready within a bounded wait, and always stopped with all its processes."""
+    if not SERVER.is_file():
+        pytest.skip(f"no mlflow server at {SERVER} (make .venv/.test-installed installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(SERVER), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                 "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                                 "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.time() + 180           # ~25 s on 2 busy cores
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if direct.open(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, f"mlflow server not ready in 180 s: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)     # with uvicorn and the job runner, its children (a SIGTERM takes ~15 s)
+        proc.wait()
+
+
+def _args(world, tmp_path, uri, *more):
     return [f"--data-root={world}", f"--cache-dir={tmp_path / 'cache'}", f"--out={tmp_path / 'run'}", "--workers=0",
             "--epochs=3", "--reso-epoch=1", "--reso-eps=0.5", "--batch-size=16", "--log-every=4",
-            "--tracker=mlflow", f"--tracker-uri={(tmp_path / 'mlruns').as_uri()}", *more]
+            "--tracker=mlflow", f"--tracker-uri={uri}", *more]
 
 
 def _only_run(client):
@@ -33,23 +88,23 @@ def _only_run(client):
     return runs[0]
 
 
-def test_interrupted_run_resumes_into_the_same_mlflow_run(world, tmp_path):
-    pytest.importorskip("mlflow", reason="the tracking extra is not installed "
-                                                  "(pip install -r requirements-tracking.txt)")
+def test_interrupted_run_resumes_into_the_same_mlflow_run_of_a_server(world, tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
     run_dir = tmp_path / "run"
-    proc = _launch(*_args(world, tmp_path))
-    _stop_after(proc, run_dir, 1, signal.SIGINT)           # Ctrl-C once the first epoch is saved
+    proc = launch_train(*_args(world, tmp_path, mlflow_server))
+    stop_after(proc, run_dir, 1, signal.SIGINT)           # Ctrl-C once the first epoch is saved
     assert proc.wait() == 130, proc.communicate()[1][-2000:]
-    client = tracking.mlflow_client((tmp_path / "mlruns").as_uri())
+    client = MlflowClient(mlflow_server)
     killed = _only_run(client)
     assert killed.info.status == "KILLED"
-    resumed = _launch("--resume", str(run_dir))
+    resumed = launch_train("--resume", str(run_dir))
     assert resumed.wait() == 0, resumed.communicate()[1][-2000:]
 
     run = _only_run(client)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert json.loads((run_dir / tracking.RUN_ID_FILE).read_text())["run_id"] == run.info.run_id
-    cfg, _ = bacgcn.parse_overrides(_args(world, tmp_path)[3:])
+    cfg, _ = config.parse_overrides(_args(world, tmp_path, mlflow_server)[3:])
     params = run.data.params
     assert params["preset"] == "synthetic-tiny" and params["lr"] == str(cfg.lr) and params["epochs"] == "3"
     assert set(params) == set(json.loads(cfg.to_json())) | {"preset"}
@@ -66,7 +121,79 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(world, tmp_path):
     assert {f"AP/{c}" for c in report["AP"] if report["AP"][c] is not None} <= set(metrics)
     assert metrics["caption_quality/mAP"] == pytest.approx(report["caption_quality"]["mAP"])
     assert "reso_crops" in metrics
-    assert {a.path for a in client.list_artifacts(rid)} == {"report.json", "ap.png"}
+    assert {a.path for a in client.list_artifacts(rid)} == {"report.json", "ap.png"}   # through the server's proxy
+
+
+@pytest.mark.parametrize("store", ["default", "file"])
+def test_a_run_is_read_back_from_a_local_store(store, monkeypatch, tmp_path):
+    """The default store is runs/mlflow.db under the repo (absolute, so the working directory does
+    not matter; runs/ made if missing), its artifacts beside it; a file: folder still works."""
+    pytest.importorskip("mlflow", reason="the tracking extra is not installed")
+    from mlflow.tracking import MlflowClient
+
+    assert tracking.store_uri("") == f"sqlite:///{tracking.ROOT}/runs/mlflow.db"
+    repo, elsewhere, run_dir = tmp_path / "repo", tmp_path / "elsewhere", tmp_path / "run"
+    elsewhere.mkdir()
+    run_dir.mkdir()
+    monkeypatch.setattr(tracking, "DEFAULT_DB", repo / "runs" / "mlflow.db")
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{repo}/runs/mlflow.db" if store == "default" else (tmp_path / "mlruns").as_uri()
+    cfg, _ = config.parse_overrides(["--tracker=mlflow", f"--tracker-uri={uri if store == 'file' else ''}"])
+    tracker = tracking.open_tracker(cfg, "synthetic-tiny", run_dir, resumed=False, main_process=True)
+    tracker.log_metrics({"loss": 0.5, "lr": 1e-3}, step=4)
+    report = {"mAP": 61.0, "CF1": 50.0, "AP": {"cat": 52.0, "dog": 70.0, "cow": None}}
+    (run_dir / "report.json").write_text(json.dumps(report))
+    tracker.log_report(report, run_dir / "report.json")
+    tracker.end("FINISHED")
+
+    client = MlflowClient(uri)                      # mlflow's own client, not ours
+    run = _only_run(client)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert json.loads((run_dir / tracking.RUN_ID_FILE).read_text()) == {"run_id": run.info.run_id, "tracking_uri": uri}
+    assert run.data.metrics == {"loss": 0.5, "lr": 1e-3, "mAP": 61.0, "CF1": 50.0, "AP/cat": 52.0, "AP/dog": 70.0}
+    assert run.data.params["preset"] == "synthetic-tiny"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"report.json", "ap.png"}
+    assert list(elsewhere.iterdir()) == []          # mlflow's own artifact root for SQLite is ./mlruns
+    if store == "default":
+        assert (repo / "runs" / "mlartifacts" / "bacgcn-synthetic").is_dir()
+
+
+@pytest.fixture(params=["refused", "silent"])
+def deaf_tracker(request, loopback):
+    """The URI of a loopback port that refuses connections (bound, not listening), or that accepts
+    them and never answers (listening, never read); the port held so nothing else takes it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        if request.param == "silent":
+            s.listen()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_tracker_that_does_not_answer_is_one_line_not_a_hang(deaf_tracker, tmp_path):
+    pytest.importorskip("mlflow", reason="the tracking extra is not installed")
+    patience = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    cfg, _ = config.parse_overrides(["--tracker=mlflow", f"--tracker-uri={deaf_tracker}"])
+    for attempt in (lambda: tracking.check_available("mlflow", deaf_tracker),      # before any work
+                    lambda: tracking.open_tracker(cfg, "", tmp_path, resumed=False, main_process=True)):
+        t0 = time.time()
+        with pytest.raises(ValueError, match=f"^--tracker-uri={re.escape(deaf_tracker)}: no answer") as e:
+            attempt()
+        assert time.time() - t0 < ANSWER_LIMIT and "\n" not in str(e.value)
+    assert {k: os.environ.get(k) for k in patience} == patience     # mlflow's patience for the run's logging
+
+
+def test_train_stops_at_a_tracker_that_does_not_answer(world, tmp_path, capsys, loopback):
+    pytest.importorskip("mlflow", reason="the tracking extra is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))                    # bound, not listening: refused
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+        t0 = time.time()
+        assert train.main([f"--data-root={world}", f"--out={tmp_path / 'run'}", "--tracker=mlflow",
+                           f"--tracker-uri={uri}"]) == 2
+    assert time.time() - t0 < ANSWER_LIMIT
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --tracker-uri={uri}: no answer ([Errno {errno.ECONNREFUSED}] Connection refused)"]
+    assert not (tmp_path / "run").exists()          # refused before any work
 
 
 def test_a_missing_tracking_extra_is_one_line(monkeypatch, tmp_path, capsys):

@@ -133,15 +133,15 @@ def test_missing_world_is_built_only_at_the_default_path_or_on_request(tmp_path,
     assert not typo.exists() and not (tmp_path / "run").exists()
     built = []
 
-    def build(root, cfg):
+    def build(entry, root, seed):
         built.append(root)
         root.mkdir(parents=True)
         (root / "world.json").write_text(json.dumps({"classes": ["a"]}))
-    monkeypatch.setattr(S, "build", build)
+    monkeypatch.setattr(pipeline, "build_dataset", build)
     cfg = pipeline.resolve_paths(config.BACGCNConfig(data_root=str(typo), build_world=True))
     assert built == [typo] and cfg.data_root == str(typo)
     default = tmp_path / "repo"
-    monkeypatch.setattr(train, "ROOT", default)
+    monkeypatch.setattr(pipeline, "ROOT", default)
     cfg = pipeline.resolve_paths(config.BACGCNConfig(seed=7))
     assert built[-1] == default / "runs" / "world-seed7" and cfg.data_root == str(built[-1])
 
