@@ -8,20 +8,15 @@ import torch
 
 import cache
 import config
-import synthetic as S
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import ablation  # noqa: E402
 
 import datasets
 import pipeline
+from tests.conftest import world_fixture
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablation-world")
-    S.build(root, S.WorldConfig(seed=8, train=60, test=20), progress=False)
-    return root
+world = world_fixture(seed=8, train=60, test=20)
 
 
 def _cfg(world, **kw):

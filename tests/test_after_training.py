@@ -11,17 +11,15 @@ from PIL import Image
 import data
 import eval as eval_cli
 import figures
-import synthetic as S
 import train
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_world):
     """A checkpoint trained one epoch on a tiny world with the shipped tiny CLIP, and a folder
     holding the JPEGs of its test split plus one corrupt file."""
     root = tmp_path_factory.mktemp("after")
-    world = root / "world"
-    S.build(world, S.WorldConfig(seed=3, train=40, test=24), progress=False)
+    world = make_world(seed=3, train=40, test=24)
     torch.manual_seed(0)
     assert train.main([f"--data-root={world}", "--epochs=1", "--use-reso=false", f"--out={root / 'run'}",
                        f"--cache-dir={root / 'cache'}", "--workers=0", "--batch-size=16", "--log-every=100"]) == 0

@@ -15,8 +15,8 @@ import cache as cache_mod
 import config
 import datasets
 import pipeline
-import synthetic as S
 import train
+from tests.conftest import world_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,11 +77,7 @@ def test_damaged_cache_is_named(sharded):
     assert "not valid JSON" in sharded.problem()
 
 
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    world = tmp_path_factory.mktemp("world")
-    S.build(world, S.WorldConfig(seed=3, train=60, test=30), progress=False)
-    return world
+small_world = world_fixture(seed=3, train=60, test=30)
 
 
 def _cfg(world, tmp_path, **kw):

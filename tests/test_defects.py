@@ -6,15 +6,10 @@ import torch
 
 import bacgcn
 import config
-import synthetic as S
 import train
+from tests.conftest import world_fixture
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    S.build(root, S.WorldConfig(seed=6, train=160, test=40), progress=False)
-    return root
+world = world_fixture(seed=6, train=160, test=40)
 
 
 def _run(world, tmp_path, *more):

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 import cache as cache_mod
-import synthetic as S
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,9 +34,8 @@ def _features(cache_root: Path, split: str) -> cache_mod.CachedFeatures:
     raise AssertionError(f"no {split} cache under {cache_root}")
 
 
-def test_two_gloo_processes_match_one(tmp_path):
-    world = tmp_path / "world"
-    S.build(world, S.WorldConfig(seed=4, train=72, test=40), progress=False)
+def test_two_gloo_processes_match_one(tmp_path, make_world):
+    world = make_world(seed=4, train=72, test=40)
     one, alone = _train(world, tmp_path / "one", tmp_path / "cache1", 1)
     two, printed = _train(world, tmp_path / "two", tmp_path / "cache2", 2)
     assert one["world_size"] == 1 and two["world_size"] == 2

@@ -30,17 +30,14 @@ import pipeline
 import runs
 import synthetic as S
 import train
+from tests.conftest import world_fixture
 from tests.helpers import one_error_line, rewrite_file, write_checkpoint
 
 FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    S.build(out, S.WorldConfig(seed=5, train=16, test=16), progress=False)
-    return out
+world = world_fixture(seed=5, train=16, test=16)
 
 
 @pytest.fixture(scope="module")

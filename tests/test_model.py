@@ -222,9 +222,8 @@ def test_reso_regions_and_crop_box():
 # end to end: a smoke run on a tiny world, and eval from the checkpoint alone
 # --------------------------------------------------------------------------------------------
 
-def test_smoke_run_and_eval_reproduce(tmp_path, capsys):
-    world = tmp_path / "world"
-    S.build(world, S.WorldConfig(seed=2, train=80, test=50), progress=False)
+def test_smoke_run_and_eval_reproduce(tmp_path, capsys, make_world):
+    world = make_world(seed=2, train=80, test=50)
     torch.manual_seed(0)
     tinyclip.save_clip(frozen_clip.create_clip(S.TINY_CLIP), tmp_path / "clip.safetensors", {})
     out = tmp_path / "run"

@@ -17,13 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import compare  # noqa: E402
 
 import pipeline
+from tests.conftest import world_fixture
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("peers-world")
-    S.build(root, S.WorldConfig(seed=8, train=48, test=24), progress=False)
-    return root
+world = world_fixture(seed=8, train=48, test=24)
 
 
 @pytest.fixture(scope="module")

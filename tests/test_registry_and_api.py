@@ -16,19 +16,17 @@ import data
 import datasets
 import eval as eval_cli
 import pipeline
-import synthetic as S
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
+def toy_run(tmp_path_factory, make_world):
     """A toy dataset registered in one place, trained on and evaluated end to end: the proving
     ground's files under another name, with a class list of its own."""
     root = tmp_path_factory.mktemp("toy")
-    world = root / "files"
-    S.build(world, S.WorldConfig(seed=5, train=32, test=16), progress=False)
+    world = make_world(seed=5, train=32, test=16)
     toy_classes = tuple(data.synthetic_classes(world))
 
     # -- the whole of adding a dataset: one loader and one entry --

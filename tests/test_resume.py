@@ -4,21 +4,16 @@ import shutil
 import signal
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
-import synthetic as S
 import train
+from tests.conftest import world_fixture
 from tests.helpers import launch_train, stop_after
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    S.build(root, S.WorldConfig(seed=5, train=240, test=40), progress=False)
-    return root
+world = world_fixture(seed=5, train=240, test=40)
 
 
 def _args(world, cache, out, *more):

@@ -11,6 +11,7 @@ import datasets
 import eval as eval_cli
 import metrics
 import synthetic as S
+from tests.conftest import world_fixture
 
 
 def _digest(folder):
@@ -18,11 +19,7 @@ def _digest(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    S.build(out, S.WorldConfig(seed=3, train=40, test=30), progress=False)
-    return out
+world = world_fixture(seed=3, train=40, test=30)
 
 
 def test_same_seed_same_bytes(world, tmp_path):

@@ -16,9 +16,9 @@ import urllib.request
 import pytest
 
 import config
-import synthetic as S
 import tracking
 import train
+from tests.conftest import world_fixture
 from tests.helpers import launch_train, stop_after
 
 # The full mlflow (the server), the extra's version, in a venv of its own so that the trainer's
@@ -27,11 +27,7 @@ SERVER = tracking.ROOT / ".venv" / "mlflow-server" / "bin" / "mlflow"
 ANSWER_LIMIT = 15                     # s: a tracker that does not answer is an error by then, not a hang
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    S.build(root, S.WorldConfig(seed=5, train=160, test=40), progress=False)
-    return root
+world = world_fixture(seed=5, train=160, test=40)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import frozen_clip
 import pipeline
 import synthetic as S
 import train
+from tests.conftest import world_fixture
 from tests.helpers import one_error_line, rewrite_file, torchscript_archive, write_checkpoint
 
 ROOT = frozen_clip.ROOT
@@ -28,11 +29,7 @@ ROOT = frozen_clip.ROOT
 
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    S.build(out, S.WorldConfig(seed=5, train=16, test=16), progress=False)
-    return out
+world = world_fixture(seed=5, train=16, test=16)
 
 
 # --------------------------------------------------------------------------------------------
