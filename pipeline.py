@@ -188,7 +188,7 @@ def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
     if entry.release_layout and not root.is_dir():
         lines.append(f"{root}: no {entry.name} here: put {entry.release_layout} there (the paper's layout), or pass "
                      "--data-root=DIR")
-    elif entry.voc_year is not None:
+    elif entry.release_layout and entry.voc_year is not None:     # the release's trees, split by split
         for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
             try:
                 data.voc_root(root, entry.voc_year, split)
