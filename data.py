@@ -614,20 +614,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             tmp.unlink()
 
 
-def os_error_line(e: OSError) -> str:
-    """An OSError that reached a command line, as its one line: the file it names and why."""
-    if e.filename is None:
-        return e.strerror or str(e)
-    return f"{e.filename}: {e.strerror or e}"
-
-
-def quiet_broken_pipe() -> int:
-    """stdout's reader went away (`eval.py ... | head`): stop quietly, as Unix tools do. Later
-    writes (Python's own flush at exit) go to /dev/null; the status is a shell's for SIGPIPE."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 141
-
-
 def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -> None:
     """Refuse an output that cannot be written before any work is done: a file where a folder
     is wanted or the reverse, or a place under a file or in a read-only folder. A one-line
