@@ -1,4 +1,6 @@
-"""Data layer: dataset loaders and the files the project reads and writes (scores CSV, graph).
+"""Data layer: the readers of the datasets' file formats (VOC, COCO, NUS-WIDE, image folders),
+which the registry in datasets.py wires to dataset names, and the files the project reads and
+writes (scores CSV, graph, JSON, atomic writes).
 
 Data flows one way: files -> this module -> tensors. Nothing here imports the model, nor the
 modules built on it: `captions.py` (caption filter, BLIP-2 captioner) and `cache.py` (feature

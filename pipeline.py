@@ -1,5 +1,7 @@
-"""What the commands share: the frozen backbone, cached features, prediction, split evaluation,
-the checkpoint format, the learning-rate schedule and the run metadata.
+"""What the commands share: where a run's data, captions and weights are (read from the dataset
+registry), the caption stage (pseudo labels and graph), the frozen backbone and cached features,
+prediction and split evaluation, the learning-rate schedule, the distributed helpers, and the
+Python API of a trained model (`load_trained`).
 
 train.py and eval.py both build on this module and never import each other, so each stays a
 thin command line over one set of functions (a change to, say, the dtype rule cannot leave the
