@@ -449,3 +449,16 @@ def test_a_closed_stdout_pipe_ends_quietly(world, tmp_path, monkeypatch, capsys)
             monkeypatch.setattr("sys.stdout", closed)
             assert main(argv) == 141
         assert capsys.readouterr().err == ""
+
+
+def test_metrics_log_is_strict_json_with_an_undefined_figure(tmp_path):
+    """An undefined figure (a size band with no positives is NaN) is null in metrics.jsonl, as in
+    report.json: a bare NaN is not JSON, and jq or a strict parser refuses the whole file."""
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:
+        runs.MetricsLog(f).record({"test": {"mAP": 70.0, "mAP_large": float("nan")}}, None)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line, parse_constant=refuse) == {"test": {"mAP": 70.0, "mAP_large": None}}
