@@ -365,8 +365,8 @@ def split_run_options(args: Sequence[str]) -> tuple[str | None, bool, list[tuple
         raise ValueError("--resume needs the run folder to continue")
     overwrite = overwrite is not None and cli.parse_bool(overwrite)
     if resume is not None and (rest or overwrite):
-        raise ValueError(f"--resume continues the run with its recorded config: drop "
-                         f"{'--' + rest[0][0].replace('_', '-') if rest else '--overwrite'}")
+        given = f"--{rest[0][0].replace('_', '-')}={rest[0][1]}" if rest else "--overwrite"
+        raise ValueError(f"--resume continues the run with its recorded config: drop {given}")
     return resume, overwrite, rest
 
 
