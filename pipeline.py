@@ -253,7 +253,6 @@ def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
     return cfg
 
 
-
 # --------------------------------------------------------------------------------------------
 # Stage 1: the captions' pseudo labels and graph
 # --------------------------------------------------------------------------------------------

@@ -97,7 +97,6 @@ def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: st
     return feats, [f for f, i in zip(found, crop_ds.ids) if i in encoded]
 
 
-
 # --------------------------------------------------------------------------------------------
 # ReSO: crops of small pseudo-positive regions (used by stage 4)
 # --------------------------------------------------------------------------------------------
@@ -124,7 +123,6 @@ def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[
             per_image[b] = per_image.get(b, 0) + 1
             kept.append((b, c, box))
     return kept
-
 
 
 @dataclass
