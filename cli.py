@@ -8,10 +8,13 @@ Both read a repeated option the same way: the last value wins.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
 
@@ -90,13 +93,62 @@ def print_error(message: str) -> None:
         print(f"error: {line}", file=sys.stderr)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends before it kills a job), raised where the command
+    is, as Ctrl-C raises KeyboardInterrupt: both take the same way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_code(e: KeyboardInterrupt) -> int:
+    """A shell's status for a command its signal stopped: 128 + the signal's number."""
+    return 128 + getattr(e, "signum", signal.SIGINT)
+
+
+def interrupt_words(e: KeyboardInterrupt) -> str:
+    return f"interrupted by {e}" if isinstance(e, Interrupted) else "interrupted"
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block has run (they are delivered as it ends). For a
+    thread's start and join: an interrupt inside Thread.start() (which waits for the thread to
+    run) or inside the join left the thread running into interpreter exit, where a thread
+    inside torch aborts the process ("terminate called without an active exception", status
+    -6, about one stop in four right after an epoch's state was saved)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def run_command(body: Callable[[], int | None]) -> int:
     """The one way a command ends: `body`'s status (None = 0); a ValueError (the project's
     DataError is one) or a missing file as `error: ...` lines and 2; any other OSError as one
-    line naming its file and 2; a reader that closed stdout quietly, 141."""
+    line naming its file and 2; a reader that closed stdout quietly, 141; Ctrl-C or SIGTERM
+    as a `stopped: interrupted` line and 130 or 143 (a command that keeps something to go on
+    from says so in its own line)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
     try:
         code = body() or 0
         sys.stdout.flush()           # a closed pipe shows here, not in Python's flush at exit
+    except KeyboardInterrupt as e:
+        print(f"stopped: {interrupt_words(e)}", file=sys.stderr)
+        return interrupt_code(e)
     except BrokenPipeError:
         return quiet_broken_pipe()
     except (ValueError, FileNotFoundError) as e:
@@ -105,4 +157,7 @@ def run_command(body: Callable[[], int | None]) -> int:
     except OSError as e:
         print_error(os_error_line(e))
         return 2
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code

@@ -28,6 +28,7 @@ import datasets
 import frozen_clip
 import metrics
 from cache import CachedFeatures, FeatureCache, encode_images, file_digest
+from cli import signals_held
 
 ROOT = Path(__file__).resolve().parent
 PREDICT_BATCH = 256          # images per forward when scoring a split (no gradients: memory is small) ...
@@ -504,15 +505,18 @@ def prefetched(items, device: str, dtype, depth: int = 2):
             offer(e)
 
     worker = threading.Thread(target=read, daemon=True)
-    worker.start()
     try:
+        with signals_held():
+            worker.start()
         while (rows := ready.get()) is not None:
             if isinstance(rows, Exception):
                 raise rows
             yield {k: v.to(device, non_blocking=True).to(dtype) for k, v in rows.items()}
     finally:
-        stop.set()
-        worker.join()
+        with signals_held():
+            stop.set()
+            if worker.ident is not None:
+                worker.join()
 
 
 def scoring_batch(feats: CachedFeatures, batch: int = PREDICT_BATCH) -> int:

@@ -271,7 +271,10 @@ def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None, 
         status = "FINISHED"
         return report
     except runs.RunStopped as e:
-        status = "KILLED" if e.code == 130 else "FAILED"
+        status = "KILLED" if e.code > 128 else "FAILED"
+        raise
+    except KeyboardInterrupt:
+        status = "KILLED"
         raise
     finally:
         tracker.end(status)
@@ -322,8 +325,9 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
             logits = pipeline.predict(model, test.feats, device, dtype)             # 5
             result = pipeline.evaluate_split(cfg, logits, test, num_classes)
             metrics_log.record({"test": {k: v for k, v in result.items() if k != "AP"}}, None)
-    except KeyboardInterrupt:
-        raise runs.RunStopped(130, f"interrupted; {runs.stopped_note(out_dir)}") from None
+    except KeyboardInterrupt as e:             # Ctrl-C, or SIGTERM (cli.Interrupted)
+        note = runs.stopped_note(out_dir)
+        raise runs.RunStopped(cli.interrupt_code(e), f"{cli.interrupt_words(e)}; {note}") from None
     except runs.NonFiniteLoss as e:
         raise runs.RunStopped(2, f"{e}; {runs.stopped_note(out_dir)}") from None
     except OSError as e:     # a full disk or a file-size limit under the unnamed writes of metrics.jsonl
