@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,6 +17,20 @@ import numpy as np
 from data import DataError, SkipReport, atomic_write, image_batches, read_json, write_json
 
 _HASHES: dict[tuple, str] = {}
+# Shards this process has checked, by (path, inode, size, mtime, what they had to be): eval.py
+# and the ablation open one cache several times, and a shard unchanged since is not read again.
+_CHECKED: set[tuple] = set()
+# A file changed within a clock tick of its check keeps its mtime (coarse file-system clocks):
+# only shards older than this when checked are remembered (git's rule for "racily clean" files).
+RACY_NS = 2 * 10**9
+
+
+def _stat_key(path: Path, wanted: dict) -> tuple:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(path, "feature cache shard missing") from None
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns, tuple(sorted(wanted.items()))
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -50,12 +65,16 @@ class FeatureCache:
     # A shard is buffered in memory before it is written: capped by bytes too, or one shard of
     # ViT-B/16 at 448 px (800 KB a row) would hold 3.2 GB, twice over while concatenated.
     SHARD_BYTES = 256 * 2**20
+    # 2: every shard carries its cache key, the digest of its image ids and of its bytes. Part
+    # of the key, so that a cache of format 1 (which carries none) is a miss, not a cache to trust.
+    FORMAT = 2
 
     def __init__(self, root: str | os.PathLike, spec: dict, shard_rows: int = SHARD):
         import hashlib
 
         self.spec = spec
-        self.key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        keyed = json.dumps({**spec, "cache_format": self.FORMAT}, sort_keys=True)
+        self.key = hashlib.sha256(keyed.encode()).hexdigest()[:20]
         self.dir = Path(root) / self.key
         self.shard_rows = shard_rows
 
@@ -67,15 +86,47 @@ class FeatureCache:
         return read_json(self.dir / "meta.json", "feature cache index")
 
     def problem(self) -> str | None:
-        """Why this complete cache cannot be read (one line), or None when it is sound."""
+        """Why this complete cache cannot be read (one line naming the first failing file), or
+        None when it is sound: every shard is there, whole, of this key, holds the rows of the
+        image ids meta.json gives it, and its bytes hash to the digest written with it."""
         try:
-            meta = self._meta()
-            if not isinstance(meta.get("ids"), list) or not isinstance(meta.get("shards"), list):
-                return "meta.json lacks its ids or shards"
-            CachedFeatures.from_shards(self.dir, meta["ids"], meta["shards"])
+            failing = self.failing_shards()
         except DataError as e:
             return str(e)
-        return None
+        return f"{self.dir / failing[0][0]}: {failing[0][1]}" if failing else None
+
+    def failing_shards(self) -> list[tuple[str, str]]:
+        """[(shard name, why)] of the shards that fail their check, reading every byte once
+        (the cost: README, "Feature cache"). A DataError when the index itself is unsound
+        (meta.json unreadable or inconsistent), which no single shard explains."""
+        meta = self._meta()
+        lists = [meta.get(k) for k in ("shards", "rows", "digests")]
+        if not isinstance(meta.get("ids"), list) or not all(isinstance(x, list) for x in lists) or \
+                len({len(x) for x in lists}) != 1 or not all(type(r) is int and r >= 0 for r in lists[1]):
+            raise DataError(self.dir / "meta.json", "lacks its ids, shards, rows or digests")
+        if sum(meta["rows"]) != len(meta["ids"]):
+            raise DataError(self.dir / "meta.json", f"lists {len(meta['ids'])} ids and {sum(meta['rows'])} rows")
+        failing, start, started = [], 0, time.time_ns()
+        for name, rows, digest in zip(*lists):
+            wanted = {"cache_key": self.key, "ids_sha256": ids_digest(meta["ids"][start:start + rows]),
+                      "sha256": digest}
+            start += rows
+            try:
+                seen = _stat_key(self.dir / name, wanted)
+                if seen in _CHECKED:
+                    continue
+                found, fields, header = _shard_layout(self.dir / name)
+                why = f"holds {found} rows, meta.json gives it {rows}" if found != rows else \
+                    shard_problem(self.dir / name, rows, fields, header, wanted)
+            except DataError as e:
+                why = e.problem
+            if why is not None:
+                failing.append((name, why))
+            elif seen[3] < started - RACY_NS:
+                _CHECKED.add(seen)
+        if not failing:
+            CachedFeatures.from_shards(self.dir, meta["ids"], meta["shards"])    # the shards agree on their fields
+        return failing
 
     def open(self, memory_budget_bytes: float = float("inf")) -> "CachedFeatures":
         """The cached rows: read into memory when they fit `memory_budget_bytes`, else streamed."""
@@ -92,42 +143,136 @@ class FeatureCache:
         Skipped images are reported and left out. With `parts` > 1 this writes part `part` only
         (its dataset is that part's images); `merge` completes the cache once all parts exist."""
         import torch
-        from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
         ids: list[str] = []
         buffer: dict[str, list] = {}
         shards: list[str] = []
+        digests: list[str] = []
+        shard_ids: list[str] = []
+        rows_of: list[int] = []
 
         def flush():
             if not buffer:
                 return
             name = f"part{part:03d}-shard-{len(shards):05d}.safetensors"
-            tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
-            atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp)))
+            digests.append(self.write_shard(name, {k: torch.cat(v) for k, v in buffer.items()}, shard_ids))
             shards.append(name)
+            rows_of.append(len(shard_ids))
             buffer.clear()
+            shard_ids.clear()
 
         for batch_ids, _, out in encode_images(dataset, encode, batch_size, workers, device, desc, pin_memory):
             for k, v in out.items():
                 buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
             ids.extend(batch_ids)
+            shard_ids.extend(batch_ids)
             rows = sum(len(x) for x in next(iter(buffer.values())))
             if rows >= self.shard_rows or rows * sum(v[0][0].nbytes for v in buffer.values()) >= self.SHARD_BYTES:
                 flush()
         flush()
-        write_json(self.dir / f"part{part:03d}.json", {"ids": ids, "shards": shards}, indent=None)
+        write_json(self.dir / f"part{part:03d}.json",
+                   {"ids": ids, "shards": shards, "rows": rows_of, "digests": digests}, indent=None)
         if parts == 1:
             self.merge(1)
 
+    def write_shard(self, name: str, tensors: dict, ids: Sequence[str]) -> str:
+        """One shard, atomically, with its identity in the safetensors header: this cache's
+        key, the digest of the ids of its rows, and the digest of its bytes (returned)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        digest = tensors_digest(tensors)
+        header = {"cache_key": self.key, "ids_sha256": ids_digest(ids), "sha256": digest}
+        atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        return digest
+
+    def rebuild_shards(self, dataset, encode: Callable, names: Sequence[str], batch_size: int = 64,
+                       workers: int = 0, device: str = "cpu") -> bool:
+        """Encode again the images of the shards `names` (those failing_shards named) and write
+        each shard anew, from the ids meta.json gives it; the rest of the cache stays. False
+        (nothing written) when those images no longer give those rows (an image gone or now
+        unreadable): the whole cache must be built again."""
+        import torch
+
+        meta = self._meta()
+        where = {image_id: k for k, image_id in enumerate(getattr(dataset, "ids", []))}
+        starts = np.cumsum([0] + meta["rows"])
+        new = {}
+        for name in names:
+            s = meta["shards"].index(name)
+            wanted = meta["ids"][starts[s]:starts[s + 1]]
+            if any(i not in where for i in wanted):
+                return False
+            got, fields = [], {}
+            subset = torch.utils.data.Subset(dataset, [where[i] for i in wanted])
+            for batch_ids, _, out in encode_images(subset, encode, batch_size, workers, device, f"re-encoding {name}"):
+                got += batch_ids
+                for k, v in out.items():
+                    fields.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
+            if got != wanted:
+                return False
+            new[s] = ({k: torch.cat(v) for k, v in fields.items()}, wanted)
+        digests = list(meta["digests"])
+        for s, (tensors, wanted) in new.items():
+            digests[s] = self.write_shard(meta["shards"][s], tensors, wanted)
+        write_json(self.dir / "meta.json", {**meta, "digests": digests}, indent=None)
+        return True
+
     def merge(self, parts: int) -> None:
         """Write meta.json over the parts 0..parts-1, in part order: the cache is then complete."""
-        ids, shards = [], []
+        index = {"ids": [], "shards": [], "rows": [], "digests": []}
         for part in range(parts):
             piece = read_json(self.dir / f"part{part:03d}.json", "feature cache part")
-            ids += piece["ids"]
-            shards += piece["shards"]
-        write_json(self.dir / "meta.json", {"ids": ids, "shards": shards, "spec": self.spec}, indent=None)
+            for k in index:
+                index[k] += piece[k]
+        write_json(self.dir / "meta.json", {**index, "spec": self.spec}, indent=None)
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over the fields' raw bytes in name order: what shard_problem recomputes from the file."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def shard_problem(path: Path, rows: int, fields: dict, header: dict, expected: dict) -> str | None:
+    """Why one shard is not what meta.json says it is (one phrase), or None: its header's
+    identity, then its bytes, read in 8 MiB blocks in the digest's order (name order)."""
+    import hashlib
+
+    if header.get("cache_key") != expected["cache_key"]:
+        return f"belongs to another cache (key {header.get('cache_key')!r}, this cache is {expected['cache_key']!r})"
+    if header.get("ids_sha256") != expected["ids_sha256"]:
+        return "holds the rows of other images than meta.json lists at its place"
+    if header.get("sha256") != expected["sha256"]:
+        return "is not the shard meta.json recorded (its digest differs)"
+    h, block = hashlib.sha256(), 8 << 20
+    with open(path, "rb", buffering=0) as f:
+        for name in sorted(fields):
+            _, offset, row_bytes = fields[name]
+            f.seek(offset)
+            left = rows * row_bytes
+            while left > 0:
+                chunk = f.read(min(block, left))
+                if not chunk:
+                    return f"truncated in field {name!r}"
+                h.update(chunk)
+                left -= len(chunk)
+    if h.hexdigest() != expected["sha256"]:
+        return "its bytes changed since it was written (sha256 differs)"
+    return None
 
 
 def fix_malloc_threshold(threshold: int = 1 << 16) -> None:
@@ -169,7 +314,7 @@ class CachedFeatures:
 
     @classmethod
     def from_shards(cls, directory: Path, ids: Sequence[str], names: Sequence[str]) -> "CachedFeatures":
-        shards = [(Path(directory) / n, *_shard_layout(Path(directory) / n)) for n in names]
+        shards = [(Path(directory) / n, *_shard_layout(Path(directory) / n)[:2]) for n in names]
         rows = sum(r for _, r, _ in shards)
         if rows != len(ids):
             raise DataError(Path(directory) / "meta.json", f"lists {len(ids)} ids, the shards hold {rows} rows")
@@ -251,9 +396,9 @@ def _read_at(fd: int, buffer: np.ndarray, offset: int) -> int:
     return len(chunk)
 
 
-def _shard_layout(path: Path) -> tuple[int, dict]:
-    """(rows, {name: (row shape, file offset of row 0, bytes per row)}) from a safetensors
-    shard's header, checking that every tensor is bf16, has the same row count and lies
+def _shard_layout(path: Path) -> tuple[int, dict, dict]:
+    """(rows, {name: (row shape, file offset of row 0, bytes per row)}, the header's metadata)
+    from a safetensors shard's header, checking that every tensor is bf16, has the same row count and lies
     inside the file (a truncated shard fails here, by name)."""
     import struct
 
@@ -281,7 +426,8 @@ def _shard_layout(path: Path) -> tuple[int, dict]:
         fields[name] = (tuple(shape[1:]), 8 + length + begin, (end - begin) // max(shape[0], 1))
     if len(counts) > 1:
         raise DataError(path, "fields hold different row counts")
-    return (counts.pop() if counts else 0), fields
+    metadata = header.get("__metadata__")
+    return (counts.pop() if counts else 0), fields, metadata if isinstance(metadata, dict) else {}
 
 
 def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 import warnings
 import xml.etree.ElementTree as ET
@@ -595,24 +596,43 @@ def image_files(spec: str) -> MultiLabelImages:
 # Files: scores CSV, graph
 # ============================================================================================
 
+def write_target(path: str | os.PathLike) -> tuple[Path, bool]:
+    """(where a write of `path` goes, whether it goes through that file as it is). A device, a
+    FIFO or a socket that `path` is or links to (`/dev/stdout`, a process substitution's
+    /dev/fd/63) is written through, never replaced; a link to a file is followed, so the link
+    stays and its target is the file replaced."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode                   # through any links
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        return path, True
+    return (Path(os.path.realpath(path)) if path.is_symlink() else path), False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same folder and rename, so a crash leaves no half file.
     The one writer of every file the project produces: a write that fails (a full disk, a quota,
-    `ulimit -f`) is a one-line DataError naming `path`, and the temp file is removed."""
+    `ulimit -f`) is a one-line DataError naming `path`, and the temp file is removed. A device
+    or a FIFO (or a link to one) is written through, in place (write_target)."""
     from safetensors import SafetensorError  # save_file reports I/O errors as its own type
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    target, through = write_target(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if through:
+            write(target)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as e:
         raise DataError(path, f"cannot be written ({e.strerror or e})") from None
     except SafetensorError as e:
         raise DataError(path, f"cannot be written ({str(e).splitlines()[0][:160]})") from None
     finally:
-        if tmp.exists():
+        if not through and tmp.exists():
             tmp.unlink()
 
 
@@ -623,7 +643,12 @@ def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -
     p = Path(path)
     if p.exists() and folder != p.is_dir():
         raise ValueError(f"{option}={path}: " + ("exists and is not a folder" if folder else "is a folder, not a file"))
-    anchor = p if folder and p.is_dir() else p.parent   # where the new entry (or atomic_write's temp file) goes
+    target, through = write_target(p)
+    if through:                                          # written in place: the file itself must take it
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"{option}={path}: cannot be written (not writable)")
+        return
+    anchor = target if folder and target.is_dir() else target.parent   # where atomic_write's temp file goes
     while not anchor.exists():
         anchor = anchor.parent
     if not anchor.is_dir():
@@ -633,9 +658,12 @@ def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -
 
 
 def json_safe(obj):
-    """NaN (an undefined AP, e.g. a size band with too few positives) becomes None, so reports
-    stay valid JSON (json.dumps would write a bare NaN)."""
-    if isinstance(obj, float) and math.isnan(obj):
+    """NaN (an undefined AP, e.g. a size band with too few positives) and the infinities become
+    None, so reports stay strict JSON (json.dumps would write a bare NaN or Infinity, which jq
+    and strict parsers refuse); numpy scalars become Python numbers."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}

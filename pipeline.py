@@ -294,6 +294,17 @@ def check_captions_match(cfg, caption_texts: dict, pseudo: captions.PseudoLabels
             "no caption: they train as negatives of every class")
 
 
+def classes_no_caption_names(classes: Sequence[str], hard: torch.Tensor, min_votes: int) -> list[str]:
+    """The classes that no training image's captions name (with `min_votes` votes), with a
+    warning: they train on no positive at all, so their scores rest on CLIP's prompt and the
+    graph alone; report.json lists them."""
+    unnamed = [name for c, name in enumerate(classes) if not bool(hard[:, c].any())]
+    if unnamed:
+        log(f"WARNING: no caption names {', '.join(map(repr, unnamed))} ({len(unnamed)} of {len(classes)} classes"
+            f"{'' if min_votes == 1 else f' at --min-votes={min_votes}'}): they train on no positive image")
+    return unnamed
+
+
 def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> None:
     """A split none of whose images could be read is an error; many skipped ones a loud warning."""
     if not split.ids:
@@ -423,23 +434,45 @@ def encode_features(backbone: frozen_clip.CLIPBackbone, images: torch.Tensor, cf
         return backbone.features(x, cfg.h_fraction, cfg.subset_readout)
 
 
+def checked_cache(cache: FeatureCache, dataset, encode, workers: int, device: str, desc: str) -> str:
+    """"hit" when the complete cache passes its check, every byte read once (a shard that
+    fails is named and its images encoded again), "miss" when it must be built again (its
+    index is unsound, or a failing shard's images no longer give its rows). A cache that may
+    not be written is refused, not trusted."""
+    import shutil
+    import time
+
+    t0 = time.time()
+    try:
+        failing, unsound = cache.failing_shards(), None
+    except data.DataError as e:
+        failing, unsound = [], e
+    if not failing and unsound is None:
+        log(f"{desc}: feature cache hit ({cache.dir}; every shard checked in {time.time() - t0:.1f} s)")
+        return "hit"
+    first = unsound or data.DataError(cache.dir / failing[0][0], failing[0][1])
+    if not os.access(cache.dir, os.W_OK):
+        raise data.DataError(first.path, f"{first.problem} (the feature cache here is read only: choose another "
+                                         "--cache-dir, or rebuild it where it may be written)")
+    for name, why in failing:
+        log(f"warning: feature cache shard {cache.dir / name}: {why}; encoding its images again")
+    if failing and cache.rebuild_shards(dataset, encode, [n for n, _ in failing], CACHE_BATCH, workers, device):
+        return "hit"
+    log(f"warning: feature cache {cache.dir} is damaged ({first}); rebuilding it")
+    shutil.rmtree(cache.dir)
+    return "miss"
+
+
 def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -> CachedFeatures:
     """The features of `dataset` from the cache keyed by `spec`, encoding it once on a miss
     (each process of a distributed job encodes its share) or when the cache is damaged."""
-    import shutil
     import time
 
     cache = FeatureCache(cfg.cache_dir, spec)
     state = "miss"
     if is_main_process() and cache.complete:
-        problem = cache.problem()
-        state = "hit" if problem is None else "damaged"
-        if problem is not None:
-            log(f"warning: feature cache {cache.dir} is damaged ({problem}); rebuilding it")
-            shutil.rmtree(cache.dir)
-    if broadcast_object(state) == "hit":
-        log(f"{desc}: feature cache hit ({cache.dir})")
-    else:
+        state = checked_cache(cache, dataset, lambda x: encode_features(backbone, x, cfg), cfg.workers, device, desc)
+    if broadcast_object(state) != "hit":
         log(f"{desc}: encoding {len(dataset)} images once into {cache.dir}")
         t0 = time.time()
         part, parts = rank_and_world()

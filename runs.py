@@ -5,6 +5,7 @@ state, the ReSO crops), metrics.jsonl, and how a stopped run says what it kept.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,8 @@ class MetricsLog:
             self.tracker.log_metrics({k: v for k, v in values.items() if k not in ("step", "epoch")}, step)
 
 
-RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE, tracking.RUN_ID_FILE)
+LOCK_FILE = ".run.lock"
+RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE, tracking.RUN_ID_FILE, LOCK_FILE)
 
 
 class RunStopped(RuntimeError):
@@ -144,21 +146,60 @@ class RunStopped(RuntimeError):
         self.code = code
 
 
-def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """A run folder holds one run: reusing one that is not empty takes --resume (continue it)
-    or --overwrite (its earlier outputs are removed first, so no file mixes two runs)."""
+def lock_run_folder(out_dir: Path) -> int:
+    """Hold the run folder for this process (an open descriptor for release_run_folder): a
+    second train.py into the same folder is one line, not two runs that overwrite each other's
+    checkpoint. An flock: the kernel lets go of it when the process ends, killed or not, so a
+    dead run never leaves the folder locked (only its lock file, which is not a lock)."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise data.DataError(out_dir, f"another train.py (pid {holder}) is running in this run folder; "
+                                          "wait for it to end, or choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)      # locked a file its holder removed as it ended: lock the one at the path now
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_run_folder(out_dir: Path, lock: int) -> None:
+    """The lock file goes (removed while still held, so no other run can be holding it), then the lock."""
+    (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    os.close(lock)
+
+
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int:
+    """A run folder holds one run, and one process writes it (lock_run_folder, whose
+    descriptor this returns): reusing one that is not empty takes --resume (continue it) or
+    --overwrite (its earlier outputs are removed first, so no file mixes two runs)."""
+    lock = lock_run_folder(out_dir)
     if resume:
-        return
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+        return lock
+    if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         if not overwrite:
+            release_run_folder(out_dir, lock)
             raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, --overwrite "
                                           "replaces it")
-        for name in RUN_FILES:
+        for name in RUN_FILES[:-1]:
             (out_dir / name).unlink(missing_ok=True)
-        if any(out_dir.iterdir()):
+        if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
+            release_run_folder(out_dir, lock)
             raise data.DataError(out_dir, "--overwrite: the folder holds files train.py did not write; "
                                           "choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return lock
 
 
 def stopped_note(out_dir: Path) -> str:

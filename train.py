@@ -236,9 +236,10 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
 # --------------------------------------------------------------------------------------------
 
 def start_run(cfg: config.BACGCNConfig, preset: str, resume: bool = False,
-              overwrite: bool = False) -> tuple[config.BACGCNConfig, str]:
+              overwrite: bool = False) -> tuple[config.BACGCNConfig, str, int | None]:
     """Process group, paths, device, seeds, threads and the run folder: (completed config,
-    device). In a torchrun job rank 0 builds the world and names the run folder for all."""
+    device, the run folder's lock to close at the end). In a torchrun job rank 0 builds the
+    world, names the run folder for all and holds its lock."""
     device = pipeline.init_distributed(cfg.device)
     _, world = pipeline.rank_and_world()
     if cfg.batch_size < world:
@@ -254,16 +255,23 @@ def start_run(cfg: config.BACGCNConfig, preset: str, resume: bool = False,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     out_dir = Path(cfg.out or ROOT / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir = Path(pipeline.broadcast_object(str(out_dir.resolve())))
-    if pipeline.is_main_process():
-        runs.prepare_run_folder(out_dir, resume, overwrite)
+    lock = runs.prepare_run_folder(out_dir, resume, overwrite) if pipeline.is_main_process() else None
     pipeline.barrier()
-    return cfg.replace(out=str(out_dir)), device
+    return cfg.replace(out=str(out_dir)), device, lock
 
 
 def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False) -> dict:
     """The run, tracked (with --tracker) from its start to its end, failed or not."""
     t_start = time.time()
-    cfg, device = start_run(cfg, preset, resume is not None, overwrite)
+    cfg, device, lock = start_run(cfg, preset, resume is not None, overwrite)
+    try:
+        return tracked_run(cfg, preset, resume, device, t_start)
+    finally:
+        if lock is not None:
+            runs.release_run_folder(Path(cfg.out), lock)
+
+
+def tracked_run(cfg: config.BACGCNConfig, preset: str, resume: dict | None, device: str, t_start: float) -> dict:
     tracker = tracking.open_tracker(cfg, preset, Path(cfg.out), resume is not None, pipeline.is_main_process())
     status = "FAILED"
     try:
@@ -302,6 +310,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     for split, dataset in ((train, train_ds), (test, test_ds)):
         pipeline.check_features(split, dataset, cfg.data_root)
     targets, hard = labels.targets_for(train.ids, cfg.min_votes)
+    unnamed = pipeline.classes_no_caption_names(labels.classes, hard, cfg.min_votes)
 
     logit_scale = float(backbone.clip.logit_scale.exp().item())                    # 3
     model = bacgcn.build_model(cfg, prompts, num_classes, labels.m, labels.n, logit_scale).to(device)
@@ -337,7 +346,8 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     report = {k: result[k] for k in ("mAP", "mAP_small", "mAP_large") if k in result}
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
-                   "caption_quality": labels.quality, "reso": reso_done, "train_seconds": round(train_s, 3),
+                   "caption_quality": labels.quality, "classes_no_caption_names": unnamed,
+                   "reso": reso_done, "train_seconds": round(train_s, 3),
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import cache as cache_mod
 import config
+import data
 import datasets
 import pipeline
 import train
@@ -62,19 +63,69 @@ def test_streamed_rows_equal_in_memory_rows(sharded):
         streamed.gather([50])
 
 
-def test_damaged_cache_is_named(sharded):
+def _flip_low_bits(shard: Path, at_end: int = 3) -> None:
+    """XOR a bit of a bf16 mantissa near the end of the data: the value changes, stays finite."""
+    raw = bytearray(shard.read_bytes())
+    raw[-at_end] ^= 0x01
+    shard.write_bytes(bytes(raw))
+
+
+def test_damaged_cache_is_named(sharded, tmp_path):
     assert sharded.problem() is None
-    shard = sorted(sharded.dir.glob("*.safetensors"))[3]
-    shard.write_bytes(shard.read_bytes()[:-10])
-    assert "truncated" in sharded.problem() and shard.name in sharded.problem()
-    shard.unlink()
-    assert "missing" in sharded.problem() and shard.name in sharded.problem()
+    shards = sorted(sharded.dir.glob("*.safetensors"))
+    whole = {p: p.read_bytes() for p in shards}
+
+    def restored():
+        for p, b in whole.items():
+            p.write_bytes(b)
+        return sharded.problem() is None
+
+    _flip_low_bits(shards[2])                       # a value changed, still finite: nothing else tells
+    assert torch.isfinite(sharded.open().gather(range(50))["g"].float()).all()
+    assert shards[2].name in sharded.problem() and "sha256 differs" in sharded.problem()
+    assert restored()
+    other = cache_mod.FeatureCache(tmp_path / "other", {"toy": 2}, shard_rows=7)   # same shapes, another key
+    other.build(_Rows(50), _encode, batch_size=3)
+    shards[2].write_bytes(sorted(other.dir.glob("*.safetensors"))[2].read_bytes())
+    assert shards[2].name in sharded.problem() and "belongs to another cache" in sharded.problem()
+    assert restored()
+    shards[0].write_bytes(whole[shards[1]])          # same key, same row count: another slot's images
+    assert shards[0].name in sharded.problem() and "other images" in sharded.problem()
+    assert [n for n, _ in sharded.failing_shards()] == [shards[0].name]
+    assert restored()
+    shards[3].write_bytes(whole[shards[3]][:-10])
+    assert "truncated" in sharded.problem() and shards[3].name in sharded.problem()
+    shards[3].unlink()
+    assert "missing" in sharded.problem() and shards[3].name in sharded.problem()
+    assert restored()
     meta = json.loads((sharded.dir / "meta.json").read_text())
-    meta["shards"] = meta["shards"][:3] + meta["shards"][4:]
-    (sharded.dir / "meta.json").write_text(json.dumps(meta))
-    assert "50 ids, the shards hold 41 rows" in sharded.problem()
+    (sharded.dir / "meta.json").write_text(json.dumps({**meta, **{k: meta[k][:3] + meta[k][4:]
+                                                                  for k in ("shards", "rows", "digests")}}))
+    assert "lists 50 ids and 41 rows" in sharded.problem()
+    (sharded.dir / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "digests"}))
+    assert "lacks its ids, shards, rows or digests" in sharded.problem()
     (sharded.dir / "meta.json").write_text("{not json")
     assert "not valid JSON" in sharded.problem()
+
+
+def test_failing_shards_are_encoded_again_alone(sharded):
+    held = sharded.open().gather(range(50))
+    shards = sorted(sharded.dir.glob("*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in shards}
+    _flip_low_bits(shards[1])
+    shards[4].unlink()
+    failing = [n for n, _ in sharded.failing_shards()]
+    assert failing == [shards[1].name, shards[4].name]
+    rows = _Rows(50)
+    rows.ids = [f"i{k}" for k in range(50)]
+    assert sharded.rebuild_shards(rows, _encode, failing, batch_size=3)
+    assert sharded.problem() is None
+    again = sharded.open().gather(range(50))
+    assert all(torch.equal(held[k], again[k]) for k in held)
+    assert [p for p in shards if p.stat().st_mtime_ns != before[p]] == [shards[1], shards[4]]
+    rows.ids = rows.ids[:-1] + ["elsewhere"]                    # an image of the last shard is gone
+    _flip_low_bits(shards[5])
+    assert not sharded.rebuild_shards(rows, _encode, [shards[5].name], batch_size=3)
 
 
 small_world = world_fixture(seed=3, train=60, test=30)
@@ -85,7 +136,7 @@ def _cfg(world, tmp_path, **kw):
     return pipeline.resolve_paths(cfg).replace(**kw)
 
 
-def test_damaged_cache_is_rebuilt_and_changed_images_reencoded(small_world, tmp_path, capsys):
+def test_damaged_cache_is_rebuilt_and_changed_images_reencoded(small_world, tmp_path, capsys, monkeypatch):
     cfg = _cfg(small_world, tmp_path)
     backbone = pipeline.build_backbone(cfg, "cpu")
     test = datasets.load("synthetic", small_world, "test")
@@ -94,8 +145,20 @@ def test_damaged_cache_is_rebuilt_and_changed_images_reencoded(small_world, tmp_
     shard.write_bytes(shard.read_bytes()[:-100])
     again = pipeline.cached_features(cfg, backbone, test, "cpu").feats.gather(range(30))
     out = capsys.readouterr().out
-    assert "damaged" in out and "truncated" in out and "rebuilding" in out
+    assert f"shard {shard}: truncated" in out and "encoding its images again" in out
     assert all(torch.equal(first[k], again[k]) for k in first)
+    (shard.parent / "meta.json").write_text("{}")              # an index no shard explains: built again
+    pipeline.cached_features(cfg, backbone, test, "cpu")
+    assert "lacks its ids" in (out := capsys.readouterr().out) and "rebuilding it" in out, out
+    _flip_low_bits(shard)
+    with monkeypatch.context() as m:                           # a cache that may not be written is refused
+        m.setattr(pipeline.os, "access", lambda *a, **k: False)
+        with pytest.raises(data.DataError, match=f"{shard}: its bytes changed.*read only"):
+            pipeline.cached_features(cfg, backbone, test, "cpu")
+    pipeline.cached_features(cfg, backbone, test, "cpu")
+    assert "every shard checked" not in capsys.readouterr().out
+    pipeline.cached_features(cfg, backbone, test, "cpu")
+    assert "every shard checked in" in capsys.readouterr().out
     # an image changed on disk is not read from the stale cache
     from PIL import Image
     path = test.samples[4].path
