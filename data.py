@@ -26,11 +26,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as it goes into a one-line message: control characters (a newline or an escape in
+    a folder's name) as Python writes them in a string (`\\n`, `\\x1b`) and bytes that are not
+    UTF-8 as `\\xNN`; any other path is shown as it is."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if text.isprintable():
+        return text
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF       # os.fsdecode's surrogateescape
+                   else c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class DataError(ValueError):
-    """Bad input file. The message is one line naming the file and the problem."""
+    """Bad input file. The message is one line naming the file (see `shown_path`) and the problem."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{shown_path(path)}: {problem}")
         self.path, self.problem = str(path), problem
 
     def __reduce__(self):      # raised in a worker process, it is pickled back to the main one whole
@@ -620,16 +631,16 @@ def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -
     """Refuse an output that cannot be written before any work is done: a file where a folder
     is wanted or the reverse, or a place under a file or in a read-only folder. A one-line
     ValueError naming the option."""
-    p = Path(path)
+    p, named = Path(path), f"{option}={shown_path(path)}"
     if p.exists() and folder != p.is_dir():
-        raise ValueError(f"{option}={path}: " + ("exists and is not a folder" if folder else "is a folder, not a file"))
+        raise ValueError(f"{named}: " + ("exists and is not a folder" if folder else "is a folder, not a file"))
     anchor = p if folder and p.is_dir() else p.parent   # where the new entry (or atomic_write's temp file) goes
     while not anchor.exists():
         anchor = anchor.parent
     if not anchor.is_dir():
-        raise ValueError(f"{option}={path}: cannot be written ({anchor} is a file, not a folder)")
+        raise ValueError(f"{named}: cannot be written ({shown_path(anchor)} is a file, not a folder)")
     if not os.access(anchor, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}={path}: cannot be written ({anchor} is not writable)")
+        raise ValueError(f"{named}: cannot be written ({shown_path(anchor)} is not writable)")
 
 
 def json_safe(obj):

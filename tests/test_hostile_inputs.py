@@ -22,6 +22,7 @@ from PIL import Image
 
 import captions
 import checkpoints
+import cli
 import config
 import data
 import eval as eval_cli
@@ -462,3 +463,25 @@ def test_metrics_log_is_strict_json_with_an_undefined_figure(tmp_path):
         raise ValueError(f"not strict JSON: {constant}")
     (line,) = path.read_text().splitlines()
     assert json.loads(line, parse_constant=refuse) == {"test": {"mAP": 70.0, "mAP_large": None}}
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Names: a newline, bytes that are not UTF-8, ids a spreadsheet would run
+# --------------------------------------------------------------------------------------------
+
+def test_a_name_holding_a_newline_stays_one_error_line(world, tmp_path, capsys):
+    run = tmp_path / "run\nfolder"
+    run.mkdir()
+    assert train.main(["--resume", str(run)]) == 2
+    assert one_error_line(capsys, f"{tmp_path}/run\\nfolder: ")
+    a_file = tmp_path / "a\nfile"
+    a_file.write_text("keep")
+    assert train.main([f"--data-root={world}", f"--out={a_file / 'run'}"]) == 2
+    assert one_error_line(capsys, f"--out={tmp_path}/a\\nfile/run: cannot be written ({tmp_path}/a\\nfile is a file")
+    nowhere = tmp_path / "no\nworld"
+    assert train.main([f"--data-root={nowhere}"]) == 2
+    assert one_error_line(capsys, f"{tmp_path}/no\\nworld: no proving-ground world here")
+    assert cli.run_command(lambda: open(run)) == 2          # an OSError naming its file
+    assert one_error_line(capsys, f"{tmp_path}/run\\nfolder: Is a directory")
+    assert cli.run_command(lambda: os.listdir(a_file)) == 2
+    assert one_error_line(capsys, f"{tmp_path}/a\\nfile: Not a directory")
