@@ -661,23 +661,43 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+# A cell a spreadsheet would run as a formula (= + - @, or a tab or carriage return before one)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell (an image id, a class name, tags) as the project writes it: one starting with
+    a FORMULA_STARTS character gets a leading `'` (OWASP's neutralisation of CSV injection), and
+    so does one starting with `'`, so that `csv_text` gives back exactly what was written."""
+    return "'" + text if text[:1] in (*FORMULA_STARTS, "'") else text
+
+
+def csv_text(cell: str) -> str:
+    """The text `csv_cell` wrote: a leading `'` before a FORMULA_STARTS character or another
+    `'` is dropped; any other cell (a hand-written `'abc` among them) is read as it is."""
+    return cell[1:] if cell[:1] == "'" and cell[1:2] in (*FORMULA_STARTS, "'") else cell
+
+
 def write_scores_csv(path: str | os.PathLike, ids: Sequence[str], columns: Sequence[str],
                      scores: np.ndarray, tags: Sequence[str] | None = None) -> None:
     """`image_id,<columns...>` with one row per image (the eval.py --scores format), and a last
-    text column `tags` when `tags` is given (one string per image; the scores reader skips it)."""
+    text column `tags` when `tags` is given (one string per image; the scores reader skips it).
+    UTF-8; text cells go through `csv_cell`, so that a spreadsheet runs no id as a formula."""
     def write(tmp: Path):
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["image_id", *columns, *(["tags"] if tags is not None else [])])
+            w.writerow(["image_id", *map(csv_cell, columns), *(["tags"] if tags is not None else [])])
             for k, (image_id, row) in enumerate(zip(ids, scores)):
-                w.writerow([image_id, *(f"{v:.10g}" for v in row), *([tags[k]] if tags is not None else [])])
+                w.writerow([csv_cell(image_id), *(f"{v:.10g}" for v in row),
+                            *([csv_cell(tags[k])] if tags is not None else [])])
     atomic_write(Path(path), write)
 
 
 def read_table_csv(path: str | os.PathLike, what: str = "scores",
                    ignore: Sequence[str] = ()) -> tuple[list[str], list[str], np.ndarray]:
     """(ids, column names, float matrix) of a UTF-8 CSV (BOM or not) with an `image_id` column.
-    Columns named in `ignore` (text such as the `tags` of `eval.py --images`) are left out."""
+    Columns named in `ignore` (text such as the `tags` of `eval.py --images`) are left out. Ids
+    and column names are read through `csv_text` (what `write_scores_csv` neutralised comes back)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"{what} file not found")
@@ -688,7 +708,7 @@ def read_table_csv(path: str | os.PathLike, what: str = "scores",
         raise DataError(path, f"line {reader.line_num}: not readable as CSV ({e})") from None
     if not rows or "image_id" not in rows[0]:
         raise DataError(path, "no header with an 'image_id' column")
-    header = rows[0]
+    header = [csv_text(h) for h in rows[0]]
     id_col = header.index("image_id")
     keep = [k for k, h in enumerate(header) if k != id_col and h not in ignore]
     columns = [header[k] for k in keep]
@@ -702,7 +722,7 @@ def read_table_csv(path: str | os.PathLike, what: str = "scores",
             values.append([float(row[k]) for k in keep])
         except ValueError:
             raise DataError(path, f"line {n}: a value is not a number") from None
-        ids.append(row[id_col])
+        ids.append(csv_text(row[id_col]))
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise DataError(path, f"image id {dup!r} appears more than once")

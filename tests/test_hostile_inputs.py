@@ -3,6 +3,7 @@ that lie, outputs that lie, caches named "read only", errors that name the wrong
 is the README's: one line naming the file or option, a non-zero exit, nothing half-written,
 nothing lost that was good, never a hang."""
 import contextlib
+import csv
 import io
 import json
 import os
@@ -485,3 +486,31 @@ def test_a_name_holding_a_newline_stays_one_error_line(world, tmp_path, capsys):
     assert one_error_line(capsys, f"{tmp_path}/run\\nfolder: Is a directory")
     assert cli.run_command(lambda: os.listdir(a_file)) == 2
     assert one_error_line(capsys, f"{tmp_path}/a\\nfile: Not a directory")
+
+
+FORMULAS = ["=1+2", "+1+2", "-1+2", "@SUM(1)", "\t=1+2", "\r=1+2", "'quoted", "''twice", "'=1+2", "plain"]
+
+
+def test_ids_a_spreadsheet_would_run_are_neutralised_and_read_back(world, tmp_path, capsys):
+    scores, labels = tmp_path / "scores.csv", tmp_path / "labels.csv"
+    truth = np.where(np.arange(len(FORMULAS) * 2).reshape(-1, 2) % 3 == 0, 1, -1)
+    data.write_scores_csv(scores, FORMULAS, ["cat", "=dog"], (truth + 1) / 2.0, tags=["cat", "=dog;cat", *"-" * 8])
+    data.write_scores_csv(labels, FORMULAS, ["cat", "=dog"], truth)
+    with open(scores, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    cells = rows[0] + [row[0] for row in rows[1:]] + [row[-1] for row in rows[1:]]
+    assert not [c for c in cells if c[:1] in data.FORMULA_STARTS and c], cells     # no cell a spreadsheet runs
+    assert [row[0] for row in rows[1:7]] == ["'" + i for i in FORMULAS[:6]]           # OWASP: a leading '
+    ids, columns, values = data.read_table_csv(scores, ignore=("tags",))
+    assert ids == FORMULAS and columns == ["cat", "=dog"] and np.array_equal(values, (truth + 1) / 2.0)
+    assert eval_cli.main(["--scores", str(scores), "--labels", str(labels)]) == 0    # ids and classes line up
+    assert "mAP 100.00" in capsys.readouterr().out
+
+
+@FEW
+@given(ids=st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6),
+                    min_size=1, max_size=5, unique=True))
+def test_any_id_written_to_a_scores_csv_is_read_back_exactly(tmp_path_factory, ids):
+    path = tmp_path_factory.mktemp("csv") / "scores.csv"
+    data.write_scores_csv(path, ids, ["a"], np.zeros((len(ids), 1)))
+    assert data.read_table_csv(path)[0] == ids
