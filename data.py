@@ -33,8 +33,13 @@ def shown_path(path: str | os.PathLike) -> str:
     text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
     if text.isprintable():
         return text
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF       # os.fsdecode's surrogateescape
-                   else c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(_byte_escape(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in text)
+
+
+def _byte_escape(c: str) -> str:
+    """`\\xNN` for a byte of a file name that is not UTF-8 (os.fsdecode gives it as the surrogate
+    U+DCNN), '' for any other character."""
+    return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else ""
 
 
 class DataError(ValueError):
@@ -395,6 +400,8 @@ class MultiLabelImages:
         self.class_names = list(class_names)
         self.transform = transform
         self.name = name
+        self.left_out: Counter = Counter()   # image names that are no regular file, by kind (see image_files)
+        self.escaped_ids: set[str] = set()   # ids of names that are not UTF-8, with \\xNN escapes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -544,32 +551,71 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def image_folder(root: str | os.PathLike) -> MultiLabelImages:
-    """Every JPEG/PNG under `root` (recursive), id = path relative to `root` without extension."""
+    """Every JPEG/PNG under `root` (recursive), id = path relative to `root` without extension.
+    Names that are no regular file are counted in `left_out` (see `_image_entries`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "image folder not found")
-    paths = sorted(p for p in root.rglob("*") if _is_image_entry(p))
-    return MultiLabelImages(_unlabelled_samples(root, paths), [], name=f"folder {root}")
+    paths, left_out = _image_entries(sorted(root.rglob("*")))
+    return _unlabelled_images(root, paths, left_out, f"folder {root}")
 
 
-def _is_image_entry(path: Path) -> bool:
-    """A JPEG/PNG name that is a file, or a symlink that leads nowhere (looping or broken): kept,
-    so that the decoder names it and it is counted with the skipped images, not silently lost.
-    Anything else (a folder, a FIFO, a device, a link to one) is no image, and reading a FIFO
-    would wait forever."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or (path.is_symlink() and not path.exists()))
+def _image_entries(paths: Sequence[Path]) -> tuple[list[Path], Counter]:
+    """(the JPEG/PNG names to read, {kind: count} of the JPEG/PNG names left out unread).
+
+    Read: a file, or a symlink that leads nowhere (looping or broken), so that the decoder names
+    it and it is counted with the skipped images. Left out, counted by kind and never opened: a
+    folder, a FIFO (reading it would wait forever), a device (reading /dev/zero never ends), a
+    socket, or a link to one of them. Only stat is called on them."""
+    import stat
+
+    kept, left_out = [], Counter()
+    for path in paths:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.is_file() or (path.is_symlink() and not path.exists()):
+            kept.append(path)
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError:          # gone since it was listed: the decoder names it
+            kept.append(path)
+            continue
+        left_out["folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket"
+                 if stat.S_ISSOCK(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "other"] += 1
+    return kept, left_out
 
 
-def _unlabelled_samples(base: Path, paths: Sequence[Path]) -> list[Sample]:
-    """Samples without labels, id = path relative to `base` without the extension."""
-    samples, seen = [], {}
+def left_out_words(left_out: Counter) -> str:
+    """`4 not regular files, never read: 2 devices, 1 FIFO, 1 folder` ('' when there are none)."""
+    total = sum(left_out.values())
+    if not total:
+        return ""
+    kinds = ", ".join(f"{left_out[kind]} {kind}{'s' if left_out[kind] > 1 else ''}"
+                      for kind in ("device", "FIFO", "socket", "folder", "other") if left_out[kind])
+    return f"{total} not {'a regular file' if total == 1 else 'regular files'}, never read: {kinds}"
+
+
+def _unlabelled_images(base: Path, paths: Sequence[Path], left_out: Counter, name: str) -> MultiLabelImages:
+    """Images without labels, id = path relative to `base` without the extension.
+
+    A file name that is not UTF-8 (`caf\\xe9.jpg` written by an old camera or a Latin-1 system) is
+    read like any other; its id shows each byte that does not decode as `\\xNN` (`caf\\xe9`), as
+    no UTF-8 CSV can hold the byte itself, and `escaped_ids` holds such ids."""
+    samples, seen, escaped = [], {}, set()
     for p in paths:
-        image_id = p.relative_to(base).with_suffix("").as_posix()
+        relative = p.relative_to(base).with_suffix("").as_posix()
+        image_id = "".join(_byte_escape(c) or c for c in relative)
+        if image_id != relative:
+            escaped.add(image_id)
         if image_id in seen:
-            raise DataError(p, f"has the same id {image_id!r} as {seen[image_id].name}; ids drop the extension")
+            raise DataError(p, f"has the same id {image_id!r} as {shown_path(seen[image_id].name)}; "
+                               "ids drop the extension")
         seen[image_id] = p
         samples.append(Sample(image_id, p, np.zeros(0, dtype=np.int8)))
-    return samples
+    found = MultiLabelImages(samples, [], name=name)
+    found.left_out, found.escaped_ids = left_out, escaped
+    return found
 
 
 GLOB_MAGIC = frozenset("*?[")
@@ -584,21 +630,22 @@ def image_files(spec: str) -> MultiLabelImages:
     if Path(spec).is_dir():
         found = image_folder(spec)
         if not len(found):
-            raise DataError(spec, "no JPEG or PNG files in this folder or below it")
+            raise DataError(spec, "no JPEG or PNG files in this folder or below it"
+                            + (f" ({left_out_words(found.left_out)})" if found.left_out else ""))
         return found
     parts = Path(spec).parts
     fixed = next((k for k, part in enumerate(parts) if GLOB_MAGIC & set(part)), None)
-    if Path(spec).is_file() or Path(spec).is_symlink():
+    if Path(spec).exists() or Path(spec).is_symlink():     # a FIFO or device too: counted, not read
         base, paths = Path(spec).parent, [Path(spec)]
     elif fixed is None:
         raise DataError(spec, "no such image file or folder")
     else:
         base = Path(*parts[:fixed]) if fixed else Path(".")
         paths = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
-    paths = [p for p in paths if _is_image_entry(p)]
+    paths, left_out = _image_entries(paths)
     if not paths:
-        raise DataError(spec, "matches no JPEG or PNG file")
-    return MultiLabelImages(_unlabelled_samples(base, paths), [], name=spec)
+        raise DataError(spec, "matches no JPEG or PNG file" + (f" ({left_out_words(left_out)})" if left_out else ""))
+    return _unlabelled_images(base, paths, left_out, spec)
 
 
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from cli import finite_float, integer_from, run_command
-from data import DataError, atomic_write, check_writable, read_table_csv, write_json, write_scores_csv
+from data import DataError, atomic_write, check_writable, read_table_csv, shown_path, write_json, write_scores_csv
 from metrics import DIFFICULT_MODES, evaluate, positive_counts
 
 
@@ -215,7 +215,22 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     classes = model.classes
     probs = sigmoid(logits[:, :len(classes)])
     write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
-    return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target)}
+    return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target),
+            "left_out": dataset.left_out, "escaped_ids": sum(i in dataset.escaped_ids for i in ids)}
+
+
+def tagged_words(done: dict) -> str:
+    """The summary of tag_images: `N images tagged, K skipped (why)`, and the ids written with
+    \\xNN escapes when some file names are not UTF-8."""
+    from data import left_out_words
+
+    left_out = sum(done["left_out"].values())
+    why = "corrupt" if not left_out else "; ".join(
+        ([f"{done['skipped']} corrupt"] if done["skipped"] else []) + [left_out_words(done["left_out"])])
+    escaped = done["escaped_ids"]
+    return (f"{done['images']} images tagged, {done['skipped'] + left_out} skipped ({why})"
+            + (f", {escaped} {'id' if escaped == 1 else 'ids'} of a file name that is not UTF-8 written with \\xNN "
+               "escapes" if escaped else ""))
 
 
 def choose_categories(requested: str | None, categories: list[str], num_classes: int,
@@ -365,7 +380,7 @@ def after_training(args: argparse.Namespace) -> bool:
     if args.images:
         done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k, overrides,
                           args.clip_weights_format)
-        print(f"wrote {done['out']}: {done['images']} images tagged, {done['skipped']} skipped (corrupt), "
+        print(f"wrote {shown_path(done['out'])}: {tagged_words(done)}, "
               f"{done['classes']} class probabilities each, threshold {args.threshold}"
               + (f", at most {args.top_k} tags" if args.top_k else ""))
     else:

@@ -514,3 +514,38 @@ def test_any_id_written_to_a_scores_csv_is_read_back_exactly(tmp_path_factory, i
     path = tmp_path_factory.mktemp("csv") / "scores.csv"
     data.write_scores_csv(path, ids, ["a"], np.zeros((len(ids), 1)))
     assert data.read_table_csv(path)[0] == ids
+
+
+def test_a_file_name_that_is_not_utf8_is_tagged_with_an_escaped_id(ckpt, photos, tmp_path, capsys):
+    folder = os.fsencode(photos)
+    shutil.copy(next(photos.glob("*.jpg")), os.fsdecode(folder + b"/caf\xe9.jpg"))
+    (photos / os.fsdecode(b"bad\xff.png")).write_bytes(b"not a png")
+    out = tmp_path / "tags.csv"
+    with pytest.warns(UserWarning, match=r"bad\\xff\.png: cannot decode image"):   # named, escaped
+        assert eval_cli.main([str(ckpt), "--images", str(photos), "--out", str(out)]) == 0
+    assert ("4 images tagged, 1 skipped (corrupt), 1 id of a file name that is not UTF-8 written with \\xNN escapes"
+            in capsys.readouterr().out)
+    ids, _, _ = data.read_table_csv(out, ignore=("tags",))
+    assert "caf\\xe9" in ids and len(ids) == 4           # the byte as the four characters \xe9
+    assert out.read_bytes().decode("utf-8").count("caf\\xe9") == 1
+
+
+def test_names_that_are_no_regular_file_are_counted_never_read(ckpt, photos, tmp_path, capsys):
+    (photos / "zero.jpg").symlink_to("/dev/zero")
+    (photos / "random.png").symlink_to("/dev/urandom")
+    os.mkfifo(photos / "fifo.jpg")                      # no writer: opening it would wait forever
+    (photos / "y.jpg").mkdir()
+    (photos / "link.jpg").symlink_to(next(photos.glob("*.jpg")))     # a link to an image is an image
+    out = tmp_path / "tags.csv"
+    with no_hang():
+        assert eval_cli.main([str(ckpt), "--images", str(photos), "--out", str(out)]) == 0
+    assert ("4 images tagged, 4 skipped (4 not regular files, never read: 2 devices, 1 FIFO, 1 folder)"
+            in capsys.readouterr().out)
+    assert "link" in data.read_table_csv(out, ignore=("tags",))[0]
+    with no_hang():
+        assert eval_cli.main([str(ckpt), "--images", str(photos / "*.jpg"), "--out", str(out)]) == 0
+    assert "4 images tagged, 3 skipped (3 not regular files, never read: 1 device, 1 FIFO, 1 folder)" in \
+        capsys.readouterr().out
+    assert eval_cli.main([str(ckpt), "--images", str(photos / "fifo.jpg"), "--out", str(out)]) == 2
+    assert one_error_line(capsys, f"{photos / 'fifo.jpg'}: matches no JPEG or PNG file (1 not a regular file, "
+                                  "never read: 1 FIFO)")
