@@ -360,8 +360,12 @@ def load_nuswide(root: str | os.PathLike, split: str = "train",
     return samples, concepts, missing
 
 
-def decode_image(path: str | os.PathLike):
+def decode_image(path: str | os.PathLike, upright: bool = False):
     """Decoded RGB uint8 tensor [3, H, W], or DataError naming the file.
+
+    `upright`: apply the EXIF Orientation tag (a phone's photo taken upright is stored on its
+    side with tag 6 or 8), giving the image as a viewer shows it: what a user's photos to tag
+    want. False (the datasets' default): the raw pixels, the benchmarks' convention.
 
     Pillow decodes: pillow-simd (the setup installs it) and current Pillow wheels both link
     libjpeg-turbo, and unlike torchvision.io (deprecated for decoding since 0.29) it reads
@@ -370,14 +374,14 @@ def decode_image(path: str | os.PathLike):
     DecompressionBombError, which is no OSError: caught here like every other decode failure.
     """
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if path.exists() and not path.is_file():      # a FIFO or a device: reading it may never end
         raise DataError(path, "cannot decode image (not a regular file)")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
@@ -392,14 +396,16 @@ class MultiLabelImages:
     "id": str, "index": int}, or None when the image is missing or corrupt: a one-line
     warning names the file, `collate_images` drops it and counts it in the batch, and
     `SkipReport` sums the counts for the end-of-run summary. One bad file never stops an epoch.
+    `upright` is `decode_image`'s: False for datasets (raw pixels), True for a user's photos.
     """
 
     def __init__(self, samples: list[Sample], class_names: Sequence[str],
-                 transform: Callable | None = None, name: str = ""):
+                 transform: Callable | None = None, name: str = "", upright: bool = False):
         self.samples = samples
         self.class_names = list(class_names)
         self.transform = transform
         self.name = name
+        self.upright = upright
         self.left_out: Counter = Counter()   # image names that are no regular file, by kind (see image_files)
         self.escaped_ids: set[str] = set()   # ids of names that are not UTF-8, with \\xNN escapes
 
@@ -438,7 +444,7 @@ class MultiLabelImages:
 
         s = self.samples[index]
         try:
-            image = decode_image(s.path)
+            image = decode_image(s.path, self.upright)
         except DataError as e:
             warnings.warn(f"skipping image: {e}", stacklevel=2)
             return None
@@ -550,14 +556,15 @@ def largest_instance_area(root: str | os.PathLike, ids: Sequence[str], class_nam
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def image_folder(root: str | os.PathLike) -> MultiLabelImages:
+def image_folder(root: str | os.PathLike, upright: bool = False) -> MultiLabelImages:
     """Every JPEG/PNG under `root` (recursive), id = path relative to `root` without extension.
-    Names that are no regular file are counted in `left_out` (see `_image_entries`)."""
+    Names that are no regular file are counted in `left_out` (see `_image_entries`); `upright`
+    is `decode_image`'s."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "image folder not found")
     paths, left_out = _image_entries(sorted(root.rglob("*")))
-    return _unlabelled_images(root, paths, left_out, f"folder {root}")
+    return _unlabelled_images(root, paths, left_out, f"folder {root}", upright)
 
 
 def _image_entries(paths: Sequence[Path]) -> tuple[list[Path], Counter]:
@@ -596,7 +603,8 @@ def left_out_words(left_out: Counter) -> str:
     return f"{total} not {'a regular file' if total == 1 else 'regular files'}, never read: {kinds}"
 
 
-def _unlabelled_images(base: Path, paths: Sequence[Path], left_out: Counter, name: str) -> MultiLabelImages:
+def _unlabelled_images(base: Path, paths: Sequence[Path], left_out: Counter, name: str,
+                       upright: bool) -> MultiLabelImages:
     """Images without labels, id = path relative to `base` without the extension.
 
     A file name that is not UTF-8 (`caf\\xe9.jpg` written by an old camera or a Latin-1 system) is
@@ -613,7 +621,7 @@ def _unlabelled_images(base: Path, paths: Sequence[Path], left_out: Counter, nam
                                "ids drop the extension")
         seen[image_id] = p
         samples.append(Sample(image_id, p, np.zeros(0, dtype=np.int8)))
-    found = MultiLabelImages(samples, [], name=name)
+    found = MultiLabelImages(samples, [], name=name, upright=upright)
     found.left_out, found.escaped_ids = left_out, escaped
     return found
 
@@ -621,14 +629,15 @@ def _unlabelled_images(base: Path, paths: Sequence[Path], left_out: Counter, nam
 GLOB_MAGIC = frozenset("*?[")
 
 
-def image_files(spec: str) -> MultiLabelImages:
+def image_files(spec: str, upright: bool = False) -> MultiLabelImages:
     """The JPEG/PNG files a user names: a folder (recursive; see `image_folder`), a glob pattern
     (`**` recurses) or one file. Ids are paths relative to the folder, or to the pattern's
-    leading directory without wildcards, without the extension. No image file is a DataError."""
+    leading directory without wildcards, without the extension. No image file is a DataError.
+    `upright` is `decode_image`'s (eval.py --images passes True)."""
     import glob
 
     if Path(spec).is_dir():
-        found = image_folder(spec)
+        found = image_folder(spec, upright)
         if not len(found):
             raise DataError(spec, "no JPEG or PNG files in this folder or below it"
                             + (f" ({left_out_words(found.left_out)})" if found.left_out else ""))
@@ -645,7 +654,7 @@ def image_files(spec: str) -> MultiLabelImages:
     paths, left_out = _image_entries(paths)
     if not paths:
         raise DataError(spec, "matches no JPEG or PNG file" + (f" ({left_out_words(left_out)})" if left_out else ""))
-    return _unlabelled_images(base, paths, left_out, spec)
+    return _unlabelled_images(base, paths, left_out, spec, upright)
 
 
 

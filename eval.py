@@ -202,11 +202,12 @@ def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: in
 
 def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None,
                overrides: dict | None = None, weights_format: str = "auto") -> dict:
-    """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV."""
+    """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV. A photo is
+    scored as a viewer shows it (its EXIF orientation applied), unlike a dataset's images."""
     from data import image_files
 
     target = check_out(out, "--images")
-    dataset = image_files(images)           # before the model: a mistyped path fails at once
+    dataset = image_files(images, upright=True)     # before the model: a mistyped path fails at once
     model = open_model(checkpoint, overrides or {}, weights_format)
     ids, logits = model.predict_dataset(dataset)
     if not ids:
@@ -263,7 +264,7 @@ def visualize(checkpoint: str, image_path: str, out: str, requested: str | None 
         nonlocal image
         if requested is not None:           # a typo fails before the model loads
             choose_categories(requested, categories, 0)
-        image = decode_image(image_path)
+        image = decode_image(image_path, upright=True)      # as --images scores it
     model = open_model(checkpoint, overrides or {}, weights_format, before_build=before_build)
     categories = model.categories
     seen = model.explain(image)

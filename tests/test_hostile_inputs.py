@@ -549,3 +549,47 @@ def test_names_that_are_no_regular_file_are_counted_never_read(ckpt, photos, tmp
     assert eval_cli.main([str(ckpt), "--images", str(photos / "fifo.jpg"), "--out", str(out)]) == 2
     assert one_error_line(capsys, f"{photos / 'fifo.jpg'}: matches no JPEG or PNG file (1 not a regular file, "
                                   "never read: 1 FIFO)")
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Photos as a viewer shows them
+# --------------------------------------------------------------------------------------------
+
+def _phone_photo(path, orientation: int) -> np.ndarray:
+    """A JPEG stored on its side with the EXIF Orientation tag a phone writes (6: turn it 90°
+    clockwise to view, 8: counter-clockwise); returns the pixels a viewer shows, [H, W, 3]."""
+    shown = np.zeros((48, 32, 3), dtype=np.uint8)            # portrait, one red corner: asymmetric
+    shown[..., 2] = 200
+    shown[:16, :16] = (220, 30, 30)
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90 if orientation == 6
+                                              else Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return shown
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_photo_is_tagged_as_a_viewer_shows_it_datasets_keep_raw_pixels(orientation, ckpt, tmp_path, monkeypatch,
+                                                                         capsys):
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    shown = _phone_photo(folder / "upright.jpg", orientation)
+
+    def close(image: torch.Tensor) -> bool:
+        return image.shape == (3, 48, 32) and np.abs(image.permute(1, 2, 0).numpy() - shown.astype(int)).mean() < 4
+    assert close(data.decode_image(folder / "upright.jpg", upright=True))
+    raw = data.decode_image(folder / "upright.jpg")                    # the benchmarks' convention
+    assert raw.shape == (3, 32, 48)
+    assert data.image_folder(folder)[0]["image"].shape == (3, 32, 48)          # a dataset: raw pixels
+    assert close(data.image_files(str(folder), upright=True)[0]["image"])
+    seen, resize = [], pipeline.image_transform
+
+    def recording(size):
+        def transform(image):
+            seen.append(image.clone())
+            return resize(size)(image)
+        return transform
+    monkeypatch.setattr(pipeline, "image_transform", recording)
+    assert eval_cli.main([str(ckpt), "--images", str(folder), "--out", str(tmp_path / "tags.csv")]) == 0
+    assert len(seen) == 1 and close(seen[0])                        # what the model is given: upright
