@@ -216,20 +216,21 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     classes = model.classes
     probs = sigmoid(logits[:, :len(classes)])
     write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
-    return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target),
-            "left_out": dataset.left_out, "escaped_ids": sum(i in dataset.escaped_ids for i in ids)}
+    corrupt = len(dataset) - len(ids)
+    return {"images": len(ids), "skipped": corrupt + sum(dataset.left_out.values()), "corrupt": corrupt,
+            "left_out": dataset.left_out, "escaped_ids": sum(i in dataset.escaped_ids for i in ids),
+            "classes": len(classes), "out": str(target)}
 
 
 def tagged_words(done: dict) -> str:
-    """The summary of tag_images: `N images tagged, K skipped (why)`, and the ids written with
-    \\xNN escapes when some file names are not UTF-8."""
+    """The summary of tag_images: `N images tagged, K skipped (why: corrupt, or not regular files
+    by kind)`, and the ids written with \\xNN escapes when some file names are not UTF-8."""
     from data import left_out_words
 
-    left_out = sum(done["left_out"].values())
-    why = "corrupt" if not left_out else "; ".join(
-        ([f"{done['skipped']} corrupt"] if done["skipped"] else []) + [left_out_words(done["left_out"])])
+    why = "corrupt" if not done["left_out"] else "; ".join(
+        ([f"{done['corrupt']} corrupt"] if done["corrupt"] else []) + [left_out_words(done["left_out"])])
     escaped = done["escaped_ids"]
-    return (f"{done['images']} images tagged, {done['skipped'] + left_out} skipped ({why})"
+    return (f"{done['images']} images tagged, {done['skipped']} skipped ({why})"
             + (f", {escaped} {'id' if escaped == 1 else 'ids'} of a file name that is not UTF-8 written with \\xNN "
                "escapes" if escaped else ""))
 

@@ -530,16 +530,18 @@ def test_a_file_name_that_is_not_utf8_is_tagged_with_an_escaped_id(ckpt, photos,
     assert out.read_bytes().decode("utf-8").count("caf\\xe9") == 1
 
 
+@pytest.mark.filterwarnings("ignore:skipping image")
 def test_names_that_are_no_regular_file_are_counted_never_read(ckpt, photos, tmp_path, capsys):
     (photos / "zero.jpg").symlink_to("/dev/zero")
     (photos / "random.png").symlink_to("/dev/urandom")
     os.mkfifo(photos / "fifo.jpg")                      # no writer: opening it would wait forever
     (photos / "y.jpg").mkdir()
     (photos / "link.jpg").symlink_to(next(photos.glob("*.jpg")))     # a link to an image is an image
+    (photos / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "tags.csv"
     with no_hang():
         assert eval_cli.main([str(ckpt), "--images", str(photos), "--out", str(out)]) == 0
-    assert ("4 images tagged, 4 skipped (4 not regular files, never read: 2 devices, 1 FIFO, 1 folder)"
+    assert ("4 images tagged, 5 skipped (1 corrupt; 4 not regular files, never read: 2 devices, 1 FIFO, 1 folder)"
             in capsys.readouterr().out)
     assert "link" in data.read_table_csv(out, ignore=("tags",))[0]
     with no_hang():
