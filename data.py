@@ -564,7 +564,7 @@ def image_folder(root: str | os.PathLike, upright: bool = False) -> MultiLabelIm
     if not root.is_dir():
         raise DataError(root, "image folder not found")
     paths, left_out = _image_entries(sorted(root.rglob("*")))
-    return _unlabelled_images(root, paths, left_out, f"folder {root}", upright)
+    return _unlabelled_images(root, paths, left_out, f"folder {shown_path(root)}", upright)
 
 
 def _image_entries(paths: Sequence[Path]) -> tuple[list[Path], Counter]:
@@ -654,7 +654,7 @@ def image_files(spec: str, upright: bool = False) -> MultiLabelImages:
     paths, left_out = _image_entries(paths)
     if not paths:
         raise DataError(spec, "matches no JPEG or PNG file" + (f" ({left_out_words(left_out)})" if left_out else ""))
-    return _unlabelled_images(base, paths, left_out, spec, upright)
+    return _unlabelled_images(base, paths, left_out, shown_path(spec), upright)
 
 
 

@@ -520,11 +520,11 @@ def test_a_file_name_that_is_not_utf8_is_tagged_with_an_escaped_id(ckpt, photos,
     folder = os.fsencode(photos)
     shutil.copy(next(photos.glob("*.jpg")), os.fsdecode(folder + b"/caf\xe9.jpg"))
     (photos / os.fsdecode(b"bad\xff.png")).write_bytes(b"not a png")
-    out = tmp_path / "tags.csv"
+    out = tmp_path / os.fsdecode(b"tags\xe9.csv")                         # --out's name too
     with pytest.warns(UserWarning, match=r"bad\\xff\.png: cannot decode image"):   # named, escaped
         assert eval_cli.main([str(ckpt), "--images", str(photos), "--out", str(out)]) == 0
-    assert ("4 images tagged, 1 skipped (corrupt), 1 id of a file name that is not UTF-8 written with \\xNN escapes"
-            in capsys.readouterr().out)
+    assert (f"wrote {tmp_path}/tags\\xe9.csv: 4 images tagged, 1 skipped (corrupt), 1 id of a file name that is not "
+            "UTF-8 written with \\xNN escapes" in capsys.readouterr().out)
     ids, _, _ = data.read_table_csv(out, ignore=("tags",))
     assert "caf\\xe9" in ids and len(ids) == 4           # the byte as the four characters \xe9
     assert out.read_bytes().decode("utf-8").count("caf\\xe9") == 1
