@@ -470,11 +470,13 @@ def test_metrics_log_is_strict_json_with_an_undefined_figure(tmp_path):
 # 7. Names: a newline, bytes that are not UTF-8, ids a spreadsheet would run
 # --------------------------------------------------------------------------------------------
 
-def test_a_name_holding_a_newline_stays_one_error_line(world, tmp_path, capsys):
+def test_a_name_holding_a_newline_stays_one_error_line(world, unfinished, tmp_path, capsys):
     run = tmp_path / "run\nfolder"
     run.mkdir()
     assert train.main(["--resume", str(run)]) == 2
     assert one_error_line(capsys, f"{tmp_path}/run\\nfolder: ")
+    shutil.copy(unfinished / runs.STATE_FILE, run)          # the line of a stopped run names the folder
+    assert runs.stopped_note(run).endswith(f"python train.py --resume {tmp_path}/run\\nfolder")
     a_file = tmp_path / "a\nfile"
     a_file.write_text("keep")
     assert train.main([f"--data-root={world}", f"--out={a_file / 'run'}"]) == 2
