@@ -76,9 +76,11 @@ def finite_float(text: str) -> float:
 
 def os_error_line(e: OSError) -> str:
     """An OSError that reached a command line, as its one line: the file it names and why."""
+    from data import shown_path  # a name holding a newline stays on its line
+
     if e.filename is None:
         return e.strerror or str(e)
-    return f"{e.filename}: {e.strerror or e}"
+    return f"{shown_path(e.filename)}: {e.strerror or e}"
 
 
 def quiet_broken_pipe() -> int:

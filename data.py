@@ -27,11 +27,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as it goes into a one-line message: control characters (a newline or an escape in
+    a folder's name) as Python writes them in a string (`\\n`, `\\x1b`) and bytes that are not
+    UTF-8 as `\\xNN`; any other path is shown as it is."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if text.isprintable():
+        return text
+    return "".join(_byte_escape(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in text)
+
+
+def _byte_escape(c: str) -> str:
+    """`\\xNN` for a byte of a file name that is not UTF-8 (os.fsdecode gives it as the surrogate
+    U+DCNN), '' for any other character."""
+    return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else ""
+
+
 class DataError(ValueError):
-    """Bad input file. The message is one line naming the file and the problem."""
+    """Bad input file. The message is one line naming the file (see `shown_path`) and the problem."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{shown_path(path)}: {problem}")
         self.path, self.problem = str(path), problem
 
     def __reduce__(self):      # raised in a worker process, it is pickled back to the main one whole
@@ -345,8 +361,12 @@ def load_nuswide(root: str | os.PathLike, split: str = "train",
     return samples, concepts, missing
 
 
-def decode_image(path: str | os.PathLike):
+def decode_image(path: str | os.PathLike, upright: bool = False):
     """Decoded RGB uint8 tensor [3, H, W], or DataError naming the file.
+
+    `upright`: apply the EXIF Orientation tag (a phone's photo taken upright is stored on its
+    side with tag 6 or 8), giving the image as a viewer shows it: what a user's photos to tag
+    want. False (the datasets' default): the raw pixels, the benchmarks' convention.
 
     Pillow decodes: pillow-simd (the setup installs it) and current Pillow wheels both link
     libjpeg-turbo, and unlike torchvision.io (deprecated for decoding since 0.29) it reads
@@ -355,14 +375,14 @@ def decode_image(path: str | os.PathLike):
     DecompressionBombError, which is no OSError: caught here like every other decode failure.
     """
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if path.exists() and not path.is_file():      # a FIFO or a device: reading it may never end
         raise DataError(path, "cannot decode image (not a regular file)")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
@@ -377,14 +397,18 @@ class MultiLabelImages:
     "id": str, "index": int}, or None when the image is missing or corrupt: a one-line
     warning names the file, `collate_images` drops it and counts it in the batch, and
     `SkipReport` sums the counts for the end-of-run summary. One bad file never stops an epoch.
+    `upright` is `decode_image`'s: False for datasets (raw pixels), True for a user's photos.
     """
 
     def __init__(self, samples: list[Sample], class_names: Sequence[str],
-                 transform: Callable | None = None, name: str = ""):
+                 transform: Callable | None = None, name: str = "", upright: bool = False):
         self.samples = samples
         self.class_names = list(class_names)
         self.transform = transform
         self.name = name
+        self.upright = upright
+        self.left_out: Counter = Counter()   # image names that are no regular file, by kind (see image_files)
+        self.escaped_ids: set[str] = set()   # ids of names that are not UTF-8, with \\xNN escapes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -421,7 +445,7 @@ class MultiLabelImages:
 
         s = self.samples[index]
         try:
-            image = decode_image(s.path)
+            image = decode_image(s.path, self.upright)
         except DataError as e:
             warnings.warn(f"skipping image: {e}", stacklevel=2)
             return None
@@ -533,62 +557,105 @@ def largest_instance_area(root: str | os.PathLike, ids: Sequence[str], class_nam
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def image_folder(root: str | os.PathLike) -> MultiLabelImages:
-    """Every JPEG/PNG under `root` (recursive), id = path relative to `root` without extension."""
+def image_folder(root: str | os.PathLike, upright: bool = False) -> MultiLabelImages:
+    """Every JPEG/PNG under `root` (recursive), id = path relative to `root` without extension.
+    Names that are no regular file are counted in `left_out` (see `_image_entries`); `upright`
+    is `decode_image`'s."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "image folder not found")
-    paths = sorted(p for p in root.rglob("*") if _is_image_entry(p))
-    return MultiLabelImages(_unlabelled_samples(root, paths), [], name=f"folder {root}")
+    paths, left_out = _image_entries(sorted(root.rglob("*")))
+    return _unlabelled_images(root, paths, left_out, f"folder {shown_path(root)}", upright)
 
 
-def _is_image_entry(path: Path) -> bool:
-    """A JPEG/PNG name that is a file, or a symlink that leads nowhere (looping or broken): kept,
-    so that the decoder names it and it is counted with the skipped images, not silently lost.
-    Anything else (a folder, a FIFO, a device, a link to one) is no image, and reading a FIFO
-    would wait forever."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or (path.is_symlink() and not path.exists()))
+def _image_entries(paths: Sequence[Path]) -> tuple[list[Path], Counter]:
+    """(the JPEG/PNG names to read, {kind: count} of the JPEG/PNG names left out unread).
+
+    Read: a file, or a symlink that leads nowhere (looping or broken), so that the decoder names
+    it and it is counted with the skipped images. Left out, counted by kind and never opened: a
+    folder, a FIFO (reading it would wait forever), a device (reading /dev/zero never ends), a
+    socket, or a link to one of them. Only stat is called on them."""
+    import stat
+
+    kept, left_out = [], Counter()
+    for path in paths:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.is_file() or (path.is_symlink() and not path.exists()):
+            kept.append(path)
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError:          # gone since it was listed: the decoder names it
+            kept.append(path)
+            continue
+        left_out["folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket"
+                 if stat.S_ISSOCK(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "other"] += 1
+    return kept, left_out
 
 
-def _unlabelled_samples(base: Path, paths: Sequence[Path]) -> list[Sample]:
-    """Samples without labels, id = path relative to `base` without the extension."""
-    samples, seen = [], {}
+def left_out_words(left_out: Counter) -> str:
+    """`4 not regular files, never read: 2 devices, 1 FIFO, 1 folder` ('' when there are none)."""
+    total = sum(left_out.values())
+    if not total:
+        return ""
+    kinds = ", ".join(f"{left_out[kind]} {kind}{'s' if left_out[kind] > 1 else ''}"
+                      for kind in ("device", "FIFO", "socket", "folder", "other") if left_out[kind])
+    return f"{total} not {'a regular file' if total == 1 else 'regular files'}, never read: {kinds}"
+
+
+def _unlabelled_images(base: Path, paths: Sequence[Path], left_out: Counter, name: str,
+                       upright: bool) -> MultiLabelImages:
+    """Images without labels, id = path relative to `base` without the extension.
+
+    A file name that is not UTF-8 (`caf\\xe9.jpg` written by an old camera or a Latin-1 system) is
+    read like any other; its id shows each byte that does not decode as `\\xNN` (`caf\\xe9`), as
+    no UTF-8 CSV can hold the byte itself, and `escaped_ids` holds such ids."""
+    samples, seen, escaped = [], {}, set()
     for p in paths:
-        image_id = p.relative_to(base).with_suffix("").as_posix()
+        relative = p.relative_to(base).with_suffix("").as_posix()
+        image_id = "".join(_byte_escape(c) or c for c in relative)
+        if image_id != relative:
+            escaped.add(image_id)
         if image_id in seen:
-            raise DataError(p, f"has the same id {image_id!r} as {seen[image_id].name}; ids drop the extension")
+            raise DataError(p, f"has the same id {image_id!r} as {shown_path(seen[image_id].name)}; "
+                               "ids drop the extension")
         seen[image_id] = p
         samples.append(Sample(image_id, p, np.zeros(0, dtype=np.int8)))
-    return samples
+    found = MultiLabelImages(samples, [], name=name, upright=upright)
+    found.left_out, found.escaped_ids = left_out, escaped
+    return found
 
 
 GLOB_MAGIC = frozenset("*?[")
 
 
-def image_files(spec: str) -> MultiLabelImages:
+def image_files(spec: str, upright: bool = False) -> MultiLabelImages:
     """The JPEG/PNG files a user names: a folder (recursive; see `image_folder`), a glob pattern
     (`**` recurses) or one file. Ids are paths relative to the folder, or to the pattern's
-    leading directory without wildcards, without the extension. No image file is a DataError."""
+    leading directory without wildcards, without the extension. No image file is a DataError.
+    `upright` is `decode_image`'s (eval.py --images passes True)."""
     import glob
 
     if Path(spec).is_dir():
-        found = image_folder(spec)
+        found = image_folder(spec, upright)
         if not len(found):
-            raise DataError(spec, "no JPEG or PNG files in this folder or below it")
+            raise DataError(spec, "no JPEG or PNG files in this folder or below it"
+                            + (f" ({left_out_words(found.left_out)})" if found.left_out else ""))
         return found
     parts = Path(spec).parts
     fixed = next((k for k, part in enumerate(parts) if GLOB_MAGIC & set(part)), None)
-    if Path(spec).is_file() or Path(spec).is_symlink():
+    if Path(spec).exists() or Path(spec).is_symlink():     # a FIFO or device too: counted, not read
         base, paths = Path(spec).parent, [Path(spec)]
     elif fixed is None:
         raise DataError(spec, "no such image file or folder")
     else:
         base = Path(*parts[:fixed]) if fixed else Path(".")
         paths = [Path(m) for m in sorted(glob.glob(spec, recursive=True))]
-    paths = [p for p in paths if _is_image_entry(p)]
+    paths, left_out = _image_entries(paths)
     if not paths:
-        raise DataError(spec, "matches no JPEG or PNG file")
-    return MultiLabelImages(_unlabelled_samples(base, paths), [], name=spec)
+        raise DataError(spec, "matches no JPEG or PNG file" + (f" ({left_out_words(left_out)})" if left_out else ""))
+    return _unlabelled_images(base, paths, left_out, shown_path(spec), upright)
 
 
 
@@ -640,21 +707,21 @@ def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -
     """Refuse an output that cannot be written before any work is done: a file where a folder
     is wanted or the reverse, or a place under a file or in a read-only folder. A one-line
     ValueError naming the option."""
-    p = Path(path)
+    p, named = Path(path), f"{option}={shown_path(path)}"
     if p.exists() and folder != p.is_dir():
-        raise ValueError(f"{option}={path}: " + ("exists and is not a folder" if folder else "is a folder, not a file"))
+        raise ValueError(f"{named}: " + ("exists and is not a folder" if folder else "is a folder, not a file"))
     target, through = write_target(p)
     if through:                                          # written in place: the file itself must take it
         if not os.access(target, os.W_OK):
-            raise ValueError(f"{option}={path}: cannot be written (not writable)")
+            raise ValueError(f"{named}: cannot be written (not writable)")
         return
     anchor = target if folder and target.is_dir() else target.parent   # where atomic_write's temp file goes
     while not anchor.exists():
         anchor = anchor.parent
     if not anchor.is_dir():
-        raise ValueError(f"{option}={path}: cannot be written ({anchor} is a file, not a folder)")
+        raise ValueError(f"{named}: cannot be written ({shown_path(anchor)} is a file, not a folder)")
     if not os.access(anchor, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}={path}: cannot be written ({anchor} is not writable)")
+        raise ValueError(f"{named}: cannot be written ({shown_path(anchor)} is not writable)")
 
 
 def json_safe(obj):
@@ -678,23 +745,43 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+# A cell a spreadsheet would run as a formula (= + - @, or a tab or carriage return before one)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell (an image id, a class name, tags) as the project writes it: one starting with
+    a FORMULA_STARTS character gets a leading `'` (OWASP's neutralisation of CSV injection), and
+    so does one starting with `'`, so that `csv_text` gives back exactly what was written."""
+    return "'" + text if text[:1] in (*FORMULA_STARTS, "'") else text
+
+
+def csv_text(cell: str) -> str:
+    """The text `csv_cell` wrote: a leading `'` before a FORMULA_STARTS character or another
+    `'` is dropped; any other cell (a hand-written `'abc` among them) is read as it is."""
+    return cell[1:] if cell[:1] == "'" and cell[1:2] in (*FORMULA_STARTS, "'") else cell
+
+
 def write_scores_csv(path: str | os.PathLike, ids: Sequence[str], columns: Sequence[str],
                      scores: np.ndarray, tags: Sequence[str] | None = None) -> None:
     """`image_id,<columns...>` with one row per image (the eval.py --scores format), and a last
-    text column `tags` when `tags` is given (one string per image; the scores reader skips it)."""
+    text column `tags` when `tags` is given (one string per image; the scores reader skips it).
+    UTF-8; text cells go through `csv_cell`, so that a spreadsheet runs no id as a formula."""
     def write(tmp: Path):
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["image_id", *columns, *(["tags"] if tags is not None else [])])
+            w.writerow(["image_id", *map(csv_cell, columns), *(["tags"] if tags is not None else [])])
             for k, (image_id, row) in enumerate(zip(ids, scores)):
-                w.writerow([image_id, *(f"{v:.10g}" for v in row), *([tags[k]] if tags is not None else [])])
+                w.writerow([csv_cell(image_id), *(f"{v:.10g}" for v in row),
+                            *([csv_cell(tags[k])] if tags is not None else [])])
     atomic_write(Path(path), write)
 
 
 def read_table_csv(path: str | os.PathLike, what: str = "scores",
                    ignore: Sequence[str] = ()) -> tuple[list[str], list[str], np.ndarray]:
     """(ids, column names, float matrix) of a UTF-8 CSV (BOM or not) with an `image_id` column.
-    Columns named in `ignore` (text such as the `tags` of `eval.py --images`) are left out."""
+    Columns named in `ignore` (text such as the `tags` of `eval.py --images`) are left out. Ids
+    and column names are read through `csv_text` (what `write_scores_csv` neutralised comes back)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"{what} file not found")
@@ -705,7 +792,7 @@ def read_table_csv(path: str | os.PathLike, what: str = "scores",
         raise DataError(path, f"line {reader.line_num}: not readable as CSV ({e})") from None
     if not rows or "image_id" not in rows[0]:
         raise DataError(path, "no header with an 'image_id' column")
-    header = rows[0]
+    header = [csv_text(h) for h in rows[0]]
     id_col = header.index("image_id")
     keep = [k for k, h in enumerate(header) if k != id_col and h not in ignore]
     columns = [header[k] for k in keep]
@@ -719,7 +806,7 @@ def read_table_csv(path: str | os.PathLike, what: str = "scores",
             values.append([float(row[k]) for k in keep])
         except ValueError:
             raise DataError(path, f"line {n}: a value is not a number") from None
-        ids.append(row[id_col])
+        ids.append(csv_text(row[id_col]))
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise DataError(path, f"image id {dup!r} appears more than once")

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from cli import finite_float, integer_from, run_command
-from data import DataError, atomic_write, check_writable, read_table_csv, write_json, write_scores_csv
+from data import DataError, atomic_write, check_writable, read_table_csv, shown_path, write_json, write_scores_csv
 from metrics import DIFFICULT_MODES, evaluate, positive_counts
 
 
@@ -202,11 +202,12 @@ def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: in
 
 def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None,
                overrides: dict | None = None, weights_format: str = "auto") -> dict:
-    """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV."""
+    """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV. A photo is
+    scored as a viewer shows it (its EXIF orientation applied), unlike a dataset's images."""
     from data import image_files
 
     target = check_out(out, "--images")
-    dataset = image_files(images)           # before the model: a mistyped path fails at once
+    dataset = image_files(images, upright=True)     # before the model: a mistyped path fails at once
     model = open_model(checkpoint, overrides or {}, weights_format)
     ids, logits = model.predict_dataset(dataset)
     if not ids:
@@ -215,7 +216,23 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     classes = model.classes
     probs = sigmoid(logits[:, :len(classes)])
     write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
-    return {"images": len(ids), "skipped": len(dataset) - len(ids), "classes": len(classes), "out": str(target)}
+    corrupt = len(dataset) - len(ids)
+    return {"images": len(ids), "skipped": corrupt + sum(dataset.left_out.values()), "corrupt": corrupt,
+            "left_out": dataset.left_out, "escaped_ids": sum(i in dataset.escaped_ids for i in ids),
+            "classes": len(classes), "out": str(target)}
+
+
+def tagged_words(done: dict) -> str:
+    """The summary of tag_images: `N images tagged, K skipped (why: corrupt, or not regular files
+    by kind)`, and the ids written with \\xNN escapes when some file names are not UTF-8."""
+    from data import left_out_words
+
+    why = "corrupt" if not done["left_out"] else "; ".join(
+        ([f"{done['corrupt']} corrupt"] if done["corrupt"] else []) + [left_out_words(done["left_out"])])
+    escaped = done["escaped_ids"]
+    return (f"{done['images']} images tagged, {done['skipped']} skipped ({why})"
+            + (f", {escaped} {'id' if escaped == 1 else 'ids'} of a file name that is not UTF-8 written with \\xNN "
+               "escapes" if escaped else ""))
 
 
 def choose_categories(requested: str | None, categories: list[str], num_classes: int,
@@ -248,7 +265,7 @@ def visualize(checkpoint: str, image_path: str, out: str, requested: str | None 
         nonlocal image
         if requested is not None:           # a typo fails before the model loads
             choose_categories(requested, categories, 0)
-        image = decode_image(image_path)
+        image = decode_image(image_path, upright=True)      # as --images scores it
     model = open_model(checkpoint, overrides or {}, weights_format, before_build=before_build)
     categories = model.categories
     seen = model.explain(image)
@@ -365,7 +382,7 @@ def after_training(args: argparse.Namespace) -> bool:
     if args.images:
         done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k, overrides,
                           args.clip_weights_format)
-        print(f"wrote {done['out']}: {done['images']} images tagged, {done['skipped']} skipped (corrupt), "
+        print(f"wrote {shown_path(done['out'])}: {tagged_words(done)}, "
               f"{done['classes']} class probabilities each, threshold {args.threshold}"
               + (f", at most {args.top_k} tags" if args.top_k else ""))
     else:

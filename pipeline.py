@@ -186,11 +186,11 @@ def here_or_in_repo(path: str) -> Path:
 def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
     """One line per piece a run needs and lacks (its data, captions, CLIP weights), each naming
     the place and what goes there; [] when everything is in place."""
-    entry, lines = datasets.get(cfg.dataset), []
+    entry, lines, show = datasets.get(cfg.dataset), [], data.shown_path    # a newline in a name: still one line
     root = Path(cfg.data_root)
     if entry.release_layout and not root.is_dir():
-        lines.append(f"{root}: no {entry.name} here: put {entry.release_layout} there (the paper's layout), or pass "
-                     "--data-root=DIR")
+        lines.append(f"{show(root)}: no {entry.name} here: put {entry.release_layout} there (the paper's layout), "
+                     "or pass --data-root=DIR")
     elif entry.release_layout and entry.voc_year is not None:     # the release's trees, split by split
         for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
             try:
@@ -199,14 +199,15 @@ def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
                 lines.append(str(e))
     captions_file = Path(cfg.captions) / "captions.json"
     if entry.release_layout and not captions_file.is_file():
-        lines.append(f"{captions_file}: no captions: put the paper's captions.json (and re_captions.json) for "
-                     f"{entry.name} there, make them with `python captions.py generate --dataset {entry.name} ...`, "
-                     "or pass --captions=DIR")
+        lines.append(f"{show(captions_file)}: no captions: put the paper's captions.json (and re_captions.json) "
+                     f"for {entry.name} there, make them with `python captions.py generate --dataset {entry.name} "
+                     "...`, or pass --captions=DIR")
     weights = Path(cfg.clip_weights)
     if not weights.is_file():
         how = (f": download OpenAI's ViT-B-16.pt ({OPENAI_VITB16_URL}), then `python frozen_clip.py convert "
-               f"ViT-B-16.pt {weights}`, or pass --clip-weights=FILE" if cfg.clip_model == "ViT-B-16-quickgelu" else "")
-        lines.append(f"{weights}: CLIP weights not found{how}")
+               f"ViT-B-16.pt {show(weights)}`, or pass --clip-weights=FILE" if cfg.clip_model == "ViT-B-16-quickgelu"
+               else "")
+        lines.append(f"{show(weights)}: CLIP weights not found{how}")
     return lines
 
 
@@ -236,7 +237,7 @@ def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
             if root.resolve() != default.resolve() and not cfg.build_world:
                 build, what = " ".join(entry.build_command), entry.title or entry.name
                 raise data.DataError(root, f"no {what} here (no {entry.build_marker}); build one with "
-                                           f"--build-world=true or `python {build} --out {root}`")
+                                           f"--build-world=true or `python {build} --out {data.shown_path(root)}`")
             build_dataset(entry, root, cfg.seed)
         updates["data_root"] = str(root)
         updates["captions"] = cfg.captions or str(root)

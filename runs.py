@@ -205,7 +205,7 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int:
 def stopped_note(out_dir: Path) -> str:
     if (out_dir / STATE_FILE).is_file():
         epoch = read_state(out_dir)["meta"]["epoch"]
-        return f"the state after epoch {epoch} is kept: python train.py --resume {out_dir}"
+        return f"the state after epoch {epoch} is kept: python train.py --resume {data.shown_path(out_dir)}"
     return "no epoch had ended, so there is nothing to resume"
 
 

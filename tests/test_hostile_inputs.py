@@ -3,6 +3,7 @@ that lie, outputs that lie, caches named "read only", errors that name the wrong
 is the README's: one line naming the file or option, a non-zero exit, nothing half-written,
 nothing lost that was good, never a hang."""
 import contextlib
+import csv
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from PIL import Image
 
 import captions
 import checkpoints
+import cli
 import config
 import data
 import eval as eval_cli
@@ -462,3 +464,136 @@ def test_metrics_log_is_strict_json_with_an_undefined_figure(tmp_path):
         raise ValueError(f"not strict JSON: {constant}")
     (line,) = path.read_text().splitlines()
     assert json.loads(line, parse_constant=refuse) == {"test": {"mAP": 70.0, "mAP_large": None}}
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Names: a newline, bytes that are not UTF-8, ids a spreadsheet would run
+# --------------------------------------------------------------------------------------------
+
+def test_a_name_holding_a_newline_stays_one_error_line(world, unfinished, tmp_path, capsys):
+    run = tmp_path / "run\nfolder"
+    run.mkdir()
+    assert train.main(["--resume", str(run)]) == 2
+    assert one_error_line(capsys, f"{tmp_path}/run\\nfolder: ")
+    shutil.copy(unfinished / runs.STATE_FILE, run)          # the line of a stopped run names the folder
+    assert runs.stopped_note(run).endswith(f"python train.py --resume {tmp_path}/run\\nfolder")
+    a_file = tmp_path / "a\nfile"
+    a_file.write_text("keep")
+    assert train.main([f"--data-root={world}", f"--out={a_file / 'run'}"]) == 2
+    assert one_error_line(capsys, f"--out={tmp_path}/a\\nfile/run: cannot be written ({tmp_path}/a\\nfile is a file")
+    nowhere = tmp_path / "no\nworld"
+    assert train.main([f"--data-root={nowhere}"]) == 2
+    assert one_error_line(capsys, f"{tmp_path}/no\\nworld: no proving-ground world here")
+    assert cli.run_command(lambda: open(run)) == 2          # an OSError naming its file
+    assert one_error_line(capsys, f"{tmp_path}/run\\nfolder: Is a directory")
+    assert cli.run_command(lambda: os.listdir(a_file)) == 2
+    assert one_error_line(capsys, f"{tmp_path}/a\\nfile: Not a directory")
+
+
+FORMULAS = ["=1+2", "+1+2", "-1+2", "@SUM(1)", "\t=1+2", "\r=1+2", "'quoted", "''twice", "'=1+2", "plain"]
+
+
+def test_ids_a_spreadsheet_would_run_are_neutralised_and_read_back(world, tmp_path, capsys):
+    scores, labels = tmp_path / "scores.csv", tmp_path / "labels.csv"
+    truth = np.where(np.arange(len(FORMULAS) * 2).reshape(-1, 2) % 3 == 0, 1, -1)
+    data.write_scores_csv(scores, FORMULAS, ["cat", "=dog"], (truth + 1) / 2.0, tags=["cat", "=dog;cat", *"-" * 8])
+    data.write_scores_csv(labels, FORMULAS, ["cat", "=dog"], truth)
+    with open(scores, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    cells = rows[0] + [row[0] for row in rows[1:]] + [row[-1] for row in rows[1:]]
+    assert not [c for c in cells if c[:1] in data.FORMULA_STARTS and c], cells     # no cell a spreadsheet runs
+    assert [row[0] for row in rows[1:7]] == ["'" + i for i in FORMULAS[:6]]           # OWASP: a leading '
+    ids, columns, values = data.read_table_csv(scores, ignore=("tags",))
+    assert ids == FORMULAS and columns == ["cat", "=dog"] and np.array_equal(values, (truth + 1) / 2.0)
+    assert eval_cli.main(["--scores", str(scores), "--labels", str(labels)]) == 0    # ids and classes line up
+    assert "mAP 100.00" in capsys.readouterr().out
+
+
+@FEW
+@given(ids=st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6),
+                    min_size=1, max_size=5, unique=True))
+def test_any_id_written_to_a_scores_csv_is_read_back_exactly(tmp_path_factory, ids):
+    path = tmp_path_factory.mktemp("csv") / "scores.csv"
+    data.write_scores_csv(path, ids, ["a"], np.zeros((len(ids), 1)))
+    assert data.read_table_csv(path)[0] == ids
+
+
+def test_a_file_name_that_is_not_utf8_is_tagged_with_an_escaped_id(ckpt, photos, tmp_path, capsys):
+    folder = os.fsencode(photos)
+    shutil.copy(next(photos.glob("*.jpg")), os.fsdecode(folder + b"/caf\xe9.jpg"))
+    (photos / os.fsdecode(b"bad\xff.png")).write_bytes(b"not a png")
+    out = tmp_path / os.fsdecode(b"tags\xe9.csv")                         # --out's name too
+    with pytest.warns(UserWarning, match=r"bad\\xff\.png: cannot decode image"):   # named, escaped
+        assert eval_cli.main([str(ckpt), "--images", str(photos), "--out", str(out)]) == 0
+    assert (f"wrote {tmp_path}/tags\\xe9.csv: 4 images tagged, 1 skipped (corrupt), 1 id of a file name that is not "
+            "UTF-8 written with \\xNN escapes" in capsys.readouterr().out)
+    ids, _, _ = data.read_table_csv(out, ignore=("tags",))
+    assert "caf\\xe9" in ids and len(ids) == 4           # the byte as the four characters \xe9
+    assert out.read_bytes().decode("utf-8").count("caf\\xe9") == 1
+
+
+@pytest.mark.filterwarnings("ignore:skipping image")
+def test_names_that_are_no_regular_file_are_counted_never_read(ckpt, photos, tmp_path, capsys):
+    (photos / "zero.jpg").symlink_to("/dev/zero")
+    (photos / "random.png").symlink_to("/dev/urandom")
+    os.mkfifo(photos / "fifo.jpg")                      # no writer: opening it would wait forever
+    (photos / "y.jpg").mkdir()
+    (photos / "link.jpg").symlink_to(next(photos.glob("*.jpg")))     # a link to an image is an image
+    (photos / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "tags.csv"
+    with no_hang():
+        assert eval_cli.main([str(ckpt), "--images", str(photos), "--out", str(out)]) == 0
+    assert ("4 images tagged, 5 skipped (1 corrupt; 4 not regular files, never read: 2 devices, 1 FIFO, 1 folder)"
+            in capsys.readouterr().out)
+    assert "link" in data.read_table_csv(out, ignore=("tags",))[0]
+    with no_hang():
+        assert eval_cli.main([str(ckpt), "--images", str(photos / "*.jpg"), "--out", str(out)]) == 0
+    assert "4 images tagged, 3 skipped (3 not regular files, never read: 1 device, 1 FIFO, 1 folder)" in \
+        capsys.readouterr().out
+    assert eval_cli.main([str(ckpt), "--images", str(photos / "fifo.jpg"), "--out", str(out)]) == 2
+    assert one_error_line(capsys, f"{photos / 'fifo.jpg'}: matches no JPEG or PNG file (1 not a regular file, "
+                                  "never read: 1 FIFO)")
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Photos as a viewer shows them
+# --------------------------------------------------------------------------------------------
+
+def _phone_photo(path, orientation: int) -> np.ndarray:
+    """A JPEG stored on its side with the EXIF Orientation tag a phone writes (6: turn it 90°
+    clockwise to view, 8: counter-clockwise); returns the pixels a viewer shows, [H, W, 3]."""
+    shown = np.zeros((48, 32, 3), dtype=np.uint8)            # portrait, one red corner: asymmetric
+    shown[..., 2] = 200
+    shown[:16, :16] = (220, 30, 30)
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90 if orientation == 6
+                                              else Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return shown
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_photo_is_tagged_as_a_viewer_shows_it_datasets_keep_raw_pixels(orientation, ckpt, tmp_path, monkeypatch,
+                                                                         capsys):
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    shown = _phone_photo(folder / "upright.jpg", orientation)
+
+    def close(image: torch.Tensor) -> bool:
+        return image.shape == (3, 48, 32) and np.abs(image.permute(1, 2, 0).numpy() - shown.astype(int)).mean() < 4
+    assert close(data.decode_image(folder / "upright.jpg", upright=True))
+    raw = data.decode_image(folder / "upright.jpg")                    # the benchmarks' convention
+    assert raw.shape == (3, 32, 48)
+    assert data.image_folder(folder)[0]["image"].shape == (3, 32, 48)          # a dataset: raw pixels
+    assert close(data.image_files(str(folder), upright=True)[0]["image"])
+    seen, resize = [], pipeline.image_transform
+
+    def recording(size):
+        def transform(image):
+            seen.append(image.clone())
+            return resize(size)(image)
+        return transform
+    monkeypatch.setattr(pipeline, "image_transform", recording)
+    assert eval_cli.main([str(ckpt), "--images", str(folder), "--out", str(tmp_path / "tags.csv")]) == 0
+    assert len(seen) == 1 and close(seen[0])                        # what the model is given: upright
