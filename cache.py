@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ _CHECKED: set[tuple] = set()
 # only shards older than this when checked are remembered (git's rule for "racily clean" files).
 RACY_NS = 2 * 10**9
 CHECK_THREADS = min(8, os.cpu_count() or 1)
+SHARD_NAME = re.compile(r"part\d{3,}-shard-\d{5,}\.safetensors")
 
 
 def _stat_key(path: Path, wanted: dict) -> tuple:
@@ -103,8 +106,13 @@ class FeatureCache:
         meta = self._meta()
         lists = [meta.get(k) for k in ("shards", "rows", "digests")]
         if not isinstance(meta.get("ids"), list) or not all(isinstance(x, list) for x in lists) or \
-                len({len(x) for x in lists}) != 1 or not all(type(r) is int and r >= 0 for r in lists[1]):
+                len({len(x) for x in lists}) != 1 or not all(type(r) is int and r >= 0 for r in lists[1]) or \
+                not all(isinstance(i, str) for i in meta["ids"]) or not all(isinstance(d, str) for d in lists[2]):
             raise DataError(self.dir / "meta.json", "lacks its ids, shards, rows or digests")
+        for name in lists[0]:     # read, and rewritten by rebuild_shards: a name, never a path out of the folder
+            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+                raise DataError(self.dir / "meta.json", f"names a shard {name!r} that is not a shard file of "
+                                                        "this folder")
         if sum(meta["rows"]) != len(meta["ids"]):
             raise DataError(self.dir / "meta.json", f"lists {len(meta['ids'])} ids and {sum(meta['rows'])} rows")
         from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +203,7 @@ class FeatureCache:
 
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         digest = tensors_digest(tensors)
+        _unlink_link(self.dir / name)
         header = {"cache_key": self.key, "ids_sha256": ids_digest(ids), "sha256": digest}
         atomic_write(self.dir / name, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         return digest
@@ -228,6 +237,7 @@ class FeatureCache:
         digests = list(meta["digests"])
         for s, (tensors, wanted) in new.items():
             digests[s] = self.write_shard(meta["shards"][s], tensors, wanted)
+        _unlink_link(self.dir / "meta.json")
         write_json(self.dir / "meta.json", {**meta, "digests": digests}, indent=None)
         return True
 
@@ -239,6 +249,13 @@ class FeatureCache:
             for k in index:
                 index[k] += piece[k]
         write_json(self.dir / "meta.json", {**index, "spec": self.spec}, indent=None)
+
+
+def _unlink_link(path: Path) -> None:
+    """A link where the cache writes is removed first: atomic_write follows a link to a file
+    (right for a user's output), and a damaged cache's link must not lead a write out of it."""
+    if path.is_symlink():
+        path.unlink()
 
 
 def ids_digest(ids: Sequence[str]) -> str:
@@ -415,7 +432,10 @@ def _shard_layout(path: Path) -> tuple[int, dict, dict]:
     import struct
 
     try:
-        size = path.stat().st_size
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):   # a link or a FIFO in a cache folder is no shard this writer made
+            raise DataError(path, "not a regular file (a feature cache shard is never a link, a FIFO or a device)")
+        size = st.st_size
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > size:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +148,7 @@ class RunStopped(RuntimeError):
         self.code = code
 
 
-def lock_run_folder(out_dir: Path) -> int:
+def lock_run_folder(out_dir: Path) -> int | None:
     """Hold the run folder for this process (an open descriptor for release_run_folder): a
     second train.py into the same folder is one line, not two runs that overwrite each other's
     checkpoint. An flock: the kernel lets go of it when the process ends, killed or not, so a
@@ -156,7 +158,13 @@ def lock_run_folder(out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:        # never through a link: a run folder from elsewhere could point its lock file at any file
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise data.DataError(path, f"cannot be the run's lock file ({e.strerror}); remove it") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise data.DataError(path, "cannot be the run's lock file (not a regular file); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -164,6 +172,11 @@ def lock_run_folder(out_dir: Path) -> int:
             os.close(fd)
             raise data.DataError(out_dir, f"another train.py (pid {holder}) is running in this run folder; "
                                           "wait for it to end, or choose another --out") from None
+        except OSError as e:       # a file system without locks (some NFS mounts): say so, and go on
+            os.close(fd)
+            print(f"warning: {data.shown_path(path)}: cannot be locked ({e.strerror}): a second run started "
+                  "into this folder would not be stopped", file=sys.stderr)
+            return None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -175,13 +188,14 @@ def lock_run_folder(out_dir: Path) -> int:
     return fd
 
 
-def release_run_folder(out_dir: Path, lock: int) -> None:
+def release_run_folder(out_dir: Path, lock: int | None) -> None:
     """The lock file goes (removed while still held, so no other run can be holding it), then the lock."""
-    (out_dir / LOCK_FILE).unlink(missing_ok=True)
-    os.close(lock)
+    if lock is not None:
+        (out_dir / LOCK_FILE).unlink(missing_ok=True)
+        os.close(lock)
 
 
-def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int:
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int | None:
     """A run folder holds one run, and one process writes it (lock_run_folder, whose
     descriptor this returns): reusing one that is not empty takes --resume (continue it) or
     --overwrite (its earlier outputs are removed first, so no file mixes two runs)."""

@@ -267,8 +267,7 @@ def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None, 
     try:
         return tracked_run(cfg, preset, resume, device, t_start)
     finally:
-        if lock is not None:
-            runs.release_run_folder(Path(cfg.out), lock)
+        runs.release_run_folder(Path(cfg.out), lock)
 
 
 def tracked_run(cfg: config.BACGCNConfig, preset: str, resume: dict | None, device: str, t_start: float) -> dict:

@@ -102,6 +102,10 @@ def test_damaged_cache_is_named(sharded, tmp_path):
     (sharded.dir / "meta.json").write_text(json.dumps({**meta, **{k: meta[k][:3] + meta[k][4:]
                                                                   for k in ("shards", "rows", "digests")}}))
     assert "lists 50 ids and 41 rows" in sharded.problem()
+    (sharded.dir / "meta.json").write_text(json.dumps({**meta, "shards": ["../../x.safetensors", *meta["shards"][1:]]}))
+    assert "names a shard '../../x.safetensors' that is not a shard file of this folder" in sharded.problem()
+    (sharded.dir / "meta.json").write_text(json.dumps({**meta, "ids": [1, *meta["ids"][1:]]}))
+    assert "lacks its ids, shards, rows or digests" in sharded.problem()
     (sharded.dir / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "digests"}))
     assert "lacks its ids, shards, rows or digests" in sharded.problem()
     (sharded.dir / "meta.json").write_text("{not json")
@@ -123,6 +127,18 @@ def test_failing_shards_are_encoded_again_alone(sharded):
     again = sharded.open().gather(range(50))
     assert all(torch.equal(held[k], again[k]) for k in held)
     assert [p for p in shards if p.stat().st_mtime_ns != before[p]] == [shards[1], shards[4]]
+    outside = shards[0].parent.parent / "outside.bin"          # a shard that is a link: named, and replaced
+    outside.write_bytes(b"not yours")                           # by a file, never written through
+    shards[2].unlink()
+    shards[2].symlink_to(outside)
+    os.mkfifo(shards[3].with_suffix(".tmp"))
+    shards[3].unlink()
+    shards[3].with_suffix(".tmp").rename(shards[3])            # a FIFO would block a reader forever
+    failing = sharded.failing_shards()
+    assert [n for n, _ in failing] == [shards[2].name, shards[3].name]
+    assert all("not a regular file" in why for _, why in failing)
+    assert sharded.rebuild_shards(rows, _encode, [n for n, _ in failing], batch_size=3)
+    assert sharded.problem() is None and outside.read_bytes() == b"not yours" and not shards[2].is_symlink()
     rows.ids = rows.ids[:-1] + ["elsewhere"]                    # an image of the last shard is gone
     _flip_low_bits(shards[5])
     assert not sharded.rebuild_shards(rows, _encode, [shards[5].name], batch_size=3)

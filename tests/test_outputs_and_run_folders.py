@@ -97,6 +97,32 @@ def test_a_second_run_into_a_busy_folder_is_one_line_and_a_killed_run_leaves_no_
     assert (out / "ckpt.safetensors").is_file() and not (out / ".run.lock").exists()
 
 
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    import runs
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / runs.LOCK_FILE).symlink_to(target)
+    with pytest.raises(data.DataError, match="cannot be the run's lock file .*; remove it"):
+        runs.prepare_run_folder(tmp_path / "run", resume=True, overwrite=False)
+    assert target.read_text() == "keep me"
+
+
+def test_a_folder_that_cannot_be_locked_is_a_warning_not_a_stop(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    import runs
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)          # what some NFS mounts answer
+    lock = runs.prepare_run_folder(tmp_path / "run", resume=False, overwrite=False)
+    assert lock is None and "cannot be locked (No locks available)" in capsys.readouterr().err
+    runs.release_run_folder(tmp_path / "run", lock)
+
+
 # --------------------------------------------------------------------------------------------
 # What a run reports
 # --------------------------------------------------------------------------------------------
