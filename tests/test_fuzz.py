@@ -25,7 +25,7 @@ def _assert_one_line_error(error: data.DataError, inside: Path) -> None:
     message = str(error)
     assert "\n" not in message, message
     # the named file is one of the input files (the one the problem is in)
-    assert Path(error.path).is_relative_to(inside) and message.startswith(error.path), message
+    assert Path(error.path).is_relative_to(inside) and message.startswith(data.shown_path(error.path)), message
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -39,7 +39,7 @@ def _calls_or_data_error(call, inside: Path):
         result = call()
     except data.DataError as e:
         _assert_one_line_error(e, inside)
-        event(f"refused: {str(e)[len(e.path) + 2:][:24]}")   # which problems the fuzz reaches
+        event(f"refused: {e.problem[:24]}")   # which problems the fuzz reaches
         return None
     event("read")
     return result
