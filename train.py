@@ -164,7 +164,8 @@ def start_reso(cfg, model, backbone, trainset: TrainSet, targets: torch.Tensor, 
     loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found + verified, targets, device)
     reso.add_evidence(targets, verified, cfg)
     done = {"crops": len(found), "crop_precision": reso.crop_precision(cfg, trainset.split, found),
-            "proposed": len(proposals), "verified": len(verified),
+            "proposed": len(proposals), "proposal_precision": reso.crop_precision(cfg, trainset.split, proposals),
+            "verified": len(verified),
             "verified_precision": reso.crop_precision(cfg, trainset.split, verified),
             "crop_encode_seconds": round(time.time() - t_encode, 2)}
     loop.total = planned_steps(cfg, len(trainset.split.ids), loop)
