@@ -54,10 +54,12 @@ def splc_negative(logits: torch.Tensor, tau: float, gamma: float = FOCAL_GAMMA) 
     return torch.where(p.detach() > tau, focal_margin_positive(logits, gamma), negative)
 
 
-def elementwise(logits: torch.Tensor, targets: torch.Tensor, cfg) -> torch.Tensor:
-    """Per-entry loss [B, O] of `cfg.loss` (bce | asl | hill | splc) against soft targets."""
+def elementwise(logits: torch.Tensor, targets: torch.Tensor, cfg, epoch: int | None = None) -> torch.Tensor:
+    """Per-entry loss [B, O] of `cfg.loss` (bce | asl | hill | splc) against soft targets; hill
+    and splc are BCE before `robust_loss_epoch` (when `epoch` is given)."""
     logits = logits.float()
-    if cfg.loss == "bce":
+    warming = cfg.loss in ("hill", "splc") and epoch is not None and epoch < cfg.robust_loss_epoch
+    if cfg.loss == "bce" or warming:
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     if cfg.loss == "asl":
         p = torch.sigmoid(logits)
@@ -75,12 +77,13 @@ def large_loss_rate(cfg, epoch: int) -> float:
     return min(1.0, cfg.large_loss_delta * epoch)
 
 
-def large_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+def large_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, rate: float,
+               epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-entry loss, mask) with Kim et al.'s rule on the entries the captions leave unmentioned
     (soft target <= `missing_threshold`): the floor(rate * their count) largest of their losses
     in the batch are taken as missing labels; `large_loss=reject` drops them (mask 0),
     `correct` trains them as positives (target 1) for this step."""
-    loss = elementwise(logits, targets, cfg)
+    loss = elementwise(logits, targets, cfg, epoch)
     mask = torch.ones_like(loss)
     if cfg.large_loss == "none" or rate <= 0:      # before the count: it waits for the device
         return loss, mask
@@ -95,5 +98,5 @@ def large_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, rate: float) ->
     if cfg.large_loss == "reject":
         mask = (~chosen).float()
     else:  # correct
-        loss = torch.where(chosen, elementwise(logits, torch.ones_like(targets), cfg), loss)
+        loss = torch.where(chosen, elementwise(logits, torch.ones_like(targets), cfg, epoch), loss)
     return loss, mask

@@ -68,10 +68,12 @@ REPORT_KEYS = ("mAP", "mAP_small", "mAP_large", "CF1", "OF1")   # the zero-shot 
 # --------------------------------------------------------------------------------------------
 
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, weight: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None, missing_rate: float = 0.0) -> torch.Tensor:
+                    mask: torch.Tensor | None = None, missing_rate: float = 0.0,
+                    epoch: int | None = None) -> torch.Tensor:
     """`cfg.loss` (losses.py) against soft targets; `mask` 0 drops an entry, `weight` scales rows;
-    `missing_rate` > 0 treats that share of the unmentioned entries as missing labels (cfg.large_loss)."""
-    loss, kept = losses.large_loss(logits, targets, cfg, missing_rate)
+    `missing_rate` > 0 treats that share of the unmentioned entries as missing labels (cfg.large_loss);
+    `epoch` tells hill and splc whether their BCE warm-up is over."""
+    loss, kept = losses.large_loss(logits, targets, cfg, missing_rate, epoch)
     mask = kept if mask is None else mask * kept
     loss = loss * mask
     if weight is not None:
@@ -108,12 +110,13 @@ def batch_loss(cfg, step_fn, kind: str, idx: torch.Tensor, x: dict[str, torch.Te
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = step_fn(x)
         if kind == "image":
-            return multilabel_loss(out["logits"], targets[idx], cfg, missing_rate=losses.large_loss_rate(cfg, epoch))
+            return multilabel_loss(out["logits"], targets[idx], cfg, missing_rate=losses.large_loss_rate(cfg, epoch),
+                                   epoch=epoch)
         logits = out["logits"].float()
         cls = crops.classes[idx]
         p_own = torch.sigmoid(logits.gather(1, cls[:, None]))[:, 0].detach()
         weight = 1 + (1 - p_own).pow(cfg.reso_gamma)   # harder crops weigh more
-        return multilabel_loss(logits, crops.targets[idx], cfg, weight, crops.masks[idx])
+        return multilabel_loss(logits, crops.targets[idx], cfg, weight, crops.masks[idx], epoch=epoch)
 
 
 def wrap_for_training(cfg, model, device: str):

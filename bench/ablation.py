@@ -11,7 +11,8 @@ Rows, each adding one component to the row above, then the floor and the ceiling
   + ReSO           + ReSO: the paper's full method
   + proposals ...  ours beyond the paper, each added to the row above (config.BEYOND_THE_PAPER, the
                    switches of the synthetic-tiny-beyond preset; the last such row is the new method)
-  ... (lost)       a candidate that lost on world 100's validation split, on top of the new method
+  ... (lost)       a candidate that lost on world 100's validation split, added to `+ ReSO` (the
+                   paper's method, where it was judged; --validation only: that split judged it)
   linear probe     one linear layer on [g, max-pooled patches], on the same soft pseudo labels
   linear probe (true labels)   the same probe on the true labels: what the labels alone are worth
   oracle           the full method trained on the true labels: this head's ceiling on these features
@@ -56,8 +57,8 @@ BEYOND_NAMES = {"reso_propose": "+ proposals", "local_bypass": "+ local bypass",
 BEYOND_STEPS = tuple((BEYOND_NAMES[k], dict(_FULL, **dict(list(config.BEYOND_THE_PAPER.items())[:i + 1])))
                      for i, k in enumerate(config.BEYOND_THE_PAPER))
 NEW_METHOD = BEYOND_STEPS[-1][0]
-# Candidates that lost on world 100's validation split, each on top of the new method: rows that say so.
-LOST = tuple((f"{name} (lost)", dict(BEYOND_STEPS[-1][1], **switches)) for name, switches in config.LOST_CANDIDATES)
+# Candidates that lost on world 100's validation split, each added to the paper's method: rows that say so.
+LOST = tuple((f"{name} (lost)", dict(_FULL, **switches)) for name, switches in config.LOST_CANDIDATES)
 ORACLE = dict(_FULL, train_labels="true")
 ROW_NAMES = ("zero-shot", *(name for name, _ in STEPS + BEYOND_STEPS + LOST), "linear probe",
              "linear probe (true labels)", "oracle")
@@ -132,7 +133,7 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
     rows = {n: r for n, r in earlier.items() if n in ROW_NAMES}
     extra, quality = dict((reuse or {}).get("reso", {})), (reuse or {}).get("caption_quality", {})
     for k, (name, switches) in enumerate([*STEPS, *BEYOND_STEPS, *LOST, ("oracle", ORACLE)], start=1):
-        if name in rows:
+        if name in rows or (not validation and (name, switches) in LOST):
             continue
         cfg = base.replace(**switches, out=str(folder / f"row{k}"))
         print(f"== seed {seed}: {name}", flush=True)
@@ -147,7 +148,7 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
         print(f"== seed {seed}: linear probes", flush=True)
         rows.update(probe_rows(base.replace(**_FULL), probe))
     result = {"seed": seed, "split": split, "caption_quality": quality,
-              "rows": [{"name": n, **{c: rows[n].get(c) for c in COLUMNS}} for n in ROW_NAMES],
+              "rows": [{"name": n, **{c: rows[n].get(c) for c in COLUMNS}} for n in ROW_NAMES if n in rows],
               "checks": checks(rows), "reso": extra, "reused": sorted(set(earlier) & set(ROW_NAMES))}
     return json_safe(result)
 

@@ -180,3 +180,11 @@ def test_evidence_raises_the_image_target_and_paper_crops_carry_none():
                       _cfg(reso_evidence=0.5))
     # max(0, 0.5 * 0.8); 0.9 stays; a paper crop (no probability): none
     assert torch.allclose(targets, torch.tensor([[0.4, 0.9], [0.2, 0.0]]))
+
+
+def test_hill_and_splc_are_bce_before_their_epoch():
+    logits, targets = torch.tensor([[0.0]]), torch.tensor([[0.0]])
+    cfg = _cfg(loss="hill", robust_loss_epoch=2)
+    assert losses.elementwise(logits, targets, cfg, epoch=1).item() == pytest.approx(LN2)    # BCE at x = 0
+    assert losses.elementwise(logits, targets, cfg, epoch=2).item() == pytest.approx(0.25)   # Hill at p = 1/2
+    assert losses.elementwise(logits, targets, cfg).item() == pytest.approx(0.25)            # no epoch: the loss
