@@ -124,7 +124,7 @@ class BACGCNConfig:
     reso_propose: bool = False
     reso_propose_quantile: float = 0.9  # a proposal's peak must beat this quantile of its class's uncaptioned peaks
     reso_propose_max: int = 3           # verified crops kept per image per round (twice as many encoded to verify)
-    reso_verify_min: float = 0.5        # the class's zero-shot probability on the crop (softmax over the classes)
+    reso_verify_min: float = 0.4        # the class's zero-shot probability on the crop (softmax over the classes)
     reso_evidence: float = 1.0          # the image's target of the class rises to this x the crop's probability
     # runtime
     seed: int = 0
@@ -180,7 +180,9 @@ PRESETS: dict[str, dict] = {
 # The paper's presets leave every one off; the *-beyond presets turn them all on.
 BEYOND_THE_PAPER: dict = dict(reso_propose=True)
 # Candidates that lost there, each kept as an ablation row added to the paper's method: (row name, switches).
-LOST_CANDIDATES: tuple = ()
+LOST_CANDIDATES: tuple = (("+ local bypass", dict(local_bypass=True)), ("+ LL-R", dict(large_loss="reject")),
+                          ("+ LL-Ct", dict(large_loss="correct")), ("+ Hill loss", dict(loss="hill")),
+                          ("+ SPLC loss", dict(loss="splc")))
 PRESETS.update({f"{name}-beyond": dict(values, **BEYOND_THE_PAPER) for name, values in list(PRESETS.items())})
 
 
