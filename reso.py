@@ -216,7 +216,7 @@ def verify_proposals(cfg, backbone, split: Split, proposals: list, text: torch.T
     g = torch.cat([feats.gather(torch.arange(i, min(i + 4096, len(feats))), ["g"])["g"].float()
                    for i in range(0, len(feats), 4096)])
     w = torch.nn.functional.normalize(text.float(), dim=-1)
-    scale = float(backbone.clip.logit_scale.exp())
+    scale = float(backbone.clip.logit_scale.detach().exp())
     probs = (scale * torch.nn.functional.normalize(g, dim=-1) @ w.t()).softmax(-1)
     return verified_crops(probs, [f[:3] for f in proposals], cfg)
 
