@@ -125,6 +125,7 @@ class BACGCNConfig:
     reso_propose_quantile: float = 0.9  # a proposal's peak must beat this quantile of its class's uncaptioned peaks
     reso_propose_max: int = 3           # verified crops kept per image per round (twice as many encoded to verify)
     reso_verify_min: float = 0.4        # the class's zero-shot probability on the crop (softmax over the classes)
+    reso_verify_backgrounds: bool = False  # that softmax over the backgrounds too (a texture crop must not pass)
     reso_evidence: float = 1.0          # the image's target of the class rises to this x the crop's probability
     # runtime
     seed: int = 0

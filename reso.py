@@ -197,7 +197,8 @@ def first_per_image(found: list, limit: int) -> list:
 def verified_crops(probs: torch.Tensor, proposals: list, cfg) -> list:
     """The proposals [(row, class, box)] whose crop CLIP re-identifies on its own (TagCLIP's
     class-wise check): the class is the crop's top class, at probability >= `reso_verify_min`
-    (`probs` [n, C]: each crop's zero-shot softmax over the classes). At most `reso_propose_max`
+    (`probs` [n, C or O]: each crop's zero-shot softmax over the classes, or over the classes
+    and backgrounds with `reso_verify_backgrounds`). At most `reso_propose_max`
     per image, most probable first. Returns [(row, class, box, probability)]."""
     top = probs.argmax(1)
     kept = [(b, c, box, float(probs[k, c])) for k, (b, c, box) in enumerate(proposals)
@@ -208,7 +209,7 @@ def verified_crops(probs: torch.Tensor, proposals: list, cfg) -> list:
 
 def verify_proposals(cfg, backbone, split: Split, proposals: list, text: torch.Tensor, device: str) -> list:
     """Encode each proposal's crop once (cached) and keep those the frozen CLIP confirms on the
-    crop alone (verified_crops), scored against CLIP's own class embeddings `text` [C, E], not
+    crop alone (verified_crops), scored against CLIP's own class embeddings `text` [C or O, E], not
     the trained prompts: the check must not share the head's mistakes."""
     if not proposals:
         return []

@@ -162,8 +162,8 @@ def start_reso(cfg, model, backbone, trainset: TrainSet, targets: torch.Tensor, 
     found, proposals = reso.find_small_regions(cfg, model, trainset.split, trainset.hard, trainset.num_classes,
                                                device, dtype)
     t_encode = time.time()
-    verified = reso.verify_proposals(cfg, backbone, trainset.split, proposals,
-                                     trainset.text[:trainset.num_classes], device) if proposals else []
+    text = trainset.text if cfg.reso_verify_backgrounds else trainset.text[:trainset.num_classes]
+    verified = reso.verify_proposals(cfg, backbone, trainset.split, proposals, text, device) if proposals else []
     loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found + verified, targets, device)
     reso.add_evidence(targets, verified, cfg)
     done = {"crops": len(found), "crop_precision": reso.crop_precision(cfg, trainset.split, found),

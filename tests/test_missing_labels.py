@@ -188,3 +188,12 @@ def test_hill_and_splc_are_bce_before_their_epoch():
     assert losses.elementwise(logits, targets, cfg, epoch=1).item() == pytest.approx(LN2)    # BCE at x = 0
     assert losses.elementwise(logits, targets, cfg, epoch=2).item() == pytest.approx(0.25)   # Hill at p = 1/2
     assert losses.elementwise(logits, targets, cfg).item() == pytest.approx(0.25)            # no epoch: the loss
+
+
+def test_verification_over_backgrounds_refuses_a_crop_a_background_wins():
+    box = (0, 0, 1, 1)
+    # classes 0, 1, then one background: over the classes alone class 1 would win at 0.8 / 0.9
+    probs = torch.tensor([[0.05, 0.40, 0.55],      # the background is first: refused
+                          [0.10, 0.60, 0.30]])     # class 1 first, above the background: kept
+    kept = reso.verified_crops(probs, [(0, 1, box), (1, 1, box)], _cfg(reso_verify_min=0.4))
+    assert kept == [(1, 1, box, pytest.approx(0.6))]
