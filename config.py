@@ -84,21 +84,22 @@ class BACGCNConfig:
     # to every logit, zero-initialised (the untrained model is still CLIP zero-shot). The ablation
     # found the paper's head within 0.2-0.5 mAP of a linear probe on those inputs (README).
     linear_readout: bool = False
-    # Ours, not the paper's (off in the paper's presets): + a_B,o * cos(l_o, w_o), the Similarity
-    # Kernel's local feature *before* the graph, one zero-initialised weight per category: the GCN
-    # lifted mAP_large and cost mAP_small (propagation from prominent companions drowns a small
-    # object's own evidence); this path lets that evidence reach the logit around the graph.
-    local_bypass: bool = False
+    # The GCN lifted mAP_large and cost mAP_small (propagation from prominent companions drowns a
+    # small object's own evidence): + a_B,o * cos(l_o, w_o), one zero-initialised weight per category.
+    # Ours, not the paper's (off in its presets): the kernel's local logits also around the graph
+    local_bypass: bool = False          # + the Similarity Kernel's pre-graph local cosine (lost on validation: README)
     # training (stage 5, 6)
     train_labels: str = "captions"      # captions | true: human class labels (the oracle; backgrounds keep captions)
     loss: str = "bce"                   # bce | asl (asymmetric loss, gamma_neg below)
     asl_gamma_neg: float = 2.0
     splc_tau: float = 0.6               # splc: an unlabelled entry scored above this is trained as a positive
-    # hill, splc: BCE before this epoch. The head starts at CLIP zero-shot, whose logits put almost every
-    # category near p = 1: Hill's negative gradient vanishes there, and SPLC takes them all as positives
-    robust_loss_epoch: int = 1
-    # Missing labels (Kim et al. 2022; off in the paper's presets): entries whose soft target is at most
-    # missing_threshold are "unmentioned"; the largest losses among them are likely missing labels
+    # The head starts at CLIP zero-shot, whose logits put almost every category near p = 1: Hill's
+    # negative gradient vanishes there, and SPLC takes them all as positives.
+    # Hill and SPLC (Zhang et al. 2021; off in the paper's presets) start after a BCE warm-up
+    robust_loss_epoch: int = 1          # hill, splc: BCE before this epoch
+    # Entries whose soft target is at most missing_threshold are "unmentioned"; the largest losses
+    # among them are likely missing labels.
+    # Missing labels (Kim et al. 2022; off in the paper's presets)
     large_loss: str = "none"            # none | reject (LL-R: drop them) | correct (LL-Ct: train them as positives)
     large_loss_delta: float = 0.002     # share of the unmentioned entries so treated grows by this per epoch
     missing_threshold: float = 0.05     # soft target at or below which an entry counts as unmentioned
@@ -117,11 +118,12 @@ class BACGCNConfig:
     reso_max_crops: int = 2             # per image, smallest regions first
     reso_gamma: float = 2.0             # crop loss weight 1 + (1 - p)^gamma grows with the error
     reso_floor_quantile: float = 0.9    # a region's peak must beat this quantile of its class's uncaptioned peaks
-    # Ours, not the paper's (off in the paper's presets): ReSO beyond the captions. Small regions of the
-    # classes the captions do not name are proposed where the map peaks, and kept only where the frozen
-    # CLIP, on the crop alone, names that class first; a kept crop trains as a soft positive and raises
-    # the image's own target for the class (the captions name under half of the small objects)
-    reso_propose: bool = False
+    # Small regions of the classes the captions do not name are proposed where the map peaks, and kept
+    # only where the frozen CLIP, on the crop alone, names that class first; a kept crop trains as a soft
+    # positive and raises the image's own target for the class (the captions name under half of the
+    # small objects).
+    # Ours, not the paper's (off in its presets; the *-beyond presets): ReSO beyond the captions
+    reso_propose: bool = False          # propose, verify and train crops of classes the captions do not name
     reso_propose_quantile: float = 0.9  # a proposal's peak must beat this quantile of its class's uncaptioned peaks
     reso_propose_max: int = 3           # verified crops kept per image per round (twice as many encoded to verify)
     reso_verify_min: float = 0.4        # the class's zero-shot probability on the crop (softmax over the classes)
