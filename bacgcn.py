@@ -112,10 +112,10 @@ class BACGCN(nn.Module):
     """The trainable part of BAC-GCN over cached CLIP features.
 
     logit_o = gamma * s * [cos(h_g, w_o) + a_H cos(h_gH, w_o) + a_Hc cos(h_gHc, w_o)
-                           + a_L cos(h_o, w_o)] + bias_o
-    with s CLIP's logit scale. gamma = 1, a_* = 0, bias = 0 and the identity GCN at start, and
-    the prompts are CLIP's class embeddings: the untrained model scores exactly like CLIP
-    zero-shot. Outputs logits over all O categories (classes first).
+                           + a_L cos(h_o, w_o) (+ a_B,o cos(l_o, w_o), ours)] + bias_o
+    with s CLIP's logit scale and l_o the kernel's local feature before the graph. gamma = 1,
+    a_* = 0, bias = 0 and the identity GCN at start, and the prompts are CLIP's class embeddings:
+    the untrained model scores exactly like CLIP zero-shot. Outputs logits over all O categories (classes first).
     """
 
     def __init__(self, cfg: BACGCNConfig, prompts: torch.Tensor, num_classes: int,
@@ -132,6 +132,8 @@ class BACGCN(nn.Module):
         self.log_gamma = nn.Parameter(torch.zeros(()))
         self.branch = nn.Parameter(torch.zeros(3))            # a_H, a_Hc, a_L
         self.bias = nn.Parameter(torch.zeros(self.num_categories))
+        # Ours (cfg.local_bypass): the kernel's local logits around the graph, per category, from zero.
+        self.bypass = nn.Parameter(torch.zeros(self.num_categories)) if cfg.local_bypass else None
         self.readout = None
         if cfg.linear_readout:
             self.readout = nn.Linear(2 * dim, self.num_categories)
@@ -154,6 +156,9 @@ class BACGCN(nn.Module):
         score = cos_global[:, 0] + self.branch[0] * cos_global[:, 1] + self.branch[1] * cos_global[:, 2]
         if self.cfg.use_local:
             score = score + self.branch[2] * cos_local
+        if self.bypass is not None:
+            cos_before = (F.normalize(local.float(), dim=-1).to(w.dtype) * w).sum(-1)
+            score = score + self.bypass * cos_before
         logits = self.log_gamma.exp() * self.logit_scale * score.float() + self.bias
         if self.readout is not None:
             x = torch.cat([feats["g"], patches.amax(1)], -1).float()

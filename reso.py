@@ -81,14 +81,14 @@ class CropImages(torch.utils.data.Dataset):
 
 def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: str,
                  margin: float | None = None) -> tuple[CachedFeatures, list]:
-    """(features, the crops kept) of the crops `found` [(row, class, patch box)] grown by
+    """(features, the crops kept) of the crops `found` [(row, class, patch box, ...)] grown by
     `margin` (default: ReSO's), each encoded once (cached under `kind` and the crops' list). A
     crop whose image could not be read is dropped. ReSO and the peers that re-encode crops
     (bench/compare.py) share it."""
     margin = cfg.reso_margin if margin is None else margin
     grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
     row = {s.id: k for k, s in enumerate(split.dataset.samples)}
-    crop_ds = CropImages(split.dataset, [(row[split.ids[b]], c, box) for b, c, box in found],
+    crop_ds = CropImages(split.dataset, [(row[split.ids[f[0]]], f[1], f[2]) for f in found],
                          backbone.image_size, grid, margin)
     spec = feature_spec(cfg, backbone, split.dataset, kind)
     spec.update({"crops": crop_ds.ids, "margin": margin})
@@ -101,14 +101,16 @@ def encode_crops(cfg, backbone, split: Split, found: list, kind: str, device: st
 # ReSO: crops of small pseudo-positive regions (used by stage 4)
 # --------------------------------------------------------------------------------------------
 
-def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg,
+                 limit: int | None = None) -> list[tuple[int, int, tuple[int, int, int, int]]]:
     """Small regions worth a crop: [(image row, class, (r0, c0, r1, c1) patch box incl.)].
 
     For each pseudo-positive class o of an image, the similarity map S[:, o] is min-max
     normalised over the patches; the region is {patch: S_hat > tau}; it is kept when it covers
-    less than eps of the image (the object is small). At most `reso_max_crops` per image,
-    smallest first.
+    less than eps of the image (the object is small). At most `limit` (default
+    `reso_max_crops`) per image, smallest first.
     """
+    limit = cfg.reso_max_crops if limit is None else limit
     n = sim.shape[1]
     grid = int(round(math.sqrt(n)))
     region = region_masks(sim, cfg.reso_tau)       # [B, N, C]
@@ -119,7 +121,7 @@ def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[
     out.sort(key=lambda t: (t[0], t[3]))
     kept, per_image = [], {}
     for b, c, box, _ in out:
-        if per_image.get(b, 0) < cfg.reso_max_crops:
+        if per_image.get(b, 0) < limit:
             per_image[b] = per_image.get(b, 0) + 1
             kept.append((b, c, box))
     return kept
@@ -129,25 +131,28 @@ def reso_regions(sim: torch.Tensor, positives: torch.Tensor, cfg) -> list[tuple[
 class ResoCrops:
     """The ReSO crops of a run, ready to train on: row k is crop k."""
     feats: CachedFeatures            # cached features, as for images
-    targets: torch.Tensor            # [n, O] its class 1, the parent's uncaptioned categories 0
+    targets: torch.Tensor            # [n, O] its class 1 (a verified proposal: its CLIP probability), uncaptioned 0
     masks: torch.Tensor              # [n, O] 1 where an entry is trained
     classes: torch.Tensor            # [n] the class each crop was cut for
-    found: list                      # [(image row, class, patch box)] of each crop: the run state keeps it
+    found: list                      # [(image row, class, patch box[, probability])]: the run state keeps it
 
     def __len__(self) -> int:
         return len(self.classes)
 
 
 def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes: int, device: str,
-                       dtype) -> list:
-    """reso_regions of the pseudo-positive classes over a whole split, batch by batch (all
-    similarity maps of COCO would not fit in memory), kept only where the region's peak
-    similarity beats the class's noise floor: the `reso_floor_quantile` of that class's peaks
-    on images whose captions do not name it (no hard pseudo label). A min-max normalised map always yields a region,
-    even where the map is noise; the floor is what tells the two apart. Every process of a
-    distributed job scans every image (the model is the same on all of them, so they agree on
-    the crops) and encodes only its share of the crops."""
-    found, peaks = [], []
+                       dtype) -> tuple[list, list]:
+    """(crops, proposals). Crops: reso_regions of the pseudo-positive classes over a whole split,
+    batch by batch (all similarity maps of COCO would not fit in memory), kept only where the
+    region's peak similarity beats the class's noise floor: the `reso_floor_quantile` of that
+    class's peaks on images whose captions do not name it (no hard pseudo label). A min-max
+    normalised map always yields a region, even where the map is noise; the floor is what tells
+    the two apart. Proposals (with `reso_propose`, else []): small regions of the classes the
+    captions do *not* name whose peak beats the `reso_propose_quantile` floor, at most twice
+    `reso_propose_max` per image, highest peak first; they still need verify_proposals. Every
+    process of a distributed job scans every image (the model is the same on all of them, so
+    they agree on the crops) and encodes only its share of the crops."""
+    found, candidates, peaks = [], [], []
     model.eval()
     step = scoring_batch(split.feats)
     batches = [torch.arange(i, min(i + step, len(split.ids))) for i in range(0, len(split.ids), step)]
@@ -156,14 +161,73 @@ def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes
             sim = model(x)["sim"][:, :, :num_classes].float().cpu()
             peaks.append(sim.amax(1))
             found += [(int(idx[0]) + b, c, box) for b, c, box in reso_regions(sim, hard[idx, :num_classes], cfg)]
+            if cfg.reso_propose:
+                candidates += [(int(idx[0]) + b, c, box) for b, c, box in
+                               reso_regions(sim, ~hard[idx, :num_classes], cfg, limit=num_classes)]
     model.train()
     peaks = torch.cat(peaks)                                             # [n, C]
     unnamed = ~hard[:, :num_classes]         # the soft targets are never exactly 0 (the caption-context tie-break)
-    floor = torch.stack([torch.quantile(peaks[unnamed[:, c], c], cfg.reso_floor_quantile) if unnamed[:, c].any()
-                         else peaks[:, c].min() for c in range(num_classes)])
-    kept = [(b, c, box) for b, c, box in found if peaks[b, c] > floor[c]]
+
+    def floor(quantile: float) -> torch.Tensor:
+        return torch.stack([torch.quantile(peaks[unnamed[:, c], c], quantile) if unnamed[:, c].any()
+                            else peaks[:, c].min() for c in range(num_classes)])
+    paper_floor = floor(cfg.reso_floor_quantile)
+    kept = [(b, c, box) for b, c, box in found if peaks[b, c] > paper_floor[c]]
     log(f"ReSO: {len(kept)} of {len(found)} small regions peak above their class's noise floor")
-    return kept
+    if not candidates:
+        return kept, []
+    propose_floor = floor(cfg.reso_propose_quantile)
+    above = sorted((f for f in candidates if peaks[f[0], f[1]] > propose_floor[f[1]]),
+                   key=lambda f: (f[0], -float(peaks[f[0], f[1]])))
+    proposals = first_per_image(above, 2 * cfg.reso_propose_max)
+    log(f"ReSO: {len(proposals)} proposals beyond the captions (of {len(candidates)} small uncaptioned regions)")
+    return kept, proposals
+
+
+def first_per_image(found: list, limit: int) -> list:
+    """The first `limit` entries of each image (entries (row, ...), in their order)."""
+    out, count = [], {}
+    for f in found:
+        if count.get(f[0], 0) < limit:
+            count[f[0]] = count.get(f[0], 0) + 1
+            out.append(f)
+    return out
+
+
+def verified_crops(probs: torch.Tensor, proposals: list, cfg) -> list:
+    """The proposals [(row, class, box)] whose crop CLIP re-identifies on its own (TagCLIP's
+    class-wise check): the class is the crop's top class, at probability >= `reso_verify_min`
+    (`probs` [n, C or O]: each crop's zero-shot softmax over the classes, or over the classes
+    and backgrounds with `reso_verify_backgrounds`). At most `reso_propose_max`
+    per image, most probable first. Returns [(row, class, box, probability)]."""
+    top = probs.argmax(1)
+    kept = [(b, c, box, float(probs[k, c])) for k, (b, c, box) in enumerate(proposals)
+            if int(top[k]) == c and float(probs[k, c]) >= cfg.reso_verify_min]
+    kept.sort(key=lambda f: (f[0], -f[3]))
+    return first_per_image(kept, cfg.reso_propose_max)
+
+
+def verify_proposals(cfg, backbone, split: Split, proposals: list, text: torch.Tensor, device: str) -> list:
+    """Encode each proposal's crop once (cached) and keep those the frozen CLIP confirms on the
+    crop alone (verified_crops), scored against CLIP's own class embeddings `text` [C or O, E], not
+    the trained prompts: the check must not share the head's mistakes."""
+    if not proposals:
+        return []
+    feats, proposals = encode_crops(cfg, backbone, split, proposals, "reso-proposals", device)
+    g = torch.cat([feats.gather(torch.arange(i, min(i + 4096, len(feats))), ["g"])["g"].float()
+                   for i in range(0, len(feats), 4096)])
+    w = torch.nn.functional.normalize(text.float(), dim=-1)
+    scale = float(backbone.clip.logit_scale.detach().exp())
+    probs = (scale * torch.nn.functional.normalize(g, dim=-1) @ w.t()).softmax(-1)
+    return verified_crops(probs, [f[:3] for f in proposals], cfg)
+
+
+def add_evidence(targets: torch.Tensor, found: list, cfg) -> None:
+    """A verified proposal is evidence for the whole image: its class's soft target rises to at
+    least `reso_evidence` times the crop's probability (in place; paper crops carry none)."""
+    for f in found:
+        if len(f) > 3:
+            targets[f[0], f[1]] = max(float(targets[f[0], f[1]]), cfg.reso_evidence * f[3])
 
 
 def crop_precision(cfg, split: Split, found: list) -> float | None:
@@ -175,7 +239,7 @@ def crop_precision(cfg, split: Split, found: list) -> float | None:
     base = data.voc_root(cfg.data_root, year, cfg.train_split)
     grid = int(round(math.sqrt(split.feats.row_shapes["patches"][0])))
     names, hits = split.dataset.class_names, 0
-    for row, cls, patch_box in found:
+    for row, cls, patch_box, *_ in found:
         ann = data.read_voc_annotation(base / "Annotations" / f"{split.ids[row]}.xml")
         x0, y0, x1, y1 = crop_box(patch_box, grid, ann.width, ann.height, cfg.reso_margin)
         for o in ann.objects:
@@ -189,20 +253,20 @@ def crop_precision(cfg, split: Split, found: list) -> float | None:
 
 def build_reso_crops(cfg, backbone, train: Split, found: list, targets: torch.Tensor,
                      device: str) -> ResoCrops | None:
-    """Crop the small regions `found` [(row, class, patch box)] from the original images,
-    encode each crop once (cached), and return their training tensors."""
+    """Crop the small regions `found` [(row, class, patch box[, probability])] from the original
+    images, encode each crop once (cached), and return their training tensors. `targets` are the
+    images' caption targets, before any proposal's evidence (add_evidence)."""
     if not found:
         return None
     feats, found = encode_crops(cfg, backbone, train, found, "reso-crops", device)
-    parents = torch.tensor([b for b, _, _ in found], dtype=torch.int64)
-    cls = torch.tensor([c for _, c, _ in found], dtype=torch.int64)
-    # Crop targets: its class is present; what the captions never named in the parent is absent
-    # in the crop too; the parent's other positives may or may not be inside: not trained.
+    parents = torch.tensor([f[0] for f in found], dtype=torch.int64)
+    cls = torch.tensor([f[1] for f in found], dtype=torch.int64)
+    # Crop targets: its class is present (a verified proposal: as sure as CLIP was on the crop);
+    # what the captions never named in the parent is absent in the crop too; the parent's other
+    # positives may or may not be inside: not trained.
     crop_targets = torch.zeros(len(found), targets.shape[1])
-    crop_targets[torch.arange(len(found)), cls] = 1.0
-    crop_masks = (targets[parents] <= 0.05).float()
+    crop_targets[torch.arange(len(found)), cls] = torch.tensor([f[3] if len(f) > 3 else 1.0 for f in found])
+    crop_masks = (targets[parents].cpu() <= cfg.missing_threshold).float()
     crop_masks[torch.arange(len(found)), cls] = 1.0
     # On the device once: copied per batch from pageable memory, each step waited for the host.
     return ResoCrops(feats, crop_targets.to(device), crop_masks.to(device), cls.to(device), found)
-
-

@@ -119,7 +119,7 @@ def restore_state(state: dict, model, loop: Loop) -> list | None:
     random.setstate((version, tuple(internal), gauss))
     loop.epoch, loop.step, loop.total = int(meta["epoch"]), int(meta["step"]), int(meta["total"])
     found = json.loads(meta["reso_found"])
-    return [(row, cls, tuple(box)) for row, cls, box in found] if found else None
+    return [(f[0], f[1], tuple(f[2]), *f[3:]) for f in found] if found else None
 
 
 class MetricsLog:

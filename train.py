@@ -44,7 +44,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import bacgcn
 import checkpoints
@@ -53,6 +52,7 @@ import config
 import data
 import datasets
 import frozen_clip
+import losses
 import pipeline
 import reso
 import runs
@@ -68,21 +68,17 @@ REPORT_KEYS = ("mAP", "mAP_small", "mAP_large", "CF1", "OF1")   # the zero-shot 
 # --------------------------------------------------------------------------------------------
 
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, cfg, weight: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """BCE (or asymmetric loss) against soft targets; `mask` 0 drops an entry, `weight` scales rows."""
-    logits = logits.float()
-    if cfg.loss == "bce":
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    else:  # asymmetric loss (Ridnik et al.), soft targets: focusing only on the negative part
-        p = torch.sigmoid(logits)
-        loss = -(targets * F.logsigmoid(logits)
-                 + (1 - targets) * p.pow(cfg.asl_gamma_neg) * F.logsigmoid(-logits))
-    if mask is not None:
-        loss = loss * mask
+                    mask: torch.Tensor | None = None, missing_rate: float = 0.0,
+                    epoch: int | None = None) -> torch.Tensor:
+    """`cfg.loss` (losses.py) against soft targets; `mask` 0 drops an entry, `weight` scales rows;
+    `missing_rate` > 0 treats that share of the unmentioned entries as missing labels (cfg.large_loss);
+    `epoch` tells hill and splc whether their BCE warm-up is over."""
+    loss, kept = losses.large_loss(logits, targets, cfg, missing_rate, epoch)
+    mask = kept if mask is None else mask * kept
+    loss = loss * mask
     if weight is not None:
         loss = loss * weight[:, None]
-    denom = mask.sum() if mask is not None else torch.tensor(float(loss.numel()))
-    return loss.sum() / denom.clamp_min(1)
+    return loss.sum() / mask.sum().clamp_min(1)
 
 
 def make_optimizer(cfg, model) -> torch.optim.Optimizer:
@@ -107,18 +103,20 @@ def epoch_batches(cfg, num_images: int, crops: reso.ResoCrops | None, gen: torch
 
 
 def batch_loss(cfg, step_fn, kind: str, idx: torch.Tensor, x: dict[str, torch.Tensor], targets: torch.Tensor,
-               crops: reso.ResoCrops | None, dtype) -> torch.Tensor:
+               crops: reso.ResoCrops | None, dtype, epoch: int = 0) -> torch.Tensor:
     """Loss of one batch (`x`: its features, rows `idx` of the images or crops; `idx`, `targets`
-    and the crops' tensors on the device already)."""
+    and the crops' tensors on the device already). Missing labels are looked for on images only:
+    a crop's unmentioned entries are masked already."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = step_fn(x)
         if kind == "image":
-            return multilabel_loss(out["logits"], targets[idx], cfg)
+            return multilabel_loss(out["logits"], targets[idx], cfg, missing_rate=losses.large_loss_rate(cfg, epoch),
+                                   epoch=epoch)
         logits = out["logits"].float()
         cls = crops.classes[idx]
         p_own = torch.sigmoid(logits.gather(1, cls[:, None]))[:, 0].detach()
         weight = 1 + (1 - p_own).pow(cfg.reso_gamma)   # harder crops weigh more
-        return multilabel_loss(logits, crops.targets[idx], cfg, weight, crops.masks[idx])
+        return multilabel_loss(logits, crops.targets[idx], cfg, weight, crops.masks[idx], epoch=epoch)
 
 
 def wrap_for_training(cfg, model, device: str):
@@ -152,21 +150,35 @@ class TrainSet:
     targets: torch.Tensor            # [n, O] soft targets, rows in the cache's order
     hard: torch.Tensor               # [n, O] bool, hard pseudo labels (>= min_votes captions)
     num_classes: int
+    text: torch.Tensor | None = None  # [O, E] CLIP's own class embeddings, frozen: they verify ReSO's proposals
 
 
 def start_reso(cfg, model, backbone, trainset: TrainSet, targets: torch.Tensor, loop: runs.Loop, device: str,
                metrics_log: runs.MetricsLog) -> dict:
-    """ReSO's turn (epoch `reso_epoch`): find the small regions, encode their crops once, and
-    from now on train on them too. Returns {"crops", "crop_precision"} for the report."""
+    """ReSO's turn (epoch `reso_epoch`): find the small regions (and, with `reso_propose`, the
+    verified crops beyond the captions, whose evidence raises `targets` in place), encode their
+    crops once, and from now on train on them too. Returns what it did, for the report."""
     dtype = pipeline.compute_dtype(device, cfg.amp)
-    found = reso.find_small_regions(cfg, model, trainset.split, trainset.hard, trainset.num_classes, device, dtype)
-    loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found, targets, device)
+    found, proposals = reso.find_small_regions(cfg, model, trainset.split, trainset.hard, trainset.num_classes,
+                                               device, dtype)
+    t_encode = time.time()
+    text = trainset.text if cfg.reso_verify_backgrounds else trainset.text[:trainset.num_classes]
+    verified = reso.verify_proposals(cfg, backbone, trainset.split, proposals, text, device) if proposals else []
+    loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found + verified, targets, device)
+    reso.add_evidence(targets, verified, cfg)
+    done = {"crops": len(found), "crop_precision": reso.crop_precision(cfg, trainset.split, found),
+            "proposed": len(proposals), "proposal_precision": reso.crop_precision(cfg, trainset.split, proposals),
+            "verified": len(verified),
+            "verified_precision": reso.crop_precision(cfg, trainset.split, verified),
+            "crop_encode_seconds": round(time.time() - t_encode, 2)}
     loop.total = planned_steps(cfg, len(trainset.split.ids), loop)
-    precision = reso.crop_precision(cfg, trainset.split, found)
+    precision = done["crop_precision"]
     log(f"epoch {loop.epoch + 1}: ReSO found {len(found)} small regions to crop"
-        + ("" if precision is None else f", crop precision {precision:.1f}% (true boxes)"))
-    metrics_log.record({"epoch": loop.epoch, "reso_crops": len(found), "reso_crop_precision": precision}, loop.epoch)
-    return {"crops": len(found), "crop_precision": precision}
+        + ("" if precision is None else f", crop precision {precision:.1f}% (true boxes)")
+        + (f"; {len(verified)} of {len(proposals)} proposals beyond the captions verified" if proposals else "")
+        + f"; crops encoded in {done['crop_encode_seconds']:.1f} s")
+    metrics_log.record({"epoch": loop.epoch, **{f"reso_{k}": v for k, v in done.items()}}, loop.epoch)
+    return done
 
 
 def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_log: runs.MetricsLog,
@@ -186,6 +198,7 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
     if resume is not None:
         found = runs.restore_state(resume, model, loop)
         loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found, targets, device) if found else None
+        reso.add_evidence(targets, found or [], cfg)
     step_fn = wrap_for_training(cfg, model, device)
     while loop.epoch < cfg.epochs:
         if cfg.use_reso and loop.epoch == cfg.reso_epoch:
@@ -202,7 +215,7 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
             for count, ((kind, _), x) in enumerate(zip(batches, stream), 1):
                 for g, lr in zip(opt.param_groups, loop.base_lr):
                     g["lr"] = lr * pipeline.warmup_cosine(loop.step, loop.warmup, loop.total)
-                loss = batch_loss(cfg, step_fn, kind, on_device[count - 1], x, targets, loop.crops, dtype)
+                loss = batch_loss(cfg, step_fn, kind, on_device[count - 1], x, targets, loop.crops, dtype, loop.epoch)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), loop.step + 1, first_bad)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -327,7 +340,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
         with open(metrics_path, "a" if resume else "w") as metrics_file:
             metrics_log = runs.MetricsLog(metrics_file, tracker)
             t_train = time.time()                                                   # 4
-            reso_done = train_epochs(cfg, model, backbone, TrainSet(train, targets, hard, num_classes), device,
+            reso_done = train_epochs(cfg, model, backbone, TrainSet(train, targets, hard, num_classes, prompts), device,
                                      metrics_log, save_after_epoch if main_process else None, resume)
             train_s = time.time() - t_train
             logits = pipeline.predict(model, test.feats, device, dtype)             # 5

@@ -1,6 +1,6 @@
 """Every component's contribution on the proving ground, between a floor and a ceiling.
 
-  python bench/ablation.py [--seed S] [--json out.json] [--validation] [--key=value ...]
+  python bench/ablation.py [--seed S] [--json out.json] [--validation] [--reuse old.json] [--key=value ...]
 
 Rows, each adding one component to the row above, then the floor and the ceiling:
   zero-shot        CLIP's global embedding, untrained
@@ -8,7 +8,11 @@ Rows, each adding one component to the row above, then the floor and the ceiling
   + local          + the Similarity Kernel's local logits
   + GCN            + CLIP-GCN over the classes
   + backgrounds    + background categories (nodes, prompts, targets)
-  + ReSO           + ReSO: the full method
+  + ReSO           + ReSO: the paper's full method
+  + proposals ...  ours beyond the paper, each added to the row above (config.BEYOND_THE_PAPER, the
+                   switches of the synthetic-tiny-beyond preset; the last such row is the new method)
+  ... (lost)       a candidate that lost on world 100's validation split, added to `+ ReSO` (the
+                   paper's method, where it was judged; --validation only: that split judged it)
   linear probe     one linear layer on [g, max-pooled patches], on the same soft pseudo labels
   linear probe (true labels)   the same probe on the true labels: what the labels alone are worth
   oracle           the full method trained on the true labels: this head's ceiling on these features
@@ -16,6 +20,8 @@ Columns: mAP, mAP_small, mAP_large on the world's test split; with --validation,
 trainval held out (ImageSets/Main/fit.txt and val.txt, written once) and trained on the rest:
 the split every setting was tuned on, so that no test split chooses anything.
 The world of seed S is built under runs/ if absent; extra --key=value options go to every run.
+--reuse takes every row an earlier result of the same seed and split holds (rows whose code
+path has not changed since) and runs only the rest; the JSON lists which rows were reused.
 """
 from __future__ import annotations
 
@@ -45,8 +51,17 @@ STEPS = (
     ("+ backgrounds", dict(_FULL, use_reso=False)),
     ("+ ReSO", _FULL),
 )
+# Ours beyond the paper: the row that adds each switch of config.BEYOND_THE_PAPER, in its order.
+BEYOND_NAMES = {"reso_propose": "+ proposals", "local_bypass": "+ local bypass", "loss": "+ missing-label loss",
+                "large_loss": "+ large-loss rule"}
+BEYOND_STEPS = tuple((BEYOND_NAMES[k], dict(_FULL, **dict(list(config.BEYOND_THE_PAPER.items())[:i + 1])))
+                     for i, k in enumerate(config.BEYOND_THE_PAPER))
+NEW_METHOD = BEYOND_STEPS[-1][0]
+# Candidates that lost on world 100's validation split, each added to the paper's method: rows that say so.
+LOST = tuple((f"{name} (lost)", dict(_FULL, **switches)) for name, switches in config.LOST_CANDIDATES)
 ORACLE = dict(_FULL, train_labels="true")
-ROW_NAMES = ("zero-shot", *(name for name, _ in STEPS), "linear probe", "linear probe (true labels)", "oracle")
+ROW_NAMES = ("zero-shot", *(name for name, _ in STEPS + BEYOND_STEPS + LOST), "linear probe",
+             "linear probe (true labels)", "oracle")
 COLUMNS = ("mAP", "mAP_small", "mAP_large")
 VALIDATION_SHARE = 0.2
 
@@ -82,41 +97,59 @@ def probe_rows(cfg: config.BACGCNConfig, probe: ProbeConfig) -> dict[str, dict]:
 
 
 def checks(rows: dict[str, dict]) -> dict:
-    """The issue's targets, computed from one seed's rows."""
+    """The issues' targets, computed from one seed's rows: the paper's method (`+ ReSO`) and,
+    where its row is there, the new method (issue 26)."""
     zero, full, oracle = rows["zero-shot"]["mAP"], rows["+ ReSO"]["mAP"], rows["oracle"]["mAP"]
     steps = [name for name, _ in STEPS][1:]
     drops = [rows[b]["mAP"] - rows[a]["mAP"] for a, b in zip(steps, steps[1:])]
-    return {"gap_closed": (full - zero) / (oracle - zero) if oracle != zero else float("nan"),
-            "oracle_above_zero_shot": oracle - zero,
-            "worst_step_from_local": min(drops),
-            "reso_small_gain": rows["+ ReSO"]["mAP_small"] - rows["+ backgrounds"]["mAP_small"],
-            "full_minus_linear_probe": full - rows["linear probe"]["mAP"],
-            "labels_room": rows["linear probe (true labels)"]["mAP"] - rows["linear probe"]["mAP"]}
+    out = {"gap_closed": (full - zero) / (oracle - zero) if oracle != zero else float("nan"),
+           "oracle_above_zero_shot": oracle - zero,
+           "worst_step_from_local": min(drops),
+           "reso_small_gain": rows["+ ReSO"]["mAP_small"] - rows["+ backgrounds"]["mAP_small"],
+           "full_minus_linear_probe": full - rows["linear probe"]["mAP"],
+           "labels_room": rows["linear probe (true labels)"]["mAP"] - rows["linear probe"]["mAP"]}
+    if NEW_METHOD in rows:
+        new = rows[NEW_METHOD]
+        out.update({"new_minus_linear_probe": new["mAP"] - rows["linear probe"]["mAP"],
+                    "new_small_over_backgrounds": new["mAP_small"] - rows["+ backgrounds"]["mAP_small"],
+                    "new_large_minus_paper": new["mAP_large"] - rows["+ ReSO"]["mAP_large"],
+                    "new_gap_closed": (new["mAP"] - zero) / (oracle - zero) if oracle != zero else float("nan")})
+    return out
 
 
-def ablation(seed: int, overrides: list[str], validation: bool = False, probe: ProbeConfig = ProbeConfig()) -> dict:
+def ablation(seed: int, overrides: list[str], validation: bool = False, probe: ProbeConfig = ProbeConfig(),
+             reuse: dict | None = None) -> dict:
     base, _ = config.parse_overrides(["--preset=synthetic-tiny", f"--seed={seed}", *overrides])
     base = pipeline.resolve_paths(base)
     if validation:
         fit, val = carve_validation(Path(base.data_root), seed)
         base = base.replace(train_split=fit, test_split=val)
     folder = ROOT / "runs" / f"ablation-seed{seed}{'-val' if validation else ''}"
-    rows, extra, quality = {}, {}, {}
-    for k, (name, switches) in enumerate([*STEPS, ("oracle", ORACLE)], start=1):
+    split = f"{base.train_split} -> {base.test_split}"
+    if reuse is not None and (reuse.get("seed"), reuse.get("split")) != (seed, split):
+        raise ValueError(f"--reuse: that result is of seed {reuse.get('seed')} ({reuse.get('split')}), "
+                         f"not seed {seed} ({split})")
+    earlier = {r["name"]: {c: r[c] for c in COLUMNS} for r in (reuse or {}).get("rows", [])}
+    rows = {n: r for n, r in earlier.items() if n in ROW_NAMES}
+    extra, quality = dict((reuse or {}).get("reso", {})), (reuse or {}).get("caption_quality", {})
+    for k, (name, switches) in enumerate([*STEPS, *BEYOND_STEPS, *LOST, ("oracle", ORACLE)], start=1):
+        if name in rows or (not validation and (name, switches) in LOST):
+            continue
         cfg = base.replace(**switches, out=str(folder / f"row{k}"))
         print(f"== seed {seed}: {name}", flush=True)
         report = train.run(cfg, "synthetic-tiny", overwrite=True)
-        if not rows:
+        if "zero-shot" not in rows:
             rows["zero-shot"] = {c: report["zeroshot"].get(c) for c in COLUMNS}
             quality = report["caption_quality"]
         rows[name] = {c: report.get(c) for c in COLUMNS}
         if report.get("reso"):
             extra[name] = report["reso"]
-    print(f"== seed {seed}: linear probes", flush=True)
-    rows.update(probe_rows(base.replace(**_FULL), probe))
-    result = {"seed": seed, "split": f"{base.train_split} -> {base.test_split}", "caption_quality": quality,
-              "rows": [{"name": n, **{c: rows[n].get(c) for c in COLUMNS}} for n in ROW_NAMES],
-              "checks": checks(rows), "reso": extra}
+    if not {"linear probe", "linear probe (true labels)"} <= set(rows):
+        print(f"== seed {seed}: linear probes", flush=True)
+        rows.update(probe_rows(base.replace(**_FULL), probe))
+    result = {"seed": seed, "split": split, "caption_quality": quality,
+              "rows": [{"name": n, **{c: rows[n].get(c) for c in COLUMNS}} for n in ROW_NAMES if n in rows],
+              "checks": checks(rows), "reso": extra, "reused": sorted(set(earlier) & set(ROW_NAMES))}
     return json_safe(result)
 
 
@@ -136,8 +169,10 @@ def main(argv=None) -> int:
                                        "mAP_large}], checks, reso} here")
     parser.add_argument("--validation", action="store_true",
                         help="train on four fifths of trainval, score on the fifth held out (for tuning)")
+    parser.add_argument("--reuse", help="an earlier --json of the same seed and split: its rows are not run again")
     args, overrides = parser.parse_known_args(argv)
-    result = ablation(args.seed, overrides, args.validation)
+    reuse = data.read_json(args.reuse, "--reuse") if args.reuse else None
+    result = ablation(args.seed, overrides, args.validation, reuse=reuse)
     print_table(result)
     if args.json:
         write_json(args.json, result)

@@ -10,6 +10,8 @@ Rows (peers.py holds the methods, their papers, equations and deviations):
   CDUL-style       crop-aggregated CLIP pseudo labels, a linear classifier trained with label updates
   linear probe     one linear layer on [g, max-pooled patches], on the caption pseudo labels
   BAC-GCN          the full method (train.py with the same config)
+  BAC-GCN beyond   the same with ours beyond the paper on (config.BEYOND_THE_PAPER: ReSO proposals
+                   beyond the captions verified on the crop, ...; the *-beyond presets)
 Columns: mAP, CF1, OF1 (training-free rows at their threshold setting, trained ones at p = 0.5),
 mAP_small and mAP_large (proving ground only), seconds (wall clock of the row once the images'
 features are cached, its own crops' encoding included), trained (whether it fits parameters).
@@ -43,7 +45,9 @@ import pipeline  # noqa: E402
 import train  # noqa: E402
 from metrics import best_f1  # noqa: E402
 
-ROWS = ("CLIP zero-shot", "TagCLIP-style", "PIAA-style", "CDUL-style", "linear probe", "BAC-GCN")
+ROWS = ("CLIP zero-shot", "TagCLIP-style", "PIAA-style", "CDUL-style", "linear probe", "BAC-GCN", "BAC-GCN beyond")
+# The trained rows of this trainer: the paper's method and the same with ours beyond the paper on.
+TRAINER_ROWS = {"BAC-GCN": {}, "BAC-GCN beyond": config.BEYOND_THE_PAPER}
 # The configurable peers: their settings (the defaults chosen on world 100's validation split) and methods
 PEERS = {"TagCLIP-style": (peers.TagCLIPConfig(), peers.tagclip), "PIAA-style": (peers.PIAAConfig(), peers.piaa),
          "CDUL-style": (peers.CDULConfig(), peers.cdul)}
@@ -116,14 +120,15 @@ def peer_rows(ctx: peers.Context, labels: pipeline.CaptionLabels, names=ROWS, pr
     for name in names:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
-        if name == "BAC-GCN":
-            report = train.run(ctx.cfg.replace(out=str(Path(ctx.cfg.out) / "bacgcn")), preset, overwrite=True)
+        if name in TRAINER_ROWS:
+            folder = str(Path(ctx.cfg.out) / name.lower().replace("-", "").replace(" ", "-"))
+            report = train.run(ctx.cfg.replace(out=folder, **TRAINER_ROWS[name]), preset, overwrite=True)
             row = {k: report.get(k) for k in COLUMNS}
         else:
             scores, threshold = runners[name]()
             row = {k: v for k, v in _scored(ctx, scores, threshold).items() if k in COLUMNS}
         out[name] = {**{k: row.get(k) for k in COLUMNS}, "seconds": round(time.perf_counter() - t0, 1),
-                     "trained": name in ("CDUL-style", "linear probe", "BAC-GCN")}
+                     "trained": name in ("CDUL-style", "linear probe", *TRAINER_ROWS)}
     return out
 
 

@@ -25,8 +25,18 @@ def _cfg(world, **kw):
 
 
 def test_rows_are_the_issue_rows():
+    beyond = tuple(name for name, _ in ablation.BEYOND_STEPS + ablation.LOST)
     assert ablation.ROW_NAMES == ("zero-shot", "trained global", "+ local", "+ GCN", "+ backgrounds", "+ ReSO",
-                                  "linear probe", "linear probe (true labels)", "oracle")
+                                  *beyond, "linear probe", "linear probe (true labels)", "oracle")
+    # beyond the paper: each row adds one switch of config.BEYOND_THE_PAPER to the row above, and the
+    # paper's presets leave them all off (the paper's method stays one flag away)
+    previous = ablation.STEPS[-1][1]
+    for (_, switches), key in zip(ablation.BEYOND_STEPS, config.BEYOND_THE_PAPER):
+        assert {k for k in switches if switches[k] != previous.get(k, getattr(config.BACGCNConfig, k))} == {key}
+        previous = switches
+    for name, values in config.PRESETS.items():
+        on = {k for k, v in config.BEYOND_THE_PAPER.items() if values.get(k, getattr(config.BACGCNConfig, k)) == v}
+        assert on == (set(config.BEYOND_THE_PAPER) if name.endswith("-beyond") else set()), name
     switches = [s for _, s in ablation.STEPS]
     # each step turns exactly one component on, in order; the oracle differs from the full method in labels only
     order = ["use_local", "use_gcn", "use_backgrounds", "use_reso"]
@@ -82,7 +92,8 @@ def test_linear_probe_reads_g_and_max_pooled_patches():
 
 
 def test_checks_measure_the_targets():
-    names = ablation.ROW_NAMES
+    names = ("zero-shot", "trained global", "+ local", "+ GCN", "+ backgrounds", "+ ReSO", "linear probe",
+             "linear probe (true labels)", "oracle")
     maps = dict(zip(names, (70.0, 74.0, 75.0, 76.0, 75.9, 77.0, 76.0, 78.5, 80.0)))
     rows = {n: {"mAP": maps[n], "mAP_small": 40.0, "mAP_large": 90.0} for n in names}
     rows["+ ReSO"]["mAP_small"] = 44.0
@@ -93,6 +104,13 @@ def test_checks_measure_the_targets():
     assert checks["reso_small_gain"] == pytest.approx(4.0)
     assert checks["full_minus_linear_probe"] == pytest.approx(1.0)
     assert checks["labels_room"] == pytest.approx(2.5)
+    assert "new_minus_linear_probe" not in checks            # no row of the new method: the paper's checks only
+    rows[ablation.NEW_METHOD] = {"mAP": 78.5, "mAP_small": 46.0, "mAP_large": 89.8}
+    checks = ablation.checks(rows)
+    assert checks["new_minus_linear_probe"] == pytest.approx(2.5)
+    assert checks["new_small_over_backgrounds"] == pytest.approx(6.0)
+    assert checks["new_large_minus_paper"] == pytest.approx(-0.2)
+    assert checks["new_gap_closed"] == pytest.approx(0.85)
 
 
 def test_probe_rows_fit_pseudo_and_true_labels(world):

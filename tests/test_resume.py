@@ -22,12 +22,20 @@ def _args(world, cache, out, *more):
             "--reso-epoch=1", "--reso-eps=0.5", "--batch-size=16", "--log-every=5", *more]
 
 
-def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(world, tmp_path):
+# Ours beyond the paper: verified proposals carry a probability in the run state and raise the
+# image targets again on resume (every proposal kept here, so that some are surely verified).
+PROPOSALS = ("--reso-propose=true", "--reso-propose-quantile=0", "--reso-verify-min=0")
+
+
+@pytest.mark.parametrize("more", [(), PROPOSALS], ids=["paper", "proposals"])
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(world, tmp_path, more):
     cache = tmp_path / "cache"
-    whole = launch_train(*_args(world, cache, tmp_path / "whole"))
+    whole = launch_train(*_args(world, cache, tmp_path / "whole", *more))
     assert whole.wait() == 0, whole.communicate()[1][-2000:]
+    if more:
+        assert json.loads((tmp_path / "whole" / "report.json").read_text())["reso"]["verified"] > 0
     # killed after epoch 2, once ReSO's crops exist, so the state must carry them
-    killed = launch_train(*_args(world, cache, tmp_path / "killed"))
+    killed = launch_train(*_args(world, cache, tmp_path / "killed", *more))
     stop_after(killed, tmp_path / "killed", 2, signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "ckpt.safetensors").exists(), "finished before the kill: nothing was tested"
