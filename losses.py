@@ -5,7 +5,7 @@ not known to be absent (they name under half of the small objects).
   loss, mask = large_loss(logits, targets, cfg, rate)  # LL-R / LL-Ct on the unmentioned entries
 
 Its own file because these are pure functions of (logits, targets, settings), each checked
-against a hand-computed case (tests/test_losses.py), and because train.py is capped at 500
+against a hand-computed case (tests/test_missing_labels.py), and because train.py is capped at 500
 lines with its loop meant to be read top to bottom. Implemented from the papers' definitions:
 - asymmetric loss, negative focusing only (Ridnik et al., ICCV 2021);
 - Hill and SPLC (Zhang et al., "Simple and Robust Loss Design for Multi-Label Learning with
