@@ -183,8 +183,7 @@ class FeatureCache:
             shard_ids.clear()
 
         for batch_ids, _, out in encode_images(dataset, encode, batch_size, workers, device, desc, pin_memory):
-            for k, v in out.items():
-                buffer.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
+            keep_rows(buffer, out)
             ids.extend(batch_ids)
             shard_ids.extend(batch_ids)
             rows = sum(len(x) for x in next(iter(buffer.values())))
@@ -229,8 +228,7 @@ class FeatureCache:
             subset = torch.utils.data.Subset(dataset, [where[i] for i in wanted])
             for batch_ids, _, out in encode_images(subset, encode, batch_size, workers, device, f"re-encoding {name}"):
                 got += batch_ids
-                for k, v in out.items():
-                    fields.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
+                keep_rows(fields, out)
             if got != wanted:
                 return False
             new[s] = ({k: torch.cat(v) for k, v in fields.items()}, wanted)
@@ -249,6 +247,14 @@ class FeatureCache:
             for k in index:
                 index[k] += piece[k]
         write_json(self.dir / "meta.json", {**index, "spec": self.spec}, indent=None)
+
+
+def keep_rows(fields: dict[str, list], out: dict) -> None:
+    """A batch's encoder outputs appended to `fields`, as a shard stores them: bf16, on the CPU."""
+    import torch
+
+    for k, v in out.items():
+        fields.setdefault(k, []).append(v.detach().to("cpu", torch.bfloat16))
 
 
 def _unlink_link(path: Path) -> None:

@@ -575,8 +575,6 @@ def _image_entries(paths: Sequence[Path]) -> tuple[list[Path], Counter]:
     it and it is counted with the skipped images. Left out, counted by kind and never opened: a
     folder, a FIFO (reading it would wait forever), a device (reading /dev/zero never ends), a
     socket, or a link to one of them. Only stat is called on them."""
-    import stat
-
     kept, left_out = [], Counter()
     for path in paths:
         if path.suffix.lower() not in IMAGE_SUFFIXES:

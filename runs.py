@@ -207,8 +207,9 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int | No
             release_run_folder(out_dir, lock)
             raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, --overwrite "
                                           "replaces it")
-        for name in RUN_FILES[:-1]:
-            (out_dir / name).unlink(missing_ok=True)
+        for name in RUN_FILES:
+            if name != LOCK_FILE:                      # this run's own, held
+                (out_dir / name).unlink(missing_ok=True)
         if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             release_run_folder(out_dir, lock)
             raise data.DataError(out_dir, "--overwrite: the folder holds files train.py did not write; "
