@@ -93,16 +93,16 @@ def announce(cfg, given: dict) -> None:
           f"({source('cache_dir')}{'' if given.get('cache_dir') else ', read only'})", flush=True)
 
 
-def read_only_cache(cfg, backbone, dataset):
-    """A cache dir named by a checkpoint is only read, never written: when it lacks this split's
-    features, or holds them damaged, they are encoded into the default cache of the current
-    folder instead (a damaged cache is rebuilt where it lies only when it is the user's own)."""
+def read_only_cache(cfg, spec: dict, what: str):
+    """A cache dir named by a checkpoint is only read, never written: when it lacks the features
+    of `spec` (`what`: a split, or the test-time pass's crops of one), or holds them damaged, they
+    are encoded into the default cache of the current folder instead (a damaged cache is rebuilt
+    where it lies only when it is the user's own)."""
     import config
-    import pipeline
     from cache import FeatureCache
 
-    cache = FeatureCache(cfg.cache_dir, pipeline.feature_spec(cfg, backbone, dataset, "images"))
-    problem = cache.problem() if cache.complete else f"lacks {dataset.name}"
+    cache = FeatureCache(cfg.cache_dir, spec)
+    problem = cache.problem() if cache.complete else f"lacks {what}"
     if problem is None:
         return cfg
     local = str(Path(config.BACGCNConfig.cache_dir).resolve())
@@ -128,9 +128,11 @@ def open_model(path: str, overrides: dict, weights_format: str, split: str | Non
 
 def checkpoint_logits(path: str, split: str | None = None, overrides: dict | None = None,
                       weights_format: str = "auto"):
-    """(config, classes, split features, logits [n, O], metadata) of a checkpoint on a split of its dataset."""
+    """(config, classes, split features, logits [n, O], metadata) of a checkpoint on a split of its
+    dataset; with the test-time small-object pass when its config turns it on (`test_crops`)."""
     import datasets
     import pipeline
+    import reso
 
     given = overrides or {}
     model = open_model(path, given, weights_format, split)
@@ -141,19 +143,24 @@ def checkpoint_logits(path: str, split: str | None = None, overrides: dict | Non
                               f"the data at {cfg.data_root} has {len(dataset.class_names)} "
                               f"({', '.join(dataset.class_names[:3])}, ...)")
     if not given.get("cache_dir"):
-        cfg = read_only_cache(cfg, model.backbone, dataset)
+        cfg = read_only_cache(cfg, pipeline.feature_spec(cfg, model.backbone, dataset, "images"), dataset.name)
     test = pipeline.cached_features(cfg, model.backbone, dataset, model.device)
     logits = pipeline.predict(model.head, test.feats, model.device, model.dtype)
+    logits, _ = reso.small_object_pass(cfg, model.head, model.backbone, test, logits, model.device,
+                                       None if given.get("cache_dir") else read_only_cache)
     return cfg, classes, test, logits, model.metadata
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
                         difficult: str = "ignore", clip_weights: str | None = None, cache_dir: str | None = None,
-                        clip_weights_format: str = "auto", workers: int | None = None) -> dict:
-    """Rebuild the model from the checkpoint alone and evaluate it on a split."""
+                        clip_weights_format: str = "auto", workers: int | None = None,
+                        test_crops: int | None = None) -> dict:
+    """Rebuild the model from the checkpoint alone and evaluate it on a split (`test_crops`: the
+    test-time pass's crops per image, default the checkpoint's)."""
     import pipeline
 
-    overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir, "workers": workers}
+    overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir, "workers": workers,
+                 "test_crops": test_crops}
     cfg, classes, test, logits, meta = checkpoint_logits(path, split, overrides, clip_weights_format)
     result = pipeline.evaluate_split(cfg, logits, test, len(classes), difficult)
     result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
@@ -200,6 +207,43 @@ def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: in
     return out
 
 
+def folder_crops(cfg, crops: list):
+    """predict_dataset's `on_maps` for the test-time pass: appends (row, class, patch box, grid)
+    of each image's small regions around its maps' peaks (reso.peak_crops) to `crops`."""
+    import reso
+
+    def on_maps(first_row: int, sim) -> None:
+        crops.extend((first_row + b, c, box, sim.shape[1]) for b, c, box in reso.peak_crops(sim, cfg))
+    return on_maps
+
+
+def folder_small_object_pass(model, dataset, ids: list[str], logits: np.ndarray, crops: list) -> np.ndarray:
+    """The test-time pass over a folder (reso.small_object_pass without the feature cache, as the
+    folder's images): each crop cut from the photo, encoded, scored by the head, fused."""
+    import torch
+
+    import pipeline
+    import reso
+    from cache import encode_images
+
+    if not crops:
+        return logits
+    cfg, grid = model.cfg, int(round(crops[0][3] ** 0.5))
+    index = {s.id: k for k, s in enumerate(dataset.samples)}
+    crop_ds = reso.CropImages(dataset, [(index[ids[row]], c, box) for row, c, box, _ in crops],
+                              model.backbone.image_size, grid, cfg.reso_margin)
+    crop_logits = np.zeros((len(crops), logits.shape[1]), dtype=np.float32)
+    read = []
+    with torch.no_grad():
+        for _, rows, feats in encode_images(crop_ds, lambda x: pipeline.encode_features(model.backbone, x, cfg),
+                                            batch_size=pipeline.CACHE_BATCH, workers=cfg.workers,
+                                            device=model.device, desc="test-time crops"):
+            rows = [int(r) for r in rows]
+            crop_logits[rows] = model.head(pipeline.head_inputs(feats, model.dtype))["logits"].float().cpu().numpy()
+            read.extend(rows)
+    return reso.fuse_crop_logits(logits, [crops[k][:3] for k in read], crop_logits[read], cfg.test_crop_weight)
+
+
 def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None,
                overrides: dict | None = None, weights_format: str = "auto") -> dict:
     """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV. A photo is
@@ -209,9 +253,12 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     target = check_out(out, "--images")
     dataset = image_files(images, upright=True)     # before the model: a mistyped path fails at once
     model = open_model(checkpoint, overrides or {}, weights_format)
-    ids, logits = model.predict_dataset(dataset)
+    crops: list = []                                 # the test-time pass's, where the checkpoint has it on
+    ids, logits = model.predict_dataset(dataset, on_maps=folder_crops(model.cfg, crops) if model.cfg.test_crops
+                                        else None)
     if not ids:
         raise DataError(images, f"none of its {len(dataset)} image files could be read")
+    logits = folder_small_object_pass(model, dataset, ids, logits, crops)
     check_finite_scores(checkpoint, ids, logits)
     classes = model.classes
     probs = sigmoid(logits[:, :len(classes)])
@@ -335,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=integer_from(0), metavar="N",
                         help="image-reading processes for the feature cache and --images (default: "
                              "the checkpoint's; 0 reads in this process)")
+    parser.add_argument("--test-crops", type=integer_from(0), metavar="N",
+                        help="with a checkpoint (evaluating, or tagging --images): the test-time small-object "
+                             "pass's crops per image (default: the checkpoint's; 0 turns it off)")
     parser.add_argument("--scores", help="predictions CSV (image_id + one column per class; a 'tags' column is "
                                          "skipped)")
     parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
@@ -378,7 +428,7 @@ def after_training(args: argparse.Namespace) -> bool:
         return True
     if not args.checkpoint:
         raise DataError(chosen[0], "needs a checkpoint (eval.py ckpt.safetensors " + chosen[0] + " ...)")
-    overrides = {"clip_weights": args.clip_weights, "workers": args.workers}
+    overrides = {"clip_weights": args.clip_weights, "workers": args.workers, "test_crops": args.test_crops}
     if args.images:
         done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k, overrides,
                           args.clip_weights_format)
@@ -408,7 +458,8 @@ def evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         check_writable(args.cache_dir, "--cache-dir", folder=True)
     if args.checkpoint:
         report = evaluate_checkpoint(args.checkpoint, args.data_root, args.split, args.difficult,
-                                     args.clip_weights, args.cache_dir, args.clip_weights_format, args.workers)
+                                     args.clip_weights, args.cache_dir, args.clip_weights_format, args.workers,
+                                     args.test_crops)
         report["threshold"] = 0.0
         print_checkpoint_report(report, args.difficult)
     else:

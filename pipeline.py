@@ -604,9 +604,9 @@ def head_inputs(feats: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor
 def open_checkpoint(path: str, overrides: dict | None = None, weights_format: str = "auto",
                     split: str | None = None) -> tuple[config.BACGCNConfig, list[str], list[str], dict, dict]:
     """(config, classes, categories, tensors, metadata) of a checkpoint (every check of
-    checkpoints.read_checkpoint), with `overrides` of its recorded paths (clip_weights,
-    data_root, cache_dir, workers; None or '' keep the recorded one), the weights format of the
-    caller, never the checkpoint's (a file may name a TorchScript archive, but only the user can
+    checkpoints.read_checkpoint), with `overrides` of its recorded paths (clip_weights, data_root,
+    cache_dir, workers) and its test-time pass (test_crops; None or '' keep the recorded one), the
+    weights format of the caller, never the checkpoint's (a file may name a TorchScript archive, but only the user can
     ask for it to be run), and `split` as the split to evaluate (default: its test split)."""
     cfg, classes, categories, tensors, meta = checkpoints.read_checkpoint(path)
     split = split or cfg.test_split
@@ -667,10 +667,14 @@ class TrainedModel:
         return torch.sigmoid(self.logits(images)[:, :len(self.classes)]).numpy()
 
     @torch.no_grad()
-    def predict_dataset(self, dataset: data.MultiLabelImages, desc: str = "tagging") -> tuple[list[str], np.ndarray]:
+    def predict_dataset(self, dataset: data.MultiLabelImages, desc: str = "tagging",
+                        on_maps=None) -> tuple[list[str], np.ndarray]:
         """(ids, logits [n, O]) of the readable images of `dataset`, encoded in batches with a
         progress bar and no feature cache (a folder is scored once). Corrupt files are skipped
-        and counted by `cache.encode_images`; the ids say which images the rows are."""
+        and counted by `cache.encode_images`; the ids say which images the rows are.
+        `on_maps(first_row, sim [B, N, C])`, where given, sees each batch's class maps while they
+        are at hand (eval.py's test-time pass picks its crops there); `first_row` is the batch's
+        first row of the returned arrays."""
         cfg, device = self.cfg, self.device
         head = torch.compile(self.head) if cfg.compile and device.startswith("cuda") else self.head   # as in training
         dataset.transform = image_transform(self.backbone.image_size)
@@ -679,7 +683,10 @@ class TrainedModel:
             for batch_ids, _, feats in encode_images(
                     dataset, lambda x: encode_features(self.backbone, x, cfg), batch_size=CACHE_BATCH,
                     workers=cfg.workers, device=device, desc=desc, pin_memory=device.startswith("cuda")):
-                logits.append(head(head_inputs(feats, self.dtype))["logits"].float().cpu())
+                out = head(head_inputs(feats, self.dtype))
+                logits.append(out["logits"].float().cpu())
+                if on_maps is not None:
+                    on_maps(len(ids), out["sim"][:, :, :len(self.classes)].float().cpu())
                 ids.extend(batch_ids)
         finally:
             dataset.transform = None

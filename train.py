@@ -163,7 +163,8 @@ def start_reso(cfg, model, backbone, trainset: TrainSet, targets: torch.Tensor, 
                                                device, dtype)
     t_encode = time.time()
     text = trainset.text if cfg.reso_verify_backgrounds else trainset.text[:trainset.num_classes]
-    verified = reso.verify_proposals(cfg, backbone, trainset.split, proposals, text, device) if proposals else []
+    verified = (reso.verify_proposals(cfg, backbone, trainset.split, proposals, text, device, model)
+                if proposals else [])
     loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found + verified, targets, device)
     reso.add_evidence(targets, verified, cfg)
     done = {"crops": len(found), "crop_precision": reso.crop_precision(cfg, trainset.split, found),
@@ -344,6 +345,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
                                      metrics_log, save_after_epoch if main_process else None, resume)
             train_s = time.time() - t_train
             logits = pipeline.predict(model, test.feats, device, dtype)             # 5
+            logits, test_pass = reso.small_object_pass(cfg, model, backbone, test, logits, device)
             result = pipeline.evaluate_split(cfg, logits, test, num_classes)
             metrics_log.record({"test": {k: v for k, v in result.items() if k != "AP"}}, None)
     except KeyboardInterrupt as e:             # Ctrl-C, or SIGTERM (cli.Interrupted)
@@ -359,7 +361,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
                    "caption_quality": labels.quality, "classes_no_caption_names": unnamed,
-                   "reso": reso_done, "train_seconds": round(train_s, 3),
+                   "reso": reso_done, "test_pass": test_pass, "train_seconds": round(train_s, 3),
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})

@@ -52,8 +52,9 @@ STEPS = (
     ("+ ReSO", _FULL),
 )
 # Ours beyond the paper: the row that adds each switch of config.BEYOND_THE_PAPER, in its order.
-BEYOND_NAMES = {"reso_propose": "+ proposals", "local_bypass": "+ local bypass", "loss": "+ missing-label loss",
-                "large_loss": "+ large-loss rule"}
+BEYOND_NAMES = {"reso_propose": "+ proposals", "reso_propose_peak": "+ peak regions",
+                "reso_propose_side": "+ close-ups", "test_crops": "+ test-time crops",
+                "local_bypass": "+ local bypass", "loss": "+ missing-label loss", "large_loss": "+ large-loss rule"}
 BEYOND_STEPS = tuple((BEYOND_NAMES[k], dict(_FULL, **dict(list(config.BEYOND_THE_PAPER.items())[:i + 1])))
                      for i, k in enumerate(config.BEYOND_THE_PAPER))
 NEW_METHOD = BEYOND_STEPS[-1][0]
@@ -142,8 +143,9 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
             rows["zero-shot"] = {c: report["zeroshot"].get(c) for c in COLUMNS}
             quality = report["caption_quality"]
         rows[name] = {c: report.get(c) for c in COLUMNS}
-        if report.get("reso"):
-            extra[name] = report["reso"]
+        if report.get("reso") or report.get("test_pass"):
+            extra[name] = {**(report.get("reso") or {}),
+                           **{f"test_{k}": v for k, v in (report.get("test_pass") or {}).items()}}
     if not {"linear probe", "linear probe (true labels)"} <= set(rows):
         print(f"== seed {seed}: linear probes", flush=True)
         rows.update(probe_rows(base.replace(**_FULL), probe))
@@ -155,9 +157,10 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
 
 def print_table(result: dict) -> None:
     print(f"\nseed {result['seed']} ({result['split']})")
-    print(f"{'':<28}" + "".join(f"{c:>11}" for c in COLUMNS))
+    width = max(28, *(len(row["name"]) + 2 for row in result["rows"]))
+    print(f"{'':<{width}}" + "".join(f"{c:>11}" for c in COLUMNS))
     for row in result["rows"]:
-        print(f"{row['name']:<28}" + "".join(f"{row[c]:>11.2f}" if row[c] is not None else f"{'n/a':>11}"
+        print(f"{row['name']:<{width}}" + "".join(f"{row[c]:>11.2f}" if row[c] is not None else f"{'n/a':>11}"
                                              for c in COLUMNS))
     print("  ".join(f"{k} {v:.3f}" for k, v in result["checks"].items()))
 

@@ -11,7 +11,8 @@ Rows (peers.py holds the methods, their papers, equations and deviations):
   linear probe     one linear layer on [g, max-pooled patches], on the caption pseudo labels
   BAC-GCN          the full method (train.py with the same config)
   BAC-GCN beyond   the same with ours beyond the paper on (config.BEYOND_THE_PAPER: ReSO proposals
-                   beyond the captions verified on the crop, ...; the *-beyond presets)
+                   beyond the captions around the maps' peaks, verified on the crop, and the test-time
+                   small-object pass; the *-beyond presets)
 Columns: mAP, CF1, OF1 (training-free rows at their threshold setting, trained ones at p = 0.5),
 mAP_small and mAP_large (proving ground only), seconds (wall clock of the row once the images'
 features are cached, its own crops' encoding included), trained (whether it fits parameters).

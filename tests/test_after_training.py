@@ -78,6 +78,29 @@ def test_tags_equal_the_checkpoint_scores_and_are_valid_scores(trained, capsys):
     assert report["mAP"] == pytest.approx(eval_cli.evaluate_checkpoint(trained["ckpt"])["mAP"], abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:skipping image")
+def test_the_test_time_pass_scores_a_split_and_a_folder_alike(trained, capsys):
+    """`--test-crops 2` on a checkpoint trained without the pass: evaluating its test split
+    (crops cached) and tagging the same images as a folder (crops encoded on the fly) give the
+    same scores; a crop only raises its class's logit, at most two classes per image."""
+    _, classes, split, plain, _ = eval_cli.checkpoint_logits(trained["ckpt"])
+    _, _, _, passed, _ = eval_cli.checkpoint_logits(trained["ckpt"], overrides={"test_crops": 2})
+    raised = passed > plain + 1e-6
+    assert raised.any() and (passed >= plain - 1e-6).all() and raised.sum(1).max() <= 2
+    assert not raised[:, len(classes):].any()                        # backgrounds are not cropped
+    out = trained["root"] / "tags-with-crops.csv"
+    assert eval_cli.main([trained["ckpt"], "--images", str(trained["photos"]), "--out", str(out),
+                          "--test-crops", "2"]) == 0
+    assert "test-time crops" in capsys.readouterr().err                  # its own progress bar
+    _, rows = read_tags(out)
+    probs = {r[0]: np.array([float(v) for v in r[1:-1]]) for r in rows}
+    tagged = np.stack([probs[i] for i in split.ids])
+    np.testing.assert_allclose(tagged, 1 / (1 + np.exp(-passed[:, :len(classes)])), rtol=0, atol=1e-4)
+    report = eval_cli.evaluate_checkpoint(trained["ckpt"], test_crops=2)
+    assert report["mAP"] == pytest.approx(eval_cli.evaluate_csv(str(out), str(trained["world"] / "labels_test.csv"))
+                                          ["mAP"], abs=0.05)
+
+
 def test_glob_ids_are_relative_to_its_fixed_folder_and_top_k_caps_tags(trained, tmp_path, capsys):
     ids = trained["test_ids"][:3]
     for k, image_id in enumerate(ids):

@@ -391,6 +391,25 @@ def test_a_damaged_read_only_cache_is_encoded_into_the_local_one(world, tmp_path
     assert _contents(recorded) == before and list(local.rglob("meta.json"))
 
 
+def test_the_test_time_crops_of_a_read_only_cache_go_to_the_local_one(world, tmp_path, monkeypatch, capsys):
+    recorded = tmp_path / "recorded"
+    dim = frozen_clip.create_clip(S.TINY_CLIP).visual.proj.shape[1]
+    cfg = config.BACGCNConfig(data_root=str(world), clip_weights=str(S.TINY_CLIP_WEIGHTS), test_split="test",
+                              cache_dir=str(recorded), workers=0, test_crops=2)
+    path = write_checkpoint(tmp_path / "ckpt.safetensors", cfg, dim)
+    assert eval_cli.main([str(path), "--cache-dir", str(recorded), "--test-crops", "0"]) == 0   # the images only
+    before = _contents(recorded)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    capsys.readouterr()
+    assert eval_cli.main([str(path)]) == 0                                  # the checkpoint's pass: 2 crops
+    out = capsys.readouterr().out
+    local = tmp_path / "here" / ".cache" / "features"
+    assert f"the checkpoint's feature cache {recorded} lacks synthetic/test's test-crops: encoding into {local}" in out
+    assert _contents(recorded) == before
+    assert [json.loads(m.read_text())["spec"]["kind"] for m in local.rglob("meta.json")] == ["test-crops"]
+
+
 # --------------------------------------------------------------------------------------------
 # 6. Errors name the right thing
 # --------------------------------------------------------------------------------------------

@@ -3,13 +3,16 @@
 captions with their verification and evidence (reso.py). CPU, small tensors, seconds."""
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bacgcn
 import cache
 import config
 import losses
+import metrics
 import reso
 import train
 from pipeline import Split
@@ -151,6 +154,25 @@ def test_proposals_find_a_planted_small_object_the_captions_do_not_name():
     assert none == []
 
 
+def test_close_ups_only_drop_proposals_whose_crop_is_most_of_the_image():
+    assert reso.crop_side((0, 0, 0, 2), 0.5) == 6.0                  # 3 patches wide, grown by half on each side
+    grid, classes = 8, 3
+    maps = torch.zeros(4, grid * grid, classes)
+    maps[:, :, 0] = 0.5                                        # class 0: named by the captions
+    maps[0, :, 2].view(grid, grid)[0, 0] = maps[0, :, 2].view(grid, grid)[7, 7] = 1.0   # two far corners
+    maps[1, :, 2].view(grid, grid)[3, 3] = 1.0                 # one patch: a 3 x 3 crop
+    hard = torch.zeros(4, classes, dtype=torch.bool)
+    hard[:, 0] = True
+    cfg = _cfg(reso_propose=True, reso_propose_quantile=0.0, reso_tau=0.5, reso_eps=0.1)
+
+    def proposed(**kw):
+        return [p[:2] for p in reso.find_small_regions(cfg.replace(**kw), _MapsAreThePatches(), _split(maps), hard,
+                                                        classes, "cpu", torch.float32)[1]]
+    assert proposed() == [(0, 2), (1, 2)]                      # image 0's box: the whole 8 x 8 grid
+    assert proposed(reso_propose_side=0.5) == [(1, 2)]         # its crop (8 x 2 = 16 > 4 patches): dropped
+    assert proposed(reso_propose_side=0.5, reso_propose_peak=True) == [(0, 2), (1, 2)]   # around the peak: 1 patch
+
+
 def test_proposals_do_not_fire_without_a_small_object():
     grid, classes = 8, 3
     maps = torch.zeros(6, grid * grid, classes)
@@ -160,6 +182,36 @@ def test_proposals_do_not_fire_without_a_small_object():
     _, proposals = reso.find_small_regions(cfg, _MapsAreThePatches(), _split(maps), hard, classes, "cpu",
                                            torch.float32)
     assert proposals == []                                   # flat maps have no region; the ramp's is half the image
+
+
+def test_peak_components_keep_the_part_of_the_region_around_the_peak():
+    grid = 6
+    maps = torch.zeros(1, grid * grid, 2)
+    plane = maps[0, :, 0].view(grid, grid)
+    plane[0:2, 0:2] = 0.9                  # a weaker blob in one corner
+    plane[4, 4] = plane[5, 5] = 0.8        # a diagonal pair (8-neighbours) ...
+    plane[3, 3] = 1.0                      # ... touching the peak diagonally
+    maps[0, :, 1] = torch.linspace(0, 1, grid * grid)      # a ramp: one band connected to its top
+    region = reso.region_masks(maps, 0.5)
+    around = reso.peak_components(region, maps, grid)
+    assert around[0, :, 0].view(grid, grid).nonzero().tolist() == [[3, 3], [4, 4], [5, 5]]
+    assert torch.equal(around[0, :, 1], region[0, :, 1])    # all of it connected: unchanged
+    # the paper's box of class 0 spans the corners; the peak's is its own 3 x 3
+    assert reso.box_of_cells(region[0, :, 0].nonzero()[:, 0], grid) == (0, 0, 5, 5)
+    assert reso.box_of_cells(around[0, :, 0].nonzero()[:, 0], grid) == (3, 3, 5, 5)
+
+
+@pytest.mark.parametrize("grid", [1, 5, 7, 16, 28, 63])
+def test_peak_components_equal_the_pooling_reference(grid):
+    gen = torch.Generator().manual_seed(grid)
+    noise = torch.randn(6, grid * grid, 5, generator=gen)
+    ramp = torch.linspace(0, 1, grid)
+    smooth = (ramp[:, None] * ramp[None, :]).reshape(1, grid * grid, 1) + 0.05 * noise
+    flat = torch.zeros(2, grid * grid, 3)
+    for maps in (noise, smooth, flat):
+        for tau in (0.3, 0.6, 0.9):
+            region = reso.region_masks(maps, tau)
+            assert torch.equal(reso.peak_components(region, maps, grid), reso.peak_components_ref(region, maps, grid))
 
 
 def test_verification_keeps_the_crops_clip_names_first_most_probable_first():
@@ -197,3 +249,110 @@ def test_verification_over_backgrounds_refuses_a_crop_a_background_wins():
                           [0.10, 0.60, 0.30]])     # class 1 first, above the background: kept
     kept = reso.verified_crops(probs, [(0, 1, box), (1, 1, box)], _cfg(reso_verify_min=0.4))
     assert kept == [(1, 1, box, pytest.approx(0.6))]
+
+
+# --------------------------------------------------------------------------------------------
+# The proposal rule in a tiny world: the shipped tiny CLIP reads rendered scenes
+# --------------------------------------------------------------------------------------------
+
+def _tiny_world(folder, scenes):
+    """A dataset of the rendered `scenes`, as JPEGs the frozen tiny CLIP reads."""
+    import data
+    import synthetic
+
+    folder.mkdir()
+    samples = []
+    for k, scene in enumerate(scenes):
+        path = folder / f"{k:03d}.jpg"
+        Image.fromarray(scene.image).save(path, quality=92, subsampling=0)     # as synthetic.py stores its worlds
+        labels = [1 if c in scene.classes else -1 for c in range(len(synthetic.CLASS_NAMES))]
+        samples.append(data.Sample(f"{k:03d}", path, np.array(labels, dtype=np.int8)))
+    return data.MultiLabelImages(samples, synthetic.CLASS_NAMES, name="tiny-world")
+
+
+def test_proposal_rule_finds_a_planted_small_object_in_a_tiny_world(tmp_path):
+    """The rule of the *-beyond presets end to end on rendered scenes, read by the shipped tiny CLIP
+    through an untrained head (its maps are CLIP's own): 24 images hold one small object (2 % of
+    the image, the small bucket's edge) on a background, which no caption names; 24 hold the
+    background alone. Proposals (where a class's map peaks) are verified on the crop by the frozen
+    CLIP. Planted objects are found, of their class, in a tight crop over each; nothing is verified
+    on an image without one. Two rules make that so, each measured here: around the peak
+    (`reso_propose_peak`) the crop is tight, where the paper's region of the same map spans the
+    image; close-ups only (`reso_propose_side`): without it a near-whole-image crop of sky passed
+    as an aeroplane on 1-2 of the 24 empty images. The tiny CLIP's maps point at a 2 % object in a
+    few cases only, and half of what it verifies on planted images is named wrong (the README's
+    measurements): the bounds asked here held at JPEG qualities 75-95 of the same scenes (2-3
+    found, none on an empty image)."""
+    import frozen_clip
+    import pipeline
+    import synthetic
+
+    classes, planted_images = len(synthetic.CLASS_NAMES), 24
+    rng = np.random.default_rng(7)
+    world, planted, scenes = synthetic.WorldConfig(), {}, []
+    for k in range(2 * planted_images):
+        if k < planted_images:
+            scene = synthetic.render_scene(rng, world, 1, classes=[k * 5 % classes], areas=[metrics.SMALL_AREA])
+            planted[k] = scene.objects[0]
+        else:
+            scene = synthetic.render_scene(rng, world, 0, classes=[], areas=[])
+        scenes.append(scene)
+    cfg, _ = config.parse_overrides(["--preset=synthetic-tiny-beyond", f"--cache-dir={tmp_path / 'cache'}"])
+    cfg = cfg.replace(clip_weights=str(pipeline.here_or_in_repo(cfg.clip_weights)))
+    backbone = pipeline.build_backbone(cfg, "cpu")
+    text = backbone.class_embeddings(synthetic.CLASS_NAMES, frozen_clip.tokenizer_for(cfg.clip_model))
+    split = pipeline.cached_features(cfg, backbone, _tiny_world(tmp_path / "images", scenes), "cpu")
+    hard = torch.zeros(len(scenes), classes, dtype=torch.bool)          # the captions name no class
+    m = torch.eye(classes)
+    model = bacgcn.build_model(cfg.replace(use_backgrounds=False), text, classes, m, m.diagonal(),
+                               float(backbone.clip.logit_scale.detach().exp()))
+    _, proposals = reso.find_small_regions(cfg, model, split, hard, classes, "cpu", torch.float32)
+    verified = reso.verify_proposals(cfg, backbone, split, proposals, text, "cpu")
+
+    grid, size = int(round(math.sqrt(split.feats.row_shapes["patches"][0]))), synthetic.RENDER_SIZE
+    image = [int(i) for i in split.ids]                                  # row -> scene
+
+    def right(row, cls, box):
+        obj = planted.get(image[row])
+        x0, y0, x1, y1 = reso.crop_box(box, grid, size, size, cfg.reso_margin)
+        return (obj is not None and obj.cls == cls and x1 - x0 <= size / 2          # a close-up of it
+                and x0 <= obj.box[0] and y0 <= obj.box[1] and x1 >= obj.box[2] and y1 >= obj.box[3])
+    found = [v[:3] for v in verified if right(*v[:3])]
+    assert len(found) >= 2, (found, verified)
+    assert not [v for v in verified if image[v[0]] >= planted_images]        # nothing on an empty image
+    # the paper's region of the same map: scattered patches, whose box spans much of the image
+    with torch.no_grad():
+        sim = model(pipeline.head_inputs(split.feats.gather(range(len(scenes))), torch.float32))["sim"]
+    region = reso.region_masks(sim, cfg.reso_tau)
+    spans = [max(r1 - r0, c1 - c0) + 1 for r0, c0, r1, c1 in
+             (reso.box_of_cells(region[row, :, cls].nonzero()[:, 0], grid) for row, cls, _ in found)]
+    assert max(spans) >= grid // 2, spans
+
+
+# --------------------------------------------------------------------------------------------
+# reso.py: the test-time small-object pass
+# --------------------------------------------------------------------------------------------
+
+def test_test_time_crops_take_the_highest_small_peaks():
+    grid = 6
+    sim = torch.zeros(2, grid * grid, 4)
+    sim[0, :, 0].view(grid, grid)[1, 1] = 0.9          # small, highest peak
+    sim[0, :, 1].view(grid, grid)[4, 4] = 0.5          # small, lower
+    sim[0, :, 2].view(grid, grid)[:, :3] = 1.0         # highest peak of all, but half the image: not small
+    sim[0, :, 3].view(grid, grid)[2, 4] = 0.7          # small, second
+    sim[1, :, 1].view(grid, grid)[0, 0] = 0.3          # image 1: one small region; flat maps have none
+    cfg = _cfg(test_crops=2, reso_tau=0.5, reso_eps=0.1)
+    assert reso.peak_crops(sim, cfg) == [(0, 0, (1, 1, 1, 1)), (0, 3, (2, 4, 2, 4)), (1, 1, (0, 0, 0, 0))]
+    assert reso.peak_crops(sim, cfg.replace(test_crops=1))[0] == (0, 0, (1, 1, 1, 1))
+
+
+def test_a_test_time_crop_only_raises_its_class_by_the_weight_of_its_excess():
+    logits = np.array([[1.0, -2.0, 0.5], [0.0, 0.0, 3.0]], dtype=np.float32)
+    found = [(0, 1, None), (0, 0, None), (1, 2, None)]
+    crop_logits = np.array([[0.0, 2.0, 9.0],     # class 1: 2 over -2 -> -2 + 0.5 * 4
+                            [0.0, 0.0, 0.0],     # class 0: 0 under 1 -> unchanged
+                            [0.0, 0.0, 5.0]])    # class 2: 5 over 3 -> 3 + 0.5 * 2
+    fused = reso.fuse_crop_logits(logits, found, crop_logits, 0.5)
+    np.testing.assert_allclose(fused, [[1.0, 0.0, 0.5], [0.0, 0.0, 4.0]])
+    assert logits[0, 1] == -2.0                                   # a copy
+    np.testing.assert_allclose(reso.fuse_crop_logits(logits, found, crop_logits, 0.0), logits)

@@ -83,15 +83,20 @@ def test_compare_at_full_size_on_real_photos(shared_data, tmp_path):
     folder = tmp_path / "data_folder" / "voc2007"
     _command("bench/compare.py", "--preset=voc2007-vitb16", f"--data-root={folder}", f"--captions={folder}",
              f"--clip-weights={weights}", "--json", "compare.json", "--epochs=1", "--reso-epoch=0",
-             "--reso-eps=0.5", "--batch-size=4", "--workers=0", "--device=cpu", "--out=runs", cwd=tmp_path)
+             "--reso-eps=0.5", "--batch-size=4", "--workers=0", "--device=cpu", "--out=runs",
+             # six training images: a 0.9 quantile floor leaves no proposal; at 0 they are encoded and verified
+             "--reso-propose-quantile=0", cwd=tmp_path)
     result = json.loads((tmp_path / "compare.json").read_text())
     assert result["preset"] == "voc2007-vitb16" and result["dataset"] == "voc2007"
     rows = {r["name"]: r for r in result["rows"]}
-    # "BAC-GCN beyond" is the voc2007-vitb16-beyond preset's config (ReSO proposals verified on the crop) at full size
+    # "BAC-GCN beyond" is the voc2007-vitb16-beyond preset's config at full size (ReSO proposals around the maps'
+    # peaks verified on the crop, the test-time small-object pass)
     assert list(rows) == ["CLIP zero-shot", "TagCLIP-style", "PIAA-style", "CDUL-style", "linear probe", "BAC-GCN",
                           "BAC-GCN beyond"]
     for row in rows.values():
         assert row["mAP"] is not None and 0 <= row["mAP"] <= 100 and row["mAP_small"] is None
-    # the peers' crops went through the feature cache, next to the images' features
+    # the peers' crops went through the feature cache, next to the images' features; the beyond
+    # row's proposals were encoded at full size to be verified, and its test-time crops to be scored
     kinds = {json.loads(p.read_text())["spec"]["kind"] for p in (tmp_path / ".cache" / "features").glob("*/meta.json")}
-    assert {"images", "tagclip-crops", "cdul-crops", "reso-crops"} <= kinds
+    want = {"images", "tagclip-crops", "cdul-crops", "reso-crops", "reso-proposals", "test-crops"}
+    assert want <= kinds, want - kinds
