@@ -208,40 +208,30 @@ def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: in
 
 
 def folder_crops(cfg, crops: list):
-    """predict_dataset's `on_maps` for the test-time pass: appends (row, class, patch box, grid)
-    of each image's small regions around its maps' peaks (reso.peak_crops) to `crops`."""
+    """predict_dataset's `on_maps` for the test-time pass: appends (row, class, patch box) of each
+    image's small regions around its maps' peaks (reso.peak_crops) to `crops`."""
     import reso
 
     def on_maps(first_row: int, sim) -> None:
-        crops.extend((first_row + b, c, box, sim.shape[1]) for b, c, box in reso.peak_crops(sim, cfg))
+        crops.extend((first_row + b, c, box) for b, c, box in reso.peak_crops(sim, cfg))
     return on_maps
 
 
 def folder_small_object_pass(model, dataset, ids: list[str], logits: np.ndarray, crops: list) -> np.ndarray:
     """The test-time pass over a folder (reso.small_object_pass without the feature cache, as the
-    folder's images): each crop cut from the photo, encoded, scored by the head, fused."""
-    import torch
-
-    import pipeline
+    folder's images): each crop cut from the photo and scored by predict_dataset, then fused."""
+    import frozen_clip
     import reso
-    from cache import encode_images
 
     if not crops:
         return logits
-    cfg, grid = model.cfg, int(round(crops[0][3] ** 0.5))
+    grid = frozen_clip.grid_for(model.backbone.visual, model.backbone.image_size)[1]
     index = {s.id: k for k, s in enumerate(dataset.samples)}
-    crop_ds = reso.CropImages(dataset, [(index[ids[row]], c, box) for row, c, box, _ in crops],
-                              model.backbone.image_size, grid, cfg.reso_margin)
-    crop_logits = np.zeros((len(crops), logits.shape[1]), dtype=np.float32)
-    read = []
-    with torch.no_grad():
-        for _, rows, feats in encode_images(crop_ds, lambda x: pipeline.encode_features(model.backbone, x, cfg),
-                                            batch_size=pipeline.CACHE_BATCH, workers=cfg.workers,
-                                            device=model.device, desc="test-time crops"):
-            rows = [int(r) for r in rows]
-            crop_logits[rows] = model.head(pipeline.head_inputs(feats, model.dtype))["logits"].float().cpu().numpy()
-            read.extend(rows)
-    return reso.fuse_crop_logits(logits, [crops[k][:3] for k in read], crop_logits[read], cfg.test_crop_weight)
+    crop_ds = reso.CropImages(dataset, [(index[ids[row]], c, box) for row, c, box in crops],
+                              model.backbone.image_size, grid, model.cfg.reso_margin)
+    crop_ids, crop_logits = model.predict_dataset(crop_ds, desc="test-time crops")
+    at = {crop_id: k for k, crop_id in enumerate(crop_ds.ids)}
+    return reso.fuse_crop_logits(logits, [crops[at[i]] for i in crop_ids], crop_logits, model.cfg.test_crop_weight)
 
 
 def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None,

@@ -606,8 +606,9 @@ def open_checkpoint(path: str, overrides: dict | None = None, weights_format: st
     """(config, classes, categories, tensors, metadata) of a checkpoint (every check of
     checkpoints.read_checkpoint), with `overrides` of its recorded paths (clip_weights, data_root,
     cache_dir, workers) and its test-time pass (test_crops; None or '' keep the recorded one), the
-    weights format of the caller, never the checkpoint's (a file may name a TorchScript archive, but only the user can
-    ask for it to be run), and `split` as the split to evaluate (default: its test split)."""
+    weights format of the caller, never the checkpoint's (a file may name a TorchScript archive,
+    but only the user can ask for it to be run), and `split` as the split to evaluate (default:
+    its test split)."""
     cfg, classes, categories, tensors, meta = checkpoints.read_checkpoint(path)
     split = split or cfg.test_split
     datasets.get(cfg.dataset).check_split(split)

@@ -198,6 +198,21 @@ class ResoCrops:
         return len(self.classes)
 
 
+def class_maps(model, split: Split, num_classes: int, device: str, dtype):
+    """(first row, similarity maps [B, N, C] of the classes, fp32 on the CPU) of the head on a
+    split, batch by batch (all maps of COCO would not fit in memory); the head scores in eval
+    mode and is back in training mode afterwards."""
+    step = scoring_batch(split.feats)
+    batches = [torch.arange(i, min(i + step, len(split.ids))) for i in range(0, len(split.ids), step)]
+    model.eval()
+    try:
+        with torch.no_grad(), closing(prefetched([(split.feats, b) for b in batches], device, dtype)) as stream:
+            for idx, x in zip(batches, stream):
+                yield int(idx[0]), model(x)["sim"][:, :, :num_classes].float().cpu()
+    finally:
+        model.train()
+
+
 def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes: int, device: str,
                        dtype) -> tuple[list, list]:
     """(crops, proposals). Crops: reso_regions of the pseudo-positive classes over a whole split,
@@ -214,19 +229,14 @@ def find_small_regions(cfg, model, split: Split, hard: torch.Tensor, num_classes
     process of a distributed job scans every image (the model is the same on all of them, so
     they agree on the crops) and encodes only its share of the crops."""
     found, candidates, peaks = [], [], []
-    model.eval()
-    step = scoring_batch(split.feats)
-    batches = [torch.arange(i, min(i + step, len(split.ids))) for i in range(0, len(split.ids), step)]
-    with torch.no_grad(), closing(prefetched([(split.feats, b) for b in batches], device, dtype)) as stream:
-        for idx, x in zip(batches, stream):
-            sim = model(x)["sim"][:, :, :num_classes].float().cpu()
-            peaks.append(sim.amax(1))
-            found += [(int(idx[0]) + b, c, box) for b, c, box in reso_regions(sim, hard[idx, :num_classes], cfg)]
-            if cfg.reso_propose:
-                candidates += [(int(idx[0]) + b, c, box) for b, c, box in
-                               reso_regions(sim, ~hard[idx, :num_classes], cfg, limit=num_classes,
-                                            around_peak=cfg.reso_propose_peak)]
-    model.train()
+    for first, sim in class_maps(model, split, num_classes, device, dtype):
+        rows = slice(first, first + len(sim))
+        peaks.append(sim.amax(1))
+        found += [(first + b, c, box) for b, c, box in reso_regions(sim, hard[rows, :num_classes], cfg)]
+        if cfg.reso_propose:
+            candidates += [(first + b, c, box) for b, c, box in
+                           reso_regions(sim, ~hard[rows, :num_classes], cfg, limit=num_classes,
+                                        around_peak=cfg.reso_propose_peak)]
     peaks = torch.cat(peaks)                                             # [n, C]
     unnamed = ~hard[:, :num_classes]         # the soft targets are never exactly 0 (the caption-context tie-break)
 
@@ -384,16 +394,9 @@ def small_object_pass(cfg, model, backbone, split: Split, logits: np.ndarray, de
     split; returned unchanged when the pass is off."""
     if not cfg.test_crops:
         return logits, {}
-    num_classes = len(split.dataset.class_names)
     dtype, found = compute_dtype(device, cfg.amp), []
-    step = scoring_batch(split.feats)
-    batches = [torch.arange(i, min(i + step, len(split.ids))) for i in range(0, len(split.ids), step)]
-    model.eval()
-    with torch.no_grad(), closing(prefetched([(split.feats, b) for b in batches], device, dtype)) as stream:
-        for idx, x in zip(batches, stream):
-            found += [(int(idx[0]) + b, c, box) for b, c, box in peak_crops(model(x)["sim"][:, :, :num_classes]
-                                                                             .float().cpu(), cfg)]
-    model.train()
+    for first, sim in class_maps(model, split, len(split.dataset.class_names), device, dtype):
+        found += [(first + b, c, box) for b, c, box in peak_crops(sim, cfg)]
     t_encode = time.time()
     feats, found = encode_crops(cfg, backbone, split, found, "test-crops", device, choose_cache=choose_cache)
     out = fuse_crop_logits(logits, found, predict(model, feats, device, dtype), cfg.test_crop_weight)
