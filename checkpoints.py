@@ -74,16 +74,23 @@ def check_finite(path, tensors: dict[str, torch.Tensor]) -> None:
             raise data.DataError(path, f"tensor {key} holds NaN or infinite values")
 
 
-def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset) -> None:
+def save_checkpoint(path: Path, model, cfg, classes, categories, m, n, report, preset,
+                    clip_weights: dict | None = None) -> None:
+    """`clip_weights`: what pipeline.clip_weights_record says of the CLIP weights (name, sha256,
+    file), so that another machine finds them by name or by digest."""
     from safetensors.torch import save_file
 
-    cfg = cfg.replace(**{k: os.path.abspath(getattr(cfg, k)) for k in RECORDED_PATHS if getattr(cfg, k)})
+    cfg = cfg.replace(**{k: os.path.abspath(getattr(cfg, k)) for k in RECORDED_PATHS
+                         if getattr(cfg, k) and not (k == "clip_weights" and clip_weights and clip_weights.get("name")
+                                                     == cfg.clip_weights)})   # a name stays a name
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors["graph.M"] = torch.from_numpy(np.asarray(m, dtype=np.float32))
     tensors["graph.N"] = torch.from_numpy(np.asarray(n, dtype=np.float32))
     meta = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "classes": json.dumps(list(classes)),
             "categories": json.dumps(list(categories)), "metrics": json.dumps(data.json_safe(report)),
             "commit": git_commit(), "preset": preset}
+    if clip_weights:
+        meta["clip_weights"] = json.dumps(clip_weights)
     data.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=with_digest(tensors, meta)))
 
 
@@ -101,6 +108,20 @@ def _recorded_names(path: str, meta: dict, key: str) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
         raise data.DataError(path, f"checkpoint metadata {key!r} is not a list of names")
     return names
+
+
+def _recorded_weights(path: str, meta: dict) -> dict:
+    record = _recorded_json(path, meta, "clip_weights")
+    if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("path"), str)
+            and isinstance(record.get("name"), (str, type(None)))):
+        raise data.DataError(path, "checkpoint metadata 'clip_weights' is not {name, sha256, path}")
+    return record
+
+
+def recorded_weights(meta: dict) -> dict | None:
+    """The CLIP weights a checkpoint (read by read_checkpoint) records: {name, sha256, path};
+    None for a checkpoint written before they were recorded."""
+    return json.loads(meta["clip_weights"]) if "clip_weights" in meta else None
 
 
 def read_checkpoint(path: str):
@@ -132,6 +153,8 @@ def read_checkpoint(path: str):
     if categories[:len(classes)] != classes:
         raise data.DataError(path, "recorded categories do not start with the recorded classes")
     meta = {**meta, "metrics": json.dumps(_recorded_json(path, meta, "metrics") if "metrics" in meta else {})}
+    if "clip_weights" in meta:
+        _recorded_weights(path, meta)
     check_checkpoint_tensors(path, tensors, len(categories))
     return cfg, classes, categories, tensors, meta
 

@@ -59,7 +59,7 @@ class BACGCNConfig:
     test_split: str = ""                # '' = the dataset's test split
     # frozen CLIP (stage 2)
     clip_model: str = "synthclip-vit-t8"   # open_clip name; OpenAI weights need ViT-B-16-quickgelu
-    clip_weights: str = "assets/synthclip.safetensors"   # safetensors or a torch state dict; ./ first, then the repo
+    clip_weights: str = "assets/synthclip.safetensors"   # a name (openai: fetched once) or a file (./, then repo)
     clip_weights_format: str = "auto"   # auto (safetensors or a weights-only torch state dict) | openai-torchscript
     image_size: int = 0                 # 0 = the model's own; ViT-B/16 at 448 interpolates position embeddings
     patch_readout: str = "self_attention"  # last block: self_attention (residual + MLP kept) | value (MaskCLIP)
@@ -167,7 +167,7 @@ class BACGCNConfig:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-_VITB16 = dict(clip_model="ViT-B-16-quickgelu", clip_weights="ViT-B-16.safetensors", image_size=448, topk=16,
+_VITB16 = dict(clip_model="ViT-B-16-quickgelu", clip_weights="openai", image_size=448, topk=16,
                temperature=0.03, batch_size=64, epochs=16, reso_epoch=10, workers=8)
 PRESETS: dict[str, dict] = {
     # Read at twice the tiny CLIP's native 64 px, as the paper reads ViT-B/16 (native 224) at 448:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -91,6 +92,92 @@ class _RandomInitWarningFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from_open_clip = f"{os.sep}open_clip{os.sep}" in record.pathname
         return not (from_open_clip and record.getMessage().startswith("No pretrained weights loaded"))
+
+
+# --------------------------------------------------------------------------------------------
+# Weights by name: open_clip's pretrained registry names the Hugging Face repository; the project
+# pins the revision and the file's sha256, so a name always means the same bytes.
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Weights a user asks for by name (`--clip-weights=openai`): fetched once into the Hugging
+    Face hub's cache (safetensors only: nothing pickled, nothing TorchScript) and checked by
+    sha256 before they are used."""
+    model: str          # the open_clip architecture they load into, strict
+    tag: str            # open_clip's pretrained tag: its registry gives the hub repository
+    filename: str       # the safetensors file of that repository
+    revision: str       # the repository's commit, pinned
+    sha256: str         # of the file at that commit
+    title: str = ""     # what messages call them
+
+
+PRETRAINED: dict[str, PretrainedWeights] = {
+    # OpenAI's ViT-B/16 as open_clip serves it (QuickGELU), the paper's backbone.
+    "openai": PretrainedWeights("ViT-B-16-quickgelu", "openai", "open_clip_model.safetensors",
+                                "977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d",
+                                "4b8699299b1e8997753c64b052ba32031449d5d853f55a039148560ee02b820f",
+                                "OpenAI's ViT-B/16 weights"),
+}
+
+
+def is_named(weights: str) -> bool:
+    """Whether --clip-weights names weights of the registry rather than a file."""
+    return weights in PRETRAINED
+
+
+def hub_repository(entry: PretrainedWeights) -> str:
+    """The Hugging Face repository open_clip's pretrained registry names for `entry`."""
+    import open_clip
+
+    hub = (open_clip.get_pretrained_cfg(entry.model, entry.tag) or {}).get("hf_hub", "")
+    if not hub:
+        raise ValueError(f"open_clip names no Hugging Face repository for {entry.model} {entry.tag!r}")
+    return hub.rstrip("/")
+
+
+def hub_url(entry: PretrainedWeights) -> str:
+    return f"https://huggingface.co/{hub_repository(entry)}/resolve/{entry.revision}/{entry.filename}"
+
+
+def pretrained_file(name: str, model_name: str) -> Path:
+    """The local file of the weights named `name`: from the hub's cache, downloaded there the
+    first time (with a progress bar), its sha256 checked. Offline with nothing cached, or a file
+    that is not the pinned one: a one-line DataError saying what to place where."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from cache import file_digest
+
+    entry = PRETRAINED[name]
+    if model_name != entry.model:
+        raise DataError(f"--clip-weights={name}", f"{entry.title or name} load into {entry.model}, not "
+                                                  f"{model_name} (pass --clip-model={entry.model})")
+    repo = hub_repository(entry)
+    try:
+        path = Path(hf_hub_download(repo, entry.filename, revision=entry.revision))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        reason = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else str(e).splitlines()[0][:120]
+        raise DataError(f"--clip-weights={name}", f"{entry.title or name} are not in the Hugging Face cache "
+                                                  f"({constants.HF_HUB_CACHE}) and cannot be downloaded ({reason}): "
+                                                  f"download {hub_url(entry)} and pass --clip-weights=FILE, or run "
+                                                  f"`hf download {repo} {entry.filename} --revision {entry.revision}` "
+                                                  "where there is a network and copy that cache here") from None
+    digest = file_digest(path)
+    if digest != entry.sha256:
+        raise DataError(path, f"not {entry.title or name} as pinned for --clip-weights={name} (sha256 "
+                              f"{digest[:16]}..., expected {entry.sha256[:16]}...): delete it and run again")
+    return path
+
+
+def weights_file(weights: str, model_name: str) -> Path:
+    """--clip-weights as a local file: a name of the registry (fetched, checked) or a path."""
+    return pretrained_file(weights, model_name) if is_named(weights) else Path(weights)
+
+
+def name_of_digest(sha256: str) -> str | None:
+    """The registry's name of the weights with this sha256, if any."""
+    return next((name for name, entry in PRETRAINED.items() if entry.sha256 == sha256), None)
 
 
 def create_clip(model_name: str, weights: str | os.PathLike | None = None, weights_format: str = "auto"):

@@ -38,8 +38,6 @@ CACHE_BATCH = 64             # images per encoder forward while caching features
 PROMPT_SPELLING = {"tvmonitor": "tv monitor", "diningtable": "dining table", "pottedplant": "potted plant",
                    "tv": "television"}
 MAX_MISSING_SHARE = 0.05   # above this share of images without captions or unreadable, warn loudly
-OPENAI_VITB16_URL = ("https://openaipublic.azureedge.net/clip/models/"
-                     "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt")
 
 
 def log(msg: str) -> None:
@@ -202,13 +200,40 @@ def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
         lines.append(f"{show(captions_file)}: no captions: put the paper's captions.json (and re_captions.json) "
                      f"for {entry.name} there, make them with `python captions.py generate --dataset {entry.name} "
                      "...`, or pass --captions=DIR")
-    weights = Path(cfg.clip_weights)
-    if not weights.is_file():
-        how = (f": download OpenAI's ViT-B-16.pt ({OPENAI_VITB16_URL}), then `python frozen_clip.py convert "
-               f"ViT-B-16.pt {show(weights)}`, or pass --clip-weights=FILE" if cfg.clip_model == "ViT-B-16-quickgelu"
-               else "")
-        lines.append(f"{show(weights)}: CLIP weights not found{how}")
+    weights = clip_weights_problem(cfg)
+    if weights:
+        lines.append(weights)
     return lines
+
+
+def clip_weights_problem(cfg: config.BACGCNConfig) -> str | None:
+    """What keeps the run from its CLIP weights (None: they are here). Weights named by the
+    registry (`openai`) are fetched into the Hugging Face cache now, the first time."""
+    if frozen_clip.is_named(cfg.clip_weights):
+        try:
+            frozen_clip.weights_file(cfg.clip_weights, cfg.clip_model)
+        except data.DataError as e:
+            return str(e)
+        return None
+    if Path(cfg.clip_weights).is_file():
+        return None
+    named = [n for n, e in frozen_clip.PRETRAINED.items() if e.model == cfg.clip_model]
+    how = f": pass --clip-weights={named[0]} (fetched once) or --clip-weights=FILE" if named else ""
+    return f"{data.shown_path(cfg.clip_weights)}: CLIP weights not found{how}"
+
+
+def clip_weights_file(cfg: config.BACGCNConfig) -> Path:
+    """The local file of the run's CLIP weights (a name of the registry resolved and checked)."""
+    return frozen_clip.weights_file(cfg.clip_weights, cfg.clip_model)
+
+
+def clip_weights_record(cfg: config.BACGCNConfig) -> dict:
+    """What a checkpoint records of its CLIP weights: the name (where they have one), the
+    sha256 and the file, so that another machine finds them by name or by digest."""
+    path = clip_weights_file(cfg)
+    digest = file_digest(path)
+    return {"name": cfg.clip_weights if frozen_clip.is_named(cfg.clip_weights) else frozen_clip.name_of_digest(digest),
+            "sha256": digest, "path": os.path.abspath(path)}
 
 
 def build_dataset(entry: datasets.Dataset, root: Path, seed: int) -> None:
@@ -247,7 +272,8 @@ def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
         updates["captions"] = cfg.captions or str(folder)
     updates["train_split"] = cfg.train_split or entry.train_split
     updates["test_split"] = cfg.test_split or entry.test_split
-    updates["clip_weights"] = str(here_or_in_repo(cfg.clip_weights))
+    if not frozen_clip.is_named(cfg.clip_weights):
+        updates["clip_weights"] = str(here_or_in_repo(cfg.clip_weights))
     cfg = cfg.replace(**updates)
     missing = missing_pieces(cfg)
     if missing:
@@ -354,7 +380,7 @@ def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) ->
 
 def build_backbone(cfg: config.BACGCNConfig, device: str) -> frozen_clip.CLIPBackbone:
     """The frozen CLIP of `cfg` (weights loaded strict), at the configured input size."""
-    clip = frozen_clip.create_clip(cfg.clip_model, cfg.clip_weights, cfg.clip_weights_format)
+    clip = frozen_clip.create_clip(cfg.clip_model, clip_weights_file(cfg), cfg.clip_weights_format)
     if cfg.image_size:
         patch = clip.visual.patch_size
         patch = patch[0] if isinstance(patch, (tuple, list)) else patch
@@ -397,7 +423,7 @@ def feature_spec(cfg: config.BACGCNConfig, backbone: frozen_clip.CLIPBackbone, d
     """Everything that changes the cached features of `dataset`: the cache key."""
     import hashlib
     device = next(backbone.parameters()).device.type
-    return {"kind": kind, "clip_model": cfg.clip_model, "weights": file_digest(cfg.clip_weights),
+    return {"kind": kind, "clip_model": cfg.clip_model, "weights": file_digest(clip_weights_file(cfg)),
             # A CPU fp32 cache is not a GPU bf16 one: the features differ past bf16's rounding.
             "device": device, "precision": encode_precision(device, cfg.amp),
             "image_size": backbone.image_size, "patch_readout": cfg.patch_readout, "h_fraction": cfg.h_fraction,
@@ -615,7 +641,32 @@ def open_checkpoint(path: str, overrides: dict | None = None, weights_format: st
     cfg = cfg.replace(test_split=split, clip_weights_format=weights_format,
                       **{k: v for k, v in (overrides or {}).items() if v not in (None, "")})   # --workers 0 is given
     config.validate(cfg)
+    cfg = checkpoint_clip_weights(path, cfg, checkpoints.recorded_weights(meta),
+                                  given=bool((overrides or {}).get("clip_weights")))
     return cfg, classes, categories, tensors, meta
+
+
+def checkpoint_clip_weights(path: str, cfg: config.BACGCNConfig, record: dict | None,
+                            given: bool) -> config.BACGCNConfig:
+    """The CLIP weights to rebuild a checkpoint with on this machine. Recorded by name, they
+    come from the Hugging Face cache (fetched once); recorded as a file that is not here, by
+    the name the checkpoint records for its digest; else one line saying which --clip-weights to
+    pass. A file given by the user that is not the recorded one is said in a warning."""
+    if frozen_clip.is_named(cfg.clip_weights) or record is None:
+        return cfg
+    if given:
+        if Path(cfg.clip_weights).is_file() and file_digest(cfg.clip_weights) != record["sha256"]:
+            log(f"WARNING: {data.shown_path(cfg.clip_weights)} holds other CLIP weights than {data.shown_path(path)} "
+                f"was trained with (sha256 {record['sha256'][:16]}...): its scores will not be the trained ones")
+        return cfg
+    if Path(cfg.clip_weights).is_file():
+        return cfg
+    if record.get("name"):
+        log(f"{data.shown_path(cfg.clip_weights)} is not here: the CLIP weights by their name, "
+            f"--clip-weights={record['name']}")
+        return cfg.replace(clip_weights=record["name"])
+    raise data.DataError(path, f"its CLIP weights {data.shown_path(cfg.clip_weights)} are not on this machine: pass "
+                               f"--clip-weights=FILE, the file with sha256 {record['sha256']}")
 
 
 @dataclass

@@ -15,8 +15,9 @@ in the current folder, else in the repo):
   data_folder/coco2014/train2014, val2014, annotations/instances_{train,val}2014.json
   data_folder/nuswide/Flickr, ImageList, Groundtruth/TrainTestLabels, Concepts81.txt
   captions: data_folder/<dataset>/captions.json (+ re_captions.json), or --captions=DIR
-  CLIP weights: ViT-B-16.safetensors (current folder, else the repo), or --clip-weights=FILE;
-    from OpenAI's ViT-B-16.pt with the convert line above
+  CLIP weights: --clip-weights=openai (the ViT-B/16 presets' default): OpenAI's ViT-B/16 from the
+    Hugging Face hub at a pinned revision, fetched once into its cache and checked by sha256;
+    or --clip-weights=FILE (safetensors or a state dict; OpenAI's ViT-B-16.pt after the convert line above)
 --data-root=DIR reads one dataset from elsewhere (for VOC also one merged VOCdevkit). Each piece
 that is missing is one line saying what to put where.
 
@@ -367,7 +368,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
     if main_process:
         checkpoints.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
-                                    labels.m, labels.n, report, preset)
+                                    labels.m, labels.n, report, preset, pipeline.clip_weights_record(cfg))
         data.write_json(out_dir / "report.json", report)
         tracker.log_report(report, out_dir / "report.json")
     return report

@@ -136,3 +136,34 @@ def rewrite_file(path, meta=None, tensors=None, digest=True):
     new_meta = {k: v for k, v in {**old_meta, **(meta or {})}.items() if v is not None}
     new = {k: v for k, v in {**old, **(tensors or {})}.items() if v is not None}
     save_file(new, str(path), metadata=checkpoints.with_digest(new, new_meta) if digest else new_meta)
+
+
+def fake_hub_cache(cache: Path, weights: Path, name: str = "openai") -> str:
+    """A Hugging Face hub cache at `cache` laid out as huggingface_hub writes it (blobs/ named by
+    the file's sha256, snapshots/<revision>/ pointing at them, refs/main), holding `weights` as the
+    file the registry's `name` pins. Returns the file's sha256: OpenAI's own bytes are not here,
+    so a test pins that digest instead (`pinned`)."""
+    import hashlib
+
+    import frozen_clip
+
+    entry = frozen_clip.PRETRAINED[name]
+    repo = cache / ("models--" + frozen_clip.hub_repository(entry).replace("/", "--"))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(weights, repo / "blobs" / digest)
+    snapshot = repo / "snapshots" / entry.revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / entry.filename).symlink_to(Path("..", "..", "blobs", digest))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(entry.revision)
+    return digest
+
+
+def pinned_command(sha256: str, script: str, *args: str, name: str = "openai") -> list[str]:
+    """A command line that runs `script` (train.py, eval.py, ...) with the registry's `name` pinned
+    to `sha256` instead of the real file's digest, as a user runs it otherwise."""
+    launch = (f"import dataclasses, runpy, sys; sys.path.insert(0, {str(ROOT)!r}); import frozen_clip; "
+              f"frozen_clip.PRETRAINED[{name!r}] = dataclasses.replace(frozen_clip.PRETRAINED[{name!r}], "
+              f"sha256={sha256!r}); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", launch, str(ROOT / script), *args]

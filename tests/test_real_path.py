@@ -1,5 +1,5 @@
 """The real-size path end to end, as the project card says it is used: the paper's data layout
-of real photos, OpenAI's ViT-B/16 archive format (random weights), `train.py --dataset voc07`
+of real photos, the ViT-B/16 weights by name from a hub cache (random weights), `train.py --dataset voc07`
 (the voc2007-vitb16 preset at 448 px, ReSO on), `eval.py ckpt.safetensors` and
 `bench/profile_kernel.py`."""
 import json
@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 import config
 import frozen_clip
-from tests.helpers import release_layout, torchscript_archive
+import tinyclip
+from tests.helpers import fake_hub_cache, pinned_command, release_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,31 +24,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 
-def _command(script: str, *args: str, cwd: Path = ROOT) -> str:
+def _command(command, *args: str, cwd: Path = ROOT, env: dict | None = None) -> str:
     """Run a command as a user would: its own process, the CPU path (not the Triton interpreter
-    the in-process tests use)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+    the in-process tests use). `command`: a script of the repo, or a whole command line."""
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, str(ROOT / command)] if isinstance(command, str) else command
+    result = subprocess.run([*command, *args], cwd=cwd, env={**environ, **(env or {})}, capture_output=True,
                             text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_card_commands_at_full_size_on_the_release_layout(shared_data, tmp_path, monkeypatch, capsys):
-    """The project card's three commands as a new user types them, in a folder holding
-    data_folder/ (the paper's layout, real photos) and OpenAI's archive format (random ViT-B/16
-    weights): `frozen_clip.py convert` to the default weights file, `train.py --dataset voc07` (its
-    voc2007-vitb16 preset at 448 px; one epoch, ReSO on from it), `eval.py ckpt.safetensors`
-    in the run folder, `bench/profile_kernel.py` (its CPU pass). Every part is tested
-    elsewhere; this checks that they fit together at full size."""
+    """The project card's commands as a new user types them, in a folder holding data_folder/ (the
+    paper's layout, real photos), with the preset's CLIP weights by name from a Hugging Face cache
+    (random ViT-B/16 weights, their digest pinned in place of OpenAI's): `train.py --dataset voc07`
+    (its voc2007-vitb16 preset at 448 px; one epoch, ReSO on from it), `eval.py ckpt.safetensors`
+    in the run folder, `bench/profile_kernel.py` (its CPU pass). Every part is tested elsewhere;
+    this checks that they fit together at full size."""
     release_layout(shared_data / "real_sample" / "voc", tmp_path / "data_folder")
     torch.manual_seed(0)
-    clip = frozen_clip.create_clip("ViT-B-16-quickgelu")
-    torchscript_archive({k: v.contiguous() for k, v in clip.state_dict().items()},
-                         tmp_path / "ViT-B-16.pt")
-    _command("frozen_clip.py", "convert", "ViT-B-16.pt", "ViT-B-16.safetensors", cwd=tmp_path)
-    printed = _command("train.py", "--dataset", "voc07", "--epochs=1", "--reso-epoch=0", "--reso-eps=0.5",
-                       "--batch-size=4", "--workers=0", "--out=run", "--device=cpu", cwd=tmp_path)
+    weights = tmp_path / "random-vitb16.safetensors"
+    tinyclip.save_clip(frozen_clip.create_clip("ViT-B-16-quickgelu"), weights, {})
+    digest = fake_hub_cache(tmp_path / "hub", weights)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    printed = _command(pinned_command(digest, "train.py", "--dataset", "voc07", "--epochs=1", "--reso-epoch=0",
+                                      "--reso-eps=0.5", "--batch-size=4", "--workers=0", "--out=run", "--device=cpu"),
+                       cwd=tmp_path, env=env)
     assert "ReSO found" in printed and "voc2007/test" in printed and "caption pseudo labels against" in printed
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
@@ -56,8 +59,8 @@ def test_card_commands_at_full_size_on_the_release_layout(shared_data, tmp_path,
     with safe_open(str(run / "ckpt.safetensors"), "pt") as f:
         cfg = config.BACGCNConfig.from_json(f.metadata()["config"])
     assert cfg.image_size == 448 and cfg.clip_model == "ViT-B-16-quickgelu" and cfg.use_reso
-    assert cfg.clip_weights == str(tmp_path / "ViT-B-16.safetensors")
-    evaluated = _command("eval.py", "ckpt.safetensors", cwd=run)
+    assert cfg.clip_weights == "openai"
+    evaluated = _command(pinned_command(digest, "eval.py", "ckpt.safetensors"), cwd=run, env=env)
     assert f"voc2007/test: mAP {report['mAP']:.2f}" in evaluated and "12 images" in evaluated
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -74,8 +77,6 @@ def test_compare_at_full_size_on_real_photos(shared_data, tmp_path):
     """`bench/compare.py` on a dataset with a preset: the voc2007-vitb16 preset at 448 px on real
     photos in the paper's layout, random ViT-B/16 weights. Every peer runs end to end, its crops
     re-encoded at full size; the numbers mean nothing."""
-    import tinyclip
-
     release_layout(shared_data / "real_sample" / "voc", tmp_path / "data_folder", copies=2)   # 6 images a split
     torch.manual_seed(0)
     weights = tmp_path / "ViT-B-16.safetensors"

@@ -1,6 +1,7 @@
 """`--dataset` as people type it, the paper's data layout under data_folder/, and one line per
 missing piece. The full-size run on that layout is tests/test_real_path.py."""
 import pytest
+from huggingface_hub import constants
 
 import config
 import data
@@ -16,7 +17,7 @@ from tests.helpers import release_layout
 def test_short_dataset_names_choose_the_vitb16_preset(typed, dataset):
     cfg, preset = config.parse_overrides(["--dataset", typed])
     assert cfg.dataset == dataset and preset == f"{dataset}-vitb16" and cfg.clip_model == "ViT-B-16-quickgelu"
-    assert cfg.image_size == 448 and cfg.clip_weights == "ViT-B-16.safetensors"
+    assert cfg.image_size == 448 and cfg.clip_weights == "openai"       # fetched once by name
 
 
 def test_an_explicit_preset_wins_and_no_dataset_is_the_proving_ground():
@@ -48,20 +49,22 @@ def _error_lines(capsys) -> list[str]:
 
 def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "ROOT", tmp_path / "repo")   # a clean clone: nothing in the repo either
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))   # nothing cached, offline
     monkeypatch.chdir(tmp_path)
     assert train.main(["--dataset", "voc07"]) == 2
     folder, captions, weights = _error_lines(capsys)
     assert folder.startswith("error: data_folder/voc2007: no voc2007 here: put VOCtrainval_06-Nov-2007/ and "
                              "VOCtest_06-Nov-2007/")
     assert captions.startswith("error: data_folder/voc2007/captions.json: no captions: put the paper's captions.json")
-    assert weights.startswith("error: ViT-B-16.safetensors: CLIP weights not found: download OpenAI's ViT-B-16.pt (")
-    assert "`python frozen_clip.py convert ViT-B-16.pt ViT-B-16.safetensors`" in weights
+    assert weights.startswith("error: --clip-weights=openai: OpenAI's ViT-B/16 weights are not in the Hugging Face "
+                              "cache (")
+    assert "pass --clip-weights=FILE" in weights
     # the trainval tree alone: the test split's tree is the one piece named
     (tmp_path / "data_folder" / "voc2007" / "VOCtrainval_06-Nov-2007" / "VOCdevkit" / "VOC2007" / "JPEGImages").mkdir(
         parents=True)
     (tmp_path / "data_folder" / "voc2007" / "captions.json").write_text("{}")
     (tmp_path / "ViT-B-16.safetensors").write_bytes(b"")
-    assert train.main(["--dataset", "voc07"]) == 2
+    assert train.main(["--dataset", "voc07", "--clip-weights=ViT-B-16.safetensors"]) == 2
     assert _error_lines(capsys) == ["error: data_folder/voc2007: no VOC2007 folder with JPEGImages/ found here (for "
                                     "test: VOCtest_06-Nov-2007/VOCdevkit/VOC2007, as its tar unpacks, or one merged "
                                     "VOCdevkit)"]
@@ -72,6 +75,6 @@ def test_help_names_the_default_places(capsys):
     assert train.main(["--help"]) == 0
     text = capsys.readouterr().out
     for place in ("data_folder/voc2007/VOCtrainval_06-Nov-2007/VOCdevkit/VOC2007", "VOCtest_06-Nov-2007",
-                  "data_folder/<dataset>/captions.json", "ViT-B-16.safetensors", "--data-folder",
+                  "data_folder/<dataset>/captions.json", "--clip-weights=openai", "--data-folder",
                   "python train.py --dataset voc07", "--tracker"):
         assert place in text

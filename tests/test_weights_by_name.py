@@ -1,0 +1,146 @@
+"""CLIP weights by name (`--clip-weights=openai`, the ViT-B/16 presets' default): open_clip's
+registry names the Hugging Face repository, the project pins its revision and the file's sha256.
+No network here: a hub cache laid out as huggingface_hub writes it holds random ViT-B/16 weights,
+and the tests pin their digest in place of OpenAI's."""
+import dataclasses
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+import config
+import frozen_clip
+import pipeline
+import tinyclip
+import train
+from tests.helpers import fake_hub_cache, pinned_command, release_layout
+
+OPENAI = frozen_clip.PRETRAINED["openai"]
+
+
+@pytest.fixture(scope="module")
+def vitb16_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random-vitb16.safetensors"
+    tinyclip.save_clip(frozen_clip.create_clip("ViT-B-16-quickgelu"), path, {})
+    return path
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty hub cache of this test's own (never the machine's)."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_the_registry_pins_open_clips_repository_at_a_revision():
+    assert frozen_clip.hub_repository(OPENAI) == "timm/vit_base_patch16_clip_224.openai"
+    assert OPENAI.model == "ViT-B-16-quickgelu" and OPENAI.filename.endswith(".safetensors")
+    assert len(OPENAI.revision) == 40 and len(OPENAI.sha256) == 64
+    for preset in ("voc2007-vitb16", "voc2012-vitb16", "coco2014-vitb16", "nuswide-vitb16", "voc2007-vitb16-beyond"):
+        assert config.PRESETS[preset]["clip_weights"] == "openai"
+
+
+def test_named_weights_load_strict_from_the_hub_cache(hub, vitb16_weights, monkeypatch):
+    digest = fake_hub_cache(hub, vitb16_weights)
+    monkeypatch.setitem(frozen_clip.PRETRAINED, "openai", dataclasses.replace(OPENAI, sha256=digest))
+    path = frozen_clip.weights_file("openai", "ViT-B-16-quickgelu")
+    assert path.parent.name == OPENAI.revision and path.resolve().name == digest
+    clip = frozen_clip.create_clip("ViT-B-16-quickgelu", path)
+    want = frozen_clip.read_state_dict(vitb16_weights)
+    assert all(torch.equal(v, want[k]) for k, v in clip.state_dict().items())
+
+
+def test_a_cached_file_that_is_not_the_pinned_one_is_refused(hub, vitb16_weights):
+    fake_hub_cache(hub, vitb16_weights)          # random weights where OpenAI's are pinned
+    with pytest.raises(frozen_clip.DataError, match="not OpenAI's ViT-B/16 weights as pinned for "
+                                                    "--clip-weights=openai \\(sha256 .*delete it and run again"):
+        frozen_clip.weights_file("openai", "ViT-B-16-quickgelu")
+
+
+def test_offline_with_nothing_cached_is_one_line_naming_the_file_and_where(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--dataset=voc07", "--data-root=nowhere"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    weights = [line for line in lines if "--clip-weights=openai" in line]
+    assert len(weights) == 1 and "Traceback" not in "".join(lines)
+    assert weights[0].startswith("error: --clip-weights=openai: OpenAI's ViT-B/16 weights are not in the Hugging Face "
+                                 f"cache ({hub}) and cannot be downloaded (offline (HF_HUB_OFFLINE=1)): download "
+                                 f"https://huggingface.co/timm/vit_base_patch16_clip_224.openai/resolve/"
+                                 f"{OPENAI.revision}/open_clip_model.safetensors and pass --clip-weights=FILE")
+
+
+def test_a_name_for_another_architecture_is_one_line(capsys):
+    assert train.main(["--dataset=voc07", "--clip-model=ViT-B-32", "--data-root=nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert ("error: --clip-weights=openai: OpenAI's ViT-B/16 weights load into ViT-B-16-quickgelu, not ViT-B-32 "
+            "(pass --clip-model=ViT-B-16-quickgelu)") in err
+
+
+def _run(command, cwd, hub_dir):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(HF_HUB_CACHE=str(hub_dir), HF_HUB_OFFLINE="1")
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_a_checkpoint_finds_its_weights_by_name_on_another_machine(shared_data, tmp_path, vitb16_weights):
+    """train.py --dataset voc07 with the preset's default weights (by name, from the hub cache),
+    then eval.py of its checkpoint elsewhere: another hub cache, the trained-with file gone."""
+    release_layout(shared_data / "real_sample" / "voc", tmp_path / "data_folder", copies=1)
+    digest = fake_hub_cache(tmp_path / "hub", vitb16_weights)
+    done = _run(pinned_command(digest, "train.py", "--dataset=voc07", "--image-size=224", "--epochs=1",
+                               "--use-reso=false", "--batch-size=4", "--workers=0", "--out=run", "--device=cpu"),
+                tmp_path, tmp_path / "hub")
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "ckpt.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"])["clip_weights"] == "openai"
+    record = json.loads(meta["clip_weights"])
+    assert record["name"] == "openai" and record["sha256"] == digest
+    assert record["path"].endswith(f"snapshots/{OPENAI.revision}/open_clip_model.safetensors")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    fake_hub_cache(other / "hub", vitb16_weights)
+    import shutil
+    shutil.rmtree(tmp_path / "hub")
+    done = _run(pinned_command(digest, "eval.py", str(tmp_path / "run" / "ckpt.safetensors")), other, other / "hub")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loading CLIP weights openai" in done.stdout and f"mAP {report['mAP']:.2f}" in done.stdout
+    # no cache at all: one line saying which --clip-weights to pass
+    done = _run(pinned_command(digest, "eval.py", str(tmp_path / "run" / "ckpt.safetensors")), other,
+                other / "empty")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "--clip-weights=openai: OpenAI's ViT-B/16 weights are not in the Hugging Face cache" in done.stderr
+    assert "pass --clip-weights=FILE" in done.stderr
+
+
+def test_a_checkpoint_whose_weights_file_is_gone_names_the_option(tmp_path, vitb16_weights, capsys):
+    """Recorded as a file (a user's own), missing here: by the name its digest has, else one line
+    with the digest of the file to pass."""
+    cfg = config.BACGCNConfig(clip_model="ViT-B-16-quickgelu", clip_weights=str(tmp_path / "gone.safetensors"))
+    record = {"name": None, "sha256": "ab" * 32, "path": cfg.clip_weights}
+    with pytest.raises(frozen_clip.DataError, match="its CLIP weights .*gone.safetensors are not on this machine: "
+                                                    "pass --clip-weights=FILE, the file with sha256 abab"):
+        pipeline.checkpoint_clip_weights("ckpt.safetensors", cfg, record, given=False)
+    named = pipeline.checkpoint_clip_weights("ckpt.safetensors", cfg, dict(record, name="openai"), given=False)
+    assert named.clip_weights == "openai"
+    # a file given that is not the trained-with one: said, and used
+    given = cfg.replace(clip_weights=str(vitb16_weights))
+    assert pipeline.checkpoint_clip_weights("ckpt.safetensors", given, record, given=True) == given
+    assert "holds other CLIP weights than ckpt.safetensors was trained with" in capsys.readouterr().out
+
+
+def test_a_local_file_keeps_working(tmp_path, vitb16_weights):
+    cfg, _ = config.parse_overrides(["--dataset=voc07", f"--clip-weights={vitb16_weights}"])
+    assert pipeline.clip_weights_file(cfg) == vitb16_weights and pipeline.clip_weights_problem(cfg) is None
+    record = pipeline.clip_weights_record(cfg)
+    assert record["name"] is None and record["path"] == str(vitb16_weights)
