@@ -36,6 +36,7 @@ from data import (
     image_batches,
     image_folder,
     read_json,
+    shown_path,
     write_graph,
     write_scores_csv,
 )
@@ -200,19 +201,48 @@ class _KeyValuePairs(list):
     """A JSON object as its (key, value) pairs in file order, a key given twice included."""
 
 
-def read_captions(directory: str | os.PathLike) -> dict[str, list[str]]:
-    """captions.json (+ re_captions.json when present) -> {image id: [caption, ...]}.
+# The authors' repository publishes its captions as caption/<dataset>/<dataset>_captions.json and
+# <dataset>_re_captions.json; this project (and `captions.py generate`) writes captions.json and
+# re_captions.json. A captions folder may be either, or the repository's caption/ folder, or a clone.
+CAPTIONS_FILE, RE_CAPTIONS_FILE = "captions.json", "re_captions.json"
+AUTHORS_CAPTION_FOLDER = "caption"
+
+
+def caption_candidates(folder: str | os.PathLike, dataset: str = "") -> list[Path]:
+    """Where the captions of `dataset` may be in `folder`, in the order they are looked for."""
+    folder = Path(folder)
+    found = [folder / CAPTIONS_FILE]
+    if dataset:
+        own = f"{dataset}_{CAPTIONS_FILE}"
+        found += [folder / own, folder / dataset / own, folder / AUTHORS_CAPTION_FOLDER / dataset / own]
+    return found
+
+
+def find_captions(folder: str | os.PathLike, dataset: str = "") -> Path | None:
+    """The captions file of `dataset` in `folder` (any layout of `caption_candidates`), or None."""
+    return next((p for p in caption_candidates(folder, dataset) if p.is_file()), None)
+
+
+def re_captions_beside(main: Path) -> Path:
+    """captions.json -> re_captions.json; voc2007_captions.json -> voc2007_re_captions.json."""
+    return main.with_name(main.name[:-len(CAPTIONS_FILE)] + RE_CAPTIONS_FILE)
+
+
+def read_captions(directory: str | os.PathLike, dataset: str = "") -> dict[str, list[str]]:
+    """The captions (+ re-captions where present) of `directory` -> {image id: [caption, ...]}:
+    captions.json, or the authors' files as published (`<dataset>_captions.json`, in the folder,
+    its `<dataset>/`, or a clone's `caption/<dataset>/`).
 
     Ids lose the trailing dot of the official files ("000012." -> "000012"). An id twice in one
     file (the same key twice, or "000012." beside "000012") is refused: merged or dropped, its
-    captions would change the votes unseen. A captions.json naming no image is refused too.
+    captions would change the votes unseen. A captions file naming no image is refused too.
     """
-    directory = Path(directory)
-    main = directory / "captions.json"
-    if not main.is_file():
-        raise DataError(main, "captions file not found")
+    main = find_captions(directory, dataset)
+    if main is None:
+        looked = ", ".join(shown_path(p.relative_to(directory)) for p in caption_candidates(directory, dataset))
+        raise DataError(directory, f"captions file not found (looked for {looked})")
     out: dict[str, list[str]] = {}
-    for path in (main, directory / "re_captions.json"):
+    for path in (main, re_captions_beside(main)):
         if not path.is_file():
             continue
         raw = read_json(path, "captions file", object_pairs_hook=_KeyValuePairs)     # duplicates kept
@@ -652,7 +682,7 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
     entry = datasets.get(args.dataset)
     class_names = entry.class_names(args.captions)     # a dataset without a class list carries it beside its captions
     dictionary = SynonymDictionary.from_json(entry.synonym_file(args.synonyms or "", args.captions), len(class_names))
-    captions = read_captions(args.captions)
+    captions = read_captions(args.captions, entry.name)
     config = CaptionFilterConfig(min_votes=args.min_votes, context_weight=args.context_weight)
     labels = pseudo_labels(captions, dictionary, class_names, config, progress=not args.quiet)
     write_scores_csv(args.out, labels.ids, labels.categories, labels.scores)
@@ -672,7 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pseudo-labels", help="captions -> soft pseudo labels CSV (+ co-occurrence graph)")
     p.add_argument("--dataset", required=True, type=datasets.canonical, choices=datasets.names())
-    p.add_argument("--captions", required=True, help="folder with captions.json (+ re_captions.json)")
+    p.add_argument("--captions", required=True,
+                   help="folder with captions.json (+ re_captions.json), or the authors' caption/ folder or a clone")
     p.add_argument("--out", required=True, help="scores CSV to write")
     p.add_argument("--synonyms", default=None,
                    help="dictionary JSON, or 'paper' for the paper's own (default: the project's, assets/synonyms/)")

@@ -195,8 +195,8 @@ def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
                 data.voc_root(root, entry.voc_year, split)
             except data.DataError as e:
                 lines.append(str(e))
-    captions_file = Path(cfg.captions) / "captions.json"
-    if entry.release_layout and not captions_file.is_file():
+    captions_file = Path(cfg.captions) / captions.CAPTIONS_FILE
+    if entry.release_layout and captions.find_captions(cfg.captions, entry.name) is None:
         lines.append(f"{show(captions_file)}: no captions: put the paper's captions.json (and re_captions.json) "
                      f"for {entry.name} there, make them with `python captions.py generate --dataset {entry.name} "
                      "...`, or pass --captions=DIR")
@@ -313,7 +313,7 @@ def check_captions_match(cfg, caption_texts: dict, pseudo: captions.PseudoLabels
     matched, total = int((pseudo.num_captions > 0).sum()), len(pseudo.ids)
     if total and not matched:
         first = next(iter(caption_texts), None)
-        raise data.DataError(Path(cfg.captions) / "captions.json",
+        raise data.DataError(captions.find_captions(cfg.captions, cfg.dataset) or cfg.captions,
                              f"no caption id matches an image of {train_ds.name} (captions name {first!r}, the "
                              f"images are named like {train_ds.ids[0]!r})")
     if total - matched > MAX_MISSING_SHARE * total:
@@ -347,7 +347,7 @@ def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) ->
     classes = train_ds.class_names
     entry = datasets.get(cfg.dataset)
     dictionary = captions.SynonymDictionary.from_json(entry.synonym_file(cfg.synonyms, cfg.captions), len(classes))
-    caption_texts = captions.read_captions(cfg.captions)
+    caption_texts = captions.read_captions(cfg.captions, entry.name)
     config = captions.CaptionFilterConfig(min_votes=cfg.min_votes)
     pseudo = captions.pseudo_labels(caption_texts, dictionary, classes, config, ids=train_ds.ids)
     check_captions_match(cfg, caption_texts, pseudo, train_ds)

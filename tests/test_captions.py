@@ -177,7 +177,33 @@ def test_bad_dictionary(tmp_path, capsys):
     assert "few.json: has 1 categories, the dataset has 20 classes" in capsys.readouterr().err
     assert captions_mod.main(["pseudo-labels", "--dataset", "voc2007", "--captions", str(tmp_path / "none"),
                       "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2
-    assert "captions.json: captions file not found" in capsys.readouterr().err
+    assert ("none: captions file not found (looked for captions.json, voc2007_captions.json, "
+            "voc2007/voc2007_captions.json, caption/voc2007/voc2007_captions.json)") in capsys.readouterr().err
+
+
+def test_the_authors_caption_files_are_read_as_published(shared_data, tmp_path):
+    """The official repository's layout: caption/voc2007/voc2007_captions.json and
+    voc2007_re_captions.json (the files of ../shared/data, renamed there). `--captions` takes that
+    folder, the caption/ folder or a clone, and reads the same captions as captions.json."""
+    import shutil
+
+    clone = tmp_path / "BAC-GCN"
+    folder = clone / "caption" / "voc2007"
+    folder.mkdir(parents=True)
+    shutil.copy(shared_data / "voc2007" / "captions.json", folder / "voc2007_captions.json")
+    shutil.copy(shared_data / "voc2007" / "re_captions.json", folder / "voc2007_re_captions.json")
+    want = captions_mod.read_captions(shared_data / "voc2007")
+    assert len(want) == 5011 and all(len(c) == 12 for c in want.values())
+    for given in (folder, clone / "caption", clone):
+        assert captions_mod.read_captions(given, "voc2007") == want
+    # without the re-captions: the six captions alone
+    (folder / "voc2007_re_captions.json").unlink()
+    assert all(len(c) == 6 for c in captions_mod.read_captions(clone, "voc2007").values())
+    # the command line, from a clone as cloned
+    out = tmp_path / "scores.csv"
+    assert captions_mod.main(["pseudo-labels", "--dataset", "voc07", "--captions", str(clone), "--out", str(out),
+                              "--quiet"]) == 0
+    assert len(out.read_text().splitlines()) == 5011 + 1
 
 
 @pytest.mark.parametrize("dataset", ["voc2007", "voc2012", "coco2014", "nuswide"])

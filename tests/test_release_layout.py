@@ -78,3 +78,16 @@ def test_help_names_the_default_places(capsys):
                   "data_folder/<dataset>/captions.json", "--clip-weights=openai", "--data-folder",
                   "python train.py --dataset voc07", "--tracker"):
         assert place in text
+
+
+def test_the_authors_caption_folder_or_a_clone_is_a_captions_folder(tmp_path):
+    """--captions=<clone of the authors' repository>: its caption/voc2007/voc2007_captions.json
+    is found, and no line says the captions are missing."""
+    clone = tmp_path / "BAC-GCN"
+    (clone / "caption" / "voc2007").mkdir(parents=True)
+    (clone / "caption" / "voc2007" / "voc2007_captions.json").write_text('{"000012.": ["a car"]}')
+    for given in (clone, clone / "caption", clone / "caption" / "voc2007"):
+        cfg, _ = config.parse_overrides(["--dataset=voc07", f"--captions={given}", f"--data-root={tmp_path}"])
+        assert not any("no captions" in line for line in pipeline.missing_pieces(cfg))
+    cfg, _ = config.parse_overrides(["--dataset=voc07", f"--captions={tmp_path}", f"--data-root={tmp_path}"])
+    assert any("no captions" in line for line in pipeline.missing_pieces(cfg))
