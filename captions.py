@@ -154,12 +154,33 @@ class SynonymDictionary:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, num_classes: int) -> "SynonymDictionary":
+        return cls.from_mapping(_read_dictionary(path), num_classes, path)
+
+    @classmethod
+    def for_classes(cls, classes: Sequence[str], extra: str | os.PathLike = "") -> "SynonymDictionary":
+        """A dictionary for a user's own class names: each class named by itself (plurals are
+        singularised as in captions), then the project's background categories (sky, road, grass,
+        ...: BACKGROUNDS_FROM), and what `extra` (a dictionary JSON) adds to any of them."""
+        source, after = BACKGROUNDS_FROM
+        base = list(_read_dictionary(datasets.SYNONYM_DIR / source).items())[after:]
+        raw = {c: [c] for c in classes}
+        taken = {c.lower() for c in classes}
+        raw.update({b: syns for b, syns in base if b != IGNORE_KEY and b.lower() not in taken})
+        if extra:
+            for category, synonyms in _read_dictionary(extra).items():
+                if category != IGNORE_KEY and category not in raw:
+                    raise DataError(extra, f"names the category {category!r}, which is neither one of the classes "
+                                           f"({', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''}) nor a "
+                                           "background category")
+                raw.setdefault(category, []).extend(synonyms)
+        return cls.from_mapping(raw, len(classes), extra or f"the class names + {source}'s backgrounds")
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, list[str]], num_classes: int,
+                     path: str | os.PathLike) -> "SynonymDictionary":
+        """`path`: where the mapping comes from (errors name it)."""
         path = Path(path)
-        raw = read_json(path, "synonym dictionary")
-        if not isinstance(raw, dict) or not all(
-            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in raw.values()
-        ):
-            raise DataError(path, "expected an object {category: [synonym, ...]}")
+        raw = dict(raw)
         ignore = raw.pop(IGNORE_KEY, [])
         categories = [k.strip() for k in raw]
         if len(categories) < num_classes:
@@ -195,6 +216,20 @@ class SynonymDictionary:
                     used[i:i + n] = [True] * n
                     found.update(cats)
         return found
+
+
+# A folder of photos borrows the background categories of the project's VOC dictionary, where they
+# follow VOC's 20 classes.
+BACKGROUNDS_FROM = ("voc2007.json", 20)
+
+
+def _read_dictionary(path: str | os.PathLike) -> dict[str, list[str]]:
+    raw = read_json(path, "synonym dictionary")
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in raw.values()
+    ):
+        raise DataError(path, "expected an object {category: [synonym, ...]}")
+    return raw
 
 
 class _KeyValuePairs(list):
@@ -479,33 +514,49 @@ def _import_transformers():
     return transformers
 
 
-def load_blip2(path: str | os.PathLike, device: str):
-    """(model, processor) of a local BLIP-2 folder (save_pretrained layout); never downloads.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def load_blip2(spec: str | os.PathLike, device: str):
+    """(model, processor) of BLIP-2: a local folder (save_pretrained layout), or a Hugging Face hub
+    id (`Salesforce/blip2-opt-2.7b`) fetched once into the hub's cache, with a progress bar.
     bf16 on CUDA, fp32 on the CPU (bf16 is many times slower there)."""
     import torch
 
     transformers = _import_transformers()
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(path, "model folder not found")
-    if not (path / "config.json").is_file():
-        raise DataError(path, "no config.json here: not a model folder written by save_pretrained")
-    config = read_json(path / "config.json", "model config")
+    path = Path(spec)
+    local = path.is_dir()
+    if local:
+        if not (path / "config.json").is_file():
+            raise DataError(path, "no config.json here: not a model folder written by save_pretrained")
+        config = read_json(path / "config.json", "model config")
+    elif HUB_ID.fullmatch(str(spec)) and not path.exists():
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(spec)).to_dict()
+        except (OSError, ValueError) as e:
+            raise DataError(str(spec), "not a local model folder, and not loadable from the Hugging Face hub "
+                                       f"({_first_line(e)})") from None
+    else:
+        raise DataError(path, "model folder not found (nor a Hugging Face hub id such as Salesforce/blip2-opt-2.7b)")
     if not isinstance(config, dict) or config.get("model_type") != "blip-2":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise DataError(path, f"not a BLIP-2 model (model_type {kind!r}, expected 'blip-2')")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        processor = transformers.Blip2Processor.from_pretrained(path, local_files_only=True)
-        model = transformers.Blip2ForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+        processor = transformers.Blip2Processor.from_pretrained(str(spec), local_files_only=local)
+        model = transformers.Blip2ForConditionalGeneration.from_pretrained(str(spec), local_files_only=local,
+                                                                           dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(path, f"cannot load the BLIP-2 model ({first})") from None
+        raise DataError(path, f"cannot load the BLIP-2 model ({_first_line(e)})") from None
     # Prompts of a batch differ in length; a decoder-only model continues from the right end.
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model.to(device).eval(), processor
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def _image_features(model, pixel_values):
@@ -645,6 +696,41 @@ def _caption_source(args: argparse.Namespace) -> tuple[MultiLabelImages, Synonym
     return images, SynonymDictionary.from_json(synonyms, len(images.class_names))
 
 
+@dataclass
+class CaptionerOptions:
+    """How `generate` runs BLIP-2 (the `captions.py generate` options of the same names)."""
+    device: str = ""            # '' = cuda when available
+    batch_size: int = 16        # images per batch (each asks 6 + 6 prompts)
+    workers: int = 0            # image decoding processes
+    max_new_tokens: int = 30    # longest answer, in tokens
+    save_every: int = 20        # batches between progress saves
+    quiet: bool = False         # no progress bar
+
+
+def generate(images: MultiLabelImages, model: str, out: str | os.PathLike, dictionary: SynonymDictionary | None,
+             options: CaptionerOptions = CaptionerOptions()) -> list[Path]:
+    """Caption the images of `images` that `out` does not hold yet with BLIP-2 (`model`: a local
+    folder or a hub id) into out/captions.json (+ re_captions.json with a dictionary), resuming
+    there. Returns the files written."""
+    if not images.samples:
+        raise DataError(images.name, "no image to caption")
+    progress = CaptionProgress(out, recaption=dictionary is not None)
+    left = sum(not progress.done(s.id) for s in images.samples)
+    if left:
+        import torch
+
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"{images.name}: {len(images.samples) - left} of {len(images.samples)} images already captioned, "
+              f"{left} to go ({model} on {device})", file=sys.stderr)
+        blip2, processor = load_blip2(model, device)
+        _, report = caption_images(images, blip2, processor, progress, dictionary, options.batch_size,
+                                   options.workers, options.max_new_tokens, options.save_every, options.quiet)
+        print(f"{images.name}: {report.summary()}", file=sys.stderr)
+        if not progress.files["captions"]:
+            raise DataError(images.name, f"none of the {left} images could be read; nothing captioned")
+    return progress.finish()
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     _import_transformers()  # before any slow step: a missing extra is the likeliest first error
     images, dictionary = _caption_source(args)
@@ -653,21 +739,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if dictionary is None:
         print("folder without --synonyms: writing captions.json only (re-captions exclude the categories "
               "a dictionary finds in the first captions)", file=sys.stderr)
-    progress = CaptionProgress(args.out, recaption=dictionary is not None)
-    left = sum(not progress.done(s.id) for s in images.samples)
-    if left:
-        import torch
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        print(f"{images.name}: {len(images.samples) - left} of {len(images.samples)} images already captioned, "
-              f"{left} to go ({args.model} on {device})", file=sys.stderr)
-        model, processor = load_blip2(args.model, device)
-        _, report = caption_images(images, model, processor, progress, dictionary, args.batch_size,
-                                   args.workers, args.max_new_tokens, args.save_every, args.quiet)
-        print(f"{images.name}: {report.summary()}", file=sys.stderr)
-        if not progress.files["captions"]:
-            raise DataError(args.data_root, f"none of the {left} images could be read; nothing captioned")
-    for path in progress.finish():
+    options = CaptionerOptions(args.device or "", args.batch_size, args.workers, args.max_new_tokens,
+                               args.save_every, args.quiet)
+    for path in generate(images, args.model, args.out, dictionary, options):
         print(f"wrote {path}")
 
 
@@ -719,7 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a dataset of the registry (datasets.py), or 'folder': every JPEG/PNG under --data-root")
     p.add_argument("--data-root", required=True, help="dataset root, or the image folder")
     p.add_argument("--split", default=None, help="split of the dataset (not for a folder)")
-    p.add_argument("--model", required=True, help="local BLIP-2 folder (e.g. blip2-opt-2.7b); never downloaded")
+    p.add_argument("--model", required=True,
+                   help="BLIP-2: a local folder, or a Hugging Face hub id (Salesforce/blip2-opt-2.7b, fetched once)")
     p.add_argument("--out", required=True, help="folder for captions.json and re_captions.json (resumes there)")
     p.add_argument("--synonyms", default=None,
                    help="dictionary JSON or 'paper' (default: the dataset's); a folder needs one for re-captions")

@@ -55,6 +55,9 @@ class BACGCNConfig:
     build_world: bool = False           # synthetic: build the world at --data-root when it is missing
     captions: str = ""                  # folder with captions.json (+ re_captions.json) ('' = <data_folder>/<dataset>)
     synonyms: str = ""                  # dictionary JSON ('' = the project's for the dataset, 'paper')
+    classes: str = ""                   # folder: the class names, a file (one per line) or a list (cat,dog)
+    labels: str = ""                    # folder: a labels CSV (eval.py --labels format) to evaluate on ('' = none)
+    captioner: str = "Salesforce/blip2-opt-2.7b"   # folder: BLIP-2 (hub id or local folder) when it has no captions
     train_split: str = ""               # '' = the dataset's training split
     test_split: str = ""                # '' = the dataset's test split
     # frozen CLIP (stage 2)
@@ -181,6 +184,8 @@ PRESETS: dict[str, dict] = {
     "synthetic-tiny": dict(image_size=128, lr=5e-3, prompt_lr_mult=1.0, epochs=32, reso_epoch=20,
                            reso_floor_quantile=0.99, reso_tau=0.6),
     "voc2007-vitb16": dict(_VITB16, dataset="voc2007"),
+    # a folder of the user's own photos: the VOC settings (the ViT-B/16 read at 448 px)
+    "folder-vitb16": dict(_VITB16, dataset="folder"),
     "voc2012-vitb16": dict(_VITB16, dataset="voc2012"),
     "coco2014-vitb16": dict(_VITB16, dataset="coco2014", tau_a=0.4),
     "nuswide-vitb16": dict(_VITB16, dataset="nuswide", tau_a=0.4),

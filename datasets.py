@@ -53,6 +53,9 @@ class Dataset:
     title: str = ""                      # what messages call a copy of it ('' = its name)
     default_root: str = ""               # '' = <data_folder>/<name>; else a folder under the repo, {seed} filled in
     split_notes: dict[str, str] = field(default_factory=dict)   # said in the first lines of a run on that split
+    # A user's own photos: classes from --classes, no human labels (evaluated only with --labels), captioned
+    # by BLIP-2 where it has no captions, its dictionary built from the class names, tagged after training.
+    own_photos: bool = False
 
     def class_names(self, root: str | os.PathLike) -> list[str]:
         """The classes, in column order (from the data itself where the entry has none)."""
@@ -73,7 +76,7 @@ class Dataset:
         locations (`annotation_file`, `image_dir`)."""
         self.check_split(split)
         samples, classes = self.loader(Path(root), split, paths)
-        return MultiLabelImages(samples, classes, transform, name=f"{self.name}/{split}")
+        return MultiLabelImages(samples, classes, transform, name=f"{self.name}/{split}", upright=self.own_photos)
 
     def synonym_file(self, synonyms: str = "", beside: str | os.PathLike = "") -> Path:
         """The one rule for the dictionary: an explicit path; `paper` (the paper's own, where
@@ -211,6 +214,19 @@ register(Dataset(
     "nuswide", load_nuswide, splits=("train", "test"), train_split="train", test_split="test",
     aliases=("nus", "nus-wide"), classes=NUSWIDE_CONCEPTS, preset="nuswide-vitb16",
     release_layout="Flickr/, ImageList/, Groundtruth/TrainTestLabels/ and Concepts81.txt", synonyms="nuswide.json"))
+def load_folder(root: Path, split: str, paths: dict) -> tuple[list[Sample], Sequence[str]]:
+    if not paths.get("classes"):
+        raise data.DataError("--classes", "a folder of photos needs its class names: --classes=FILE (one a line) "
+                                          "or --classes=cat,dog,...")
+    classes = data.class_list(paths["classes"])
+    return data.labelled_folder(root, classes, paths.get("labels") or "").samples, classes
+
+
+register(Dataset(
+    # Every JPEG/PNG under --data-root (subfolders too), one split: the photos train on their captions
+    # and are tagged by the result.
+    "folder", load_folder, splits=("all",), train_split="all", test_split="all", preset="folder-vitb16",
+    title="photo folder", own_photos=True))
 register(Dataset(
     # The proving ground (synthetic.py), VOC2007 layout, built here on first use; fit/val split
     # its trainval for tuning (bench/ablation.py --validation).

@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 
 from cli import finite_float, integer_from, run_command
-from data import DataError, atomic_write, check_writable, read_table_csv, shown_path, write_json, write_scores_csv
-from metrics import DIFFICULT_MODES, evaluate, positive_counts
+from data import DataError, atomic_write, check_writable, read_table_csv, shown_path, write_json
+from metrics import DIFFICULT_MODES, evaluate, positive_counts, sigmoid
 
 
 def evaluate_csv(scores_path: str, labels_path: str, difficult: str = "ignore",
@@ -130,14 +130,13 @@ def checkpoint_logits(path: str, split: str | None = None, overrides: dict | Non
                       weights_format: str = "auto"):
     """(config, classes, split features, logits [n, O], metadata) of a checkpoint on a split of its
     dataset; with the test-time small-object pass when its config turns it on (`test_crops`)."""
-    import datasets
     import pipeline
     import reso
 
     given = overrides or {}
     model = open_model(path, given, weights_format, split)
     cfg, classes = model.cfg, model.classes
-    dataset = datasets.load(cfg.dataset, cfg.data_root, cfg.test_split)
+    dataset = pipeline.load_split(cfg, cfg.test_split)
     if dataset.class_names != classes:
         raise DataError(path, f"trained on {len(classes)} classes of {cfg.dataset} ({', '.join(classes[:3])}, ...), "
                               f"the data at {cfg.data_root} has {len(dataset.class_names)} "
@@ -185,26 +184,12 @@ def write_png(image, out: Path) -> None:
     atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))   # no overflow for large |x|
-
-
 def check_finite_scores(checkpoint: str, ids: Sequence[str], logits: np.ndarray) -> None:
     """Scores that overflowed to NaN or infinity are the checkpoint's failure, not tags to write."""
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         raise DataError(checkpoint, f"its head gives NaN or infinite scores for {int(bad.sum())} of {len(ids)} "
                                     f"images (first: {ids[int(np.argmax(bad))]!r}): its weights overflow")
-
-
-def tag_lists(probs: np.ndarray, classes: list[str], threshold: float, top_k: int | None) -> list[str]:
-    """Per image: the classes scoring >= threshold (the CF1 rule), best first, at most top_k,
-    joined by ';'."""
-    out = []
-    for row in probs:
-        order = [int(c) for c in np.argsort(-row, kind="stable") if row[c] >= threshold]
-        out.append(";".join(classes[c] for c in order[:top_k]))
-    return out
 
 
 def folder_crops(cfg, crops: list):
@@ -238,6 +223,7 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
                overrides: dict | None = None, weights_format: str = "auto") -> dict:
     """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV. A photo is
     scored as a viewer shows it (its EXIF orientation applied), unlike a dataset's images."""
+    import pipeline
     from data import image_files
 
     target = check_out(out, "--images")
@@ -251,8 +237,7 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     logits = folder_small_object_pass(model, dataset, ids, logits, crops)
     check_finite_scores(checkpoint, ids, logits)
     classes = model.classes
-    probs = sigmoid(logits[:, :len(classes)])
-    write_scores_csv(target, ids, classes, probs, tag_lists(probs, classes, threshold, top_k))
+    pipeline.write_tags(target, ids, logits, classes, threshold, top_k)
     corrupt = len(dataset) - len(ids)
     return {"images": len(ids), "skipped": corrupt + sum(dataset.left_out.values()), "corrupt": corrupt,
             "left_out": dataset.left_out, "escaped_ids": sum(i in dataset.escaped_ids for i in ids),

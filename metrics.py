@@ -43,6 +43,10 @@ def _targets_and_weights(labels: np.ndarray, difficult: str) -> tuple[np.ndarray
     return targets.astype(np.float64), weights
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))   # no overflow for large |x|
+
+
 def positive_counts(labels: np.ndarray, difficult: str = "ignore") -> np.ndarray:
     """Positives per class under a difficult mode: a class's AP exists only where this is > 0."""
     targets, weights = _targets_and_weights(labels, difficult)

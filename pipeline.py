@@ -186,6 +186,12 @@ def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
     the place and what goes there; [] when everything is in place."""
     entry, lines, show = datasets.get(cfg.dataset), [], data.shown_path    # a newline in a name: still one line
     root = Path(cfg.data_root)
+    if entry.own_photos:
+        if not root.is_dir():
+            lines.append(f"{show(root)}: no such folder of photos (--data-root)")
+        if not cfg.classes:
+            lines.append("--classes: a folder of photos needs its class names: --classes=FILE (one a line) or "
+                         "--classes=cat,dog,...")
     if entry.release_layout and not root.is_dir():
         lines.append(f"{show(root)}: no {entry.name} here: put {entry.release_layout} there (the paper's layout), "
                      "or pass --data-root=DIR")
@@ -266,6 +272,16 @@ def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
             build_dataset(entry, root, cfg.seed)
         updates["data_root"] = str(root)
         updates["captions"] = cfg.captions or str(root)
+    elif entry.own_photos:
+        if not cfg.data_root:
+            raise MissingPieces(f"--data-root: a {entry.title or entry.name} needs --data-root=DIR, the folder whose "
+                                "JPEG/PNG photos (subfolders too) are to be tagged")
+        updates["data_root"] = os.path.abspath(cfg.data_root)
+        updates["captions"] = os.path.abspath(cfg.captions) if cfg.captions else str(photo_captions_folder(cfg))
+        if cfg.classes and Path(cfg.classes).is_file():       # recorded where any folder finds it again
+            updates["classes"] = os.path.abspath(cfg.classes)
+        if cfg.labels:
+            updates["labels"] = os.path.abspath(cfg.labels)
     else:
         folder = here_or_in_repo(cfg.data_folder) / entry.name
         updates["data_root"] = cfg.data_root or str(folder)
@@ -343,10 +359,54 @@ def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> N
             "could not be read and are left out")
 
 
+def load_split(cfg: config.BACGCNConfig, split: str) -> data.MultiLabelImages:
+    """One split of the run's dataset (a folder of photos reads --classes and --labels too)."""
+    return datasets.get(cfg.dataset).load(cfg.data_root, split, classes=cfg.classes, labels=cfg.labels)
+
+
+def has_labels(dataset: data.MultiLabelImages) -> bool:
+    """Whether any class of `dataset` has a positive to rank (a folder of photos without --labels has none)."""
+    return bool(metrics.positive_counts(dataset.label_matrix()).any())
+
+
+def photo_captions_folder(cfg: config.BACGCNConfig) -> Path:
+    """Where a folder of photos keeps the captions made for it: beside the feature cache, one
+    folder per photo folder (its name and a digest of its path), so a later run captions only
+    the photos added since."""
+    import hashlib
+
+    root = Path(cfg.data_root).resolve()
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return Path(cfg.cache_dir).resolve().parent / "captions" / f"{root.name}-{tag}"
+
+
+def dictionary_for(cfg: config.BACGCNConfig, classes: Sequence[str]) -> captions.SynonymDictionary:
+    """The run's synonym dictionary: the dataset's (or --synonyms); for a folder of photos, one
+    made from the class names and the backgrounds, which --synonyms=FILE adds to."""
+    entry = datasets.get(cfg.dataset)
+    if entry.own_photos:
+        return captions.SynonymDictionary.for_classes(classes, cfg.synonyms)
+    return captions.SynonymDictionary.from_json(entry.synonym_file(cfg.synonyms, cfg.captions), len(classes))
+
+
+def caption_photos(cfg: config.BACGCNConfig, photos: data.MultiLabelImages, device: str) -> None:
+    """A folder of photos is captioned by BLIP-2 (--captioner) into its captions folder, once:
+    the photos it lacks only. Captions the user gives (--captions=DIR) are read, never written."""
+    entry = datasets.get(cfg.dataset)
+    if not entry.own_photos or Path(cfg.captions) != photo_captions_folder(cfg):
+        return
+    if is_main_process():
+        dictionary = dictionary_for(cfg, photos.class_names)
+        options = captions.CaptionerOptions(device=device, workers=cfg.workers)
+        for path in captions.generate(photos, cfg.captioner, cfg.captions, dictionary, options):
+            log(f"captions: {path}")
+    barrier()
+
+
 def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
     entry = datasets.get(cfg.dataset)
-    dictionary = captions.SynonymDictionary.from_json(entry.synonym_file(cfg.synonyms, cfg.captions), len(classes))
+    dictionary = dictionary_for(cfg, classes)
     caption_texts = captions.read_captions(cfg.captions, entry.name)
     config = captions.CaptionFilterConfig(min_votes=cfg.min_votes)
     pseudo = captions.pseudo_labels(caption_texts, dictionary, classes, config, ids=train_ds.ids)
@@ -614,6 +674,26 @@ def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, diff
         areas = data.largest_instance_area(cfg.data_root, split.ids, split.dataset.class_names, entry.voc_year)
         out.update(metrics.size_split_map(scores, labels, areas, metrics.SMALL_AREA, metrics.LARGE_AREA))
     return out
+
+
+def tag_lists(probs: np.ndarray, classes: Sequence[str], threshold: float, top_k: int | None) -> list[str]:
+    """Per image: the classes scoring >= threshold (the CF1 rule), best first, at most top_k,
+    joined by ';'."""
+    out = []
+    for row in probs:
+        order = [int(c) for c in np.argsort(-row, kind="stable") if row[c] >= threshold]
+        out.append(";".join(classes[c] for c in order[:top_k]))
+    return out
+
+
+def write_tags(path: str | os.PathLike, ids: Sequence[str], logits: np.ndarray, classes: Sequence[str],
+               threshold: float = 0.5, top_k: int | None = None) -> dict:
+    """The tags CSV (eval.py --images's): each image's class probabilities and its tags."""
+    probs = metrics.sigmoid(logits[:, :len(classes)])
+    tags = tag_lists(probs, classes, threshold, top_k)
+    data.write_scores_csv(path, ids, classes, probs, tags)
+    return {"file": str(path), "threshold": threshold, "top_k": top_k, "images": len(ids),
+            "images_with_tags": sum(bool(t) for t in tags)}
 
 
 # --------------------------------------------------------------------------------------------

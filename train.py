@@ -311,7 +311,8 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
         log(f"WARNING: ReSO starts at epoch {cfg.reso_epoch + 1} of {cfg.epochs}: it will not run "
             "(lower --reso-epoch, or --use-reso=false to say so)")
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
-    train_ds, test_ds = entry.load(cfg.data_root, cfg.train_split), entry.load(cfg.data_root, cfg.test_split)
+    train_ds, test_ds = pipeline.load_split(cfg, cfg.train_split), pipeline.load_split(cfg, cfg.test_split)
+    pipeline.caption_photos(cfg, train_ds, device)
     labels = pipeline.caption_labels(cfg, train_ds)                                 # 1
     num_classes = len(labels.classes)
 
@@ -329,8 +330,14 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     logit_scale = float(backbone.clip.logit_scale.exp().item())                    # 3
     model = bacgcn.build_model(cfg, prompts, num_classes, labels.m, labels.n, logit_scale).to(device)
     dtype = pipeline.compute_dtype(device, cfg.amp)
-    zeroshot = pipeline.evaluate_split(cfg, pipeline.predict(model, test.feats, device, dtype), test, num_classes)
-    log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
+    labelled = pipeline.has_labels(test_ds)
+    if labelled:
+        zeroshot = pipeline.evaluate_split(cfg, pipeline.predict(model, test.feats, device, dtype), test, num_classes)
+        log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
+    else:
+        zeroshot = {}
+        log(f"{test_ds.name}: no labels, so no mAP (--labels=CSV evaluates)" if entry.own_photos else
+            f"WARNING: {test_ds.name} has no positive label: nothing to evaluate")
 
     # Only rank 0 writes files; the others log into the void. A resumed run appends.
     metrics_path = out_dir / "metrics.jsonl" if main_process else Path(os.devnull)
@@ -347,7 +354,8 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
             train_s = time.time() - t_train
             logits = pipeline.predict(model, test.feats, device, dtype)             # 5
             logits, test_pass = reso.small_object_pass(cfg, model, backbone, test, logits, device)
-            result = pipeline.evaluate_split(cfg, logits, test, num_classes)
+            result = pipeline.evaluate_split(cfg, logits, test, num_classes) if labelled else \
+                {"mAP": None, "CF1": None, "OF1": None, "AP": {}}
             metrics_log.record({"test": {k: v for k, v in result.items() if k != "AP"}}, None)
     except KeyboardInterrupt as e:             # Ctrl-C, or SIGTERM (cli.Interrupted)
         note = runs.stopped_note(out_dir)
@@ -366,6 +374,10 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
+    if main_process and entry.own_photos:
+        tags = out_dir / "tags.csv"
+        report["tags"] = pipeline.write_tags(tags, test.ids, logits, labels.classes)
+        log(f"tagged {len(test.ids)} photos of {test_ds.name}: {tags}")
     if main_process:
         checkpoints.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
                                     labels.m, labels.n, report, preset, pipeline.clip_weights_record(cfg))
@@ -375,6 +387,8 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
 
 
 def print_table(report: dict) -> None:
+    if report["mAP"] is None:          # a folder of photos without labels: its tags are the result
+        return
     cols = [k for k in ("mAP", "mAP_small", "mAP_large") if k in report]
     print("\n" + f"{'':<16}" + "".join(f"{c:>11}" for c in cols))
     for name, row in (("CLIP zero-shot", report["zeroshot"]), ("BAC-GCN", report)):

@@ -167,3 +167,56 @@ def pinned_command(sha256: str, script: str, *args: str, name: str = "openai") -
               f"frozen_clip.PRETRAINED[{name!r}] = dataclasses.replace(frozen_clip.PRETRAINED[{name!r}], "
               f"sha256={sha256!r}); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     return [sys.executable, "-c", launch, str(ROOT / script), *args]
+
+
+TINY_WORDS = """question answer what is in the photo are shown tell us about objects present this image please
+explain detail background of excluding a an and with on person people man car dog cat horse bicycle bus sky road
+grass tree wall building field ? , .""".split()
+
+
+def _tiny_tokenizer():
+    """A word-level tokenizer over a small vocabulary, OPT-style (</s> is BOS and EOS)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *TINY_WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", vocab["</s>"])])
+    tk.decoder = decoders.WordPiece()  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_blip2(out: Path) -> Path:
+    """A tiny randomly initialised BLIP-2 (no download) saved at `out` as save_pretrained writes
+    it: the captioner's tests run the real code path on the CPU in seconds."""
+    import transformers
+
+    tokenizer = _tiny_tokenizer()
+    processor = transformers.Blip2Processor(transformers.BlipImageProcessor(size={"height": 32, "width": 32}),
+                                            tokenizer, num_query_tokens=4)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    vocab = len(tokenizer)
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=vocab, max_position_embeddings=64),
+        text_config=transformers.OPTConfig(vocab_size=vocab, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=128,
+                                           word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        num_query_tokens=4, image_token_index=image_token)
+    torch.manual_seed(0)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # The default init is near zero, so greedy decoding would emit one token forever; wide
+        # weights make the answers depend on image and prompt, and words rather than <unk>/<pad>.
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5)
+        model.get_input_embeddings().weight[[0, 2, image_token]] = 0
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

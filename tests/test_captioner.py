@@ -9,60 +9,16 @@ import pytest
 import captions
 import data
 import datasets
+from tests.helpers import tiny_blip2
 
 transformers = pytest.importorskip("transformers",
                                    reason="captions need the optional extra (requirements-captions.txt)")
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore:skipping image:UserWarning")
 
-TINY_WORDS = """question answer what is in the photo are shown tell us about objects present this image please
-explain detail background of excluding a an and with on person people man car dog cat horse bicycle bus sky road
-grass tree wall building field ? , .""".split()
-
-
-def _tiny_tokenizer():
-    """A word-level tokenizer over a small vocabulary, OPT-style (</s> is BOS and EOS)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *TINY_WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", vocab["</s>"])])
-    tk.decoder = decoders.WordPiece()  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def blip2_dir(tmp_path_factory):
-    tokenizer = _tiny_tokenizer()
-    processor = transformers.Blip2Processor(transformers.BlipImageProcessor(size={"height": 32, "width": 32}),
-                                            tokenizer, num_query_tokens=4)
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    vocab = len(tokenizer)
-    config = transformers.Blip2Config(
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            vocab_size=vocab, max_position_embeddings=64),
-        text_config=transformers.OPTConfig(vocab_size=vocab, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                                           num_attention_heads=2, max_position_embeddings=128,
-                                           word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=1),
-        num_query_tokens=4, image_token_index=image_token)
-    torch.manual_seed(0)
-    model = transformers.Blip2ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # The default init is near zero, so greedy decoding would emit one token forever; wide
-        # weights make the answers depend on image and prompt, and words rather than <unk>/<pad>.
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.5)
-        model.get_input_embeddings().weight[[0, 2, image_token]] = 0
-    out = tmp_path_factory.mktemp("blip2-tiny")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return tiny_blip2(tmp_path_factory.mktemp("blip2-tiny"))
 
 
 @pytest.fixture
@@ -219,10 +175,15 @@ def test_one_line_errors(blip2_dir, tmp_path, monkeypatch, capsys):
     assert _error_line(capsys) == f"error: {folder}: no image to caption"
     (folder / "a.jpg").write_bytes(b"junk")
     assert _captions(run, tmp_path / "o", blip2_dir) == 2
-    assert _error_line(capsys) == f"error: {folder}: none of the 1 images could be read; nothing captioned"
+    assert _error_line(capsys) == f"error: folder {folder}: none of the 1 images could be read; nothing captioned"
     missing = tmp_path / "no-model"
     assert _captions(run, tmp_path / "o", missing) == 2
-    assert _error_line(capsys) == f"error: {missing}: model folder not found"
+    assert _error_line(capsys) == (f"error: {missing}: model folder not found (nor a Hugging Face hub id such as "
+                                   "Salesforce/blip2-opt-2.7b)")
+    # a hub id that is not in the (empty, offline) cache: one line
+    assert _captions(run, tmp_path / "o", "nobody/no-such-blip2") == 2
+    assert _error_line(capsys).startswith("error: nobody/no-such-blip2: not a local model folder, and not loadable "
+                                          "from the Hugging Face hub (")
     assert _captions(run, tmp_path / "o", folder) == 2
     assert _error_line(capsys) == f"error: {folder}: no config.json here: not a model folder written by save_pretrained"
     assert _captions(["--dataset", "voc2007", "--data-root", str(folder), "--split", "nope"], tmp_path / "o",
