@@ -161,6 +161,9 @@ def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | No
     overrides = {"clip_weights": clip_weights, "data_root": data_root, "cache_dir": cache_dir, "workers": workers,
                  "test_crops": test_crops}
     cfg, classes, test, logits, meta = checkpoint_logits(path, split, overrides, clip_weights_format)
+    if not pipeline.has_labels(test.dataset):
+        raise DataError(path, f"{test.dataset.name} has no label to evaluate against (a photo folder trained without "
+                              "--labels: tag photos with --images DIR)")
     result = pipeline.evaluate_split(cfg, logits, test, len(classes), difficult)
     result.update({"difficult": difficult, "num_images": len(test.ids), "dataset": cfg.dataset,
                    "split": cfg.test_split, "checkpoint": str(path), "trained": json.loads(meta["metrics"])})

@@ -78,6 +78,16 @@ def test_photos_to_tags_in_one_command(photos, blip2_dir, tmp_path):
     assert len(made) == 1
     texts = captions.read_captions(made[0].parent)
     assert set(texts) == set(ids) and all(len(c) == 12 for c in texts.values())
+    # eval.py of the checkpoint: nothing to evaluate against, said in one line; --images tags photos
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    evaluated = subprocess.run([sys.executable, str(ROOT / "eval.py"), "run/ckpt.safetensors"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 2 and evaluated.stderr.count("\n") == 1
+    assert "folder/all has no label to evaluate against" in evaluated.stderr
+    tagged = subprocess.run([sys.executable, str(ROOT / "eval.py"), "run/ckpt.safetensors", "--images", str(folder),
+                             "--out", "again.csv"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert tagged.returncode == 0, tagged.stderr[-2000:]
+    assert _tags(tmp_path / "again.csv").keys() == tags.keys()
     # a second run reads them: only the photo that could not be read is tried again
     again = _train("--dataset=folder", *run, "--out=run2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
