@@ -54,6 +54,7 @@ def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monke
     assert folder.startswith("error: data_folder/voc2007: no voc2007 here: put VOCtrainval_06-Nov-2007/ and "
                              "VOCtest_06-Nov-2007/")
     assert captions.startswith("error: data_folder/voc2007/captions.json: no captions: put the paper's captions.json")
+    assert folder.endswith("; --download fetches it from the official source") and "--download fetches" in captions
     assert weights.startswith("error: ViT-B-16.safetensors: CLIP weights not found: download OpenAI's ViT-B-16.pt (")
     assert "`python frozen_clip.py convert ViT-B-16.pt ViT-B-16.safetensors`" in weights
     # the trainval tree alone: the test split's tree is the one piece named
@@ -64,7 +65,7 @@ def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monke
     assert train.main(["--dataset", "voc07"]) == 2
     assert _error_lines(capsys) == ["error: data_folder/voc2007: no VOC2007 folder with JPEGImages/ found here (for "
                                     "test: VOCtest_06-Nov-2007/VOCdevkit/VOC2007, as its tar unpacks, or one merged "
-                                    "VOCdevkit)"]
+                                    "VOCdevkit); --download fetches it from the official source"]
     assert not (tmp_path / "runs").exists()
 
 
