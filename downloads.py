@@ -19,6 +19,7 @@ The data layer: this file imports data.py at most, never the model.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -158,15 +159,22 @@ def resumed_at(reply) -> int | None:
 
 
 def stream(reply, part: Path, have: int, total: int | None, digest) -> int:
-    """Append the reply's body to `part` (truncated first when `have` is 0), hashing it; the part's size after."""
-    with open(part, "ab" if have else "wb") as out, \
+    """Append the reply's body to `part` (rewritten from byte 0 when `have` is 0), hashing it; the
+    part's size after. The part is opened at the first byte that arrives, so a reply that brings
+    none (a timeout, a cut) leaves it as it was."""
+    with contextlib.ExitStack() as files, \
             tqdm(total=total, initial=have, desc=part.name.removesuffix(".part"), unit="B", unit_scale=True,
                  unit_divisor=1024, file=sys.stderr, mininterval=1) as bar:
+        out = None
         while block := reply.read(CHUNK_BYTES):
+            if out is None:
+                out = files.enter_context(open(part, "ab" if have else "wb"))
             write_block(out, block, part)
             digest.update(block)
             have += len(block)
             bar.update(len(block))
+        if out is None and not have:      # an empty file: its part is empty too
+            part.write_bytes(b"")
     return have
 
 
