@@ -8,10 +8,12 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,6 +41,7 @@ class Served:
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.cut_after: dict[str, int] = {}
+        self.stall_s = 0.0                                         # silence before the body: a stalled server
         self.ranges = True
         self.requests: list[tuple[str, str | None, int]] = []     # (path, Range header, bytes sent)
         self.url = ""                                              # http://127.0.0.1:PORT
@@ -67,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        time.sleep(served.stall_s)
         payload = body[start:][:served.cut_after.pop(self.path, None)]
         self.wfile.write(payload)
         served.requests.append((self.path, asked, len(payload)))
@@ -179,6 +183,31 @@ def test_an_interrupted_transfer_resumes_with_a_range_request(server, tmp_path):
     assert downloads.fetch(url, dest, checksum("sha256", body), timeout=TIMEOUT_S) is True
     assert dest.read_bytes() == body and not (tmp_path / "big.bin.part").exists()
     assert server.requests == [("/big.bin", None, 100_000), ("/big.bin", "bytes=100000-", 200_000)]
+
+
+def test_a_network_failure_is_one_line_naming_the_url_and_the_reason(server, tmp_path):
+    url = f"{server.url}/VOCtest_06-Nov-2007.tar"
+    with pytest.raises(data.DataError) as failed:
+        downloads.fetch(url, tmp_path / "VOCtest_06-Nov-2007.tar", "md5:" + "0" * 32, timeout=TIMEOUT_S)
+    assert str(failed.value) == f"{url}: download failed (HTTP 404 Not Found); nothing was received; the next run " \
+                                "tries again"
+    server.files["/VOCtest_06-Nov-2007.tar"], server.stall_s = b"x" * 1000, 1.0
+    with pytest.raises(data.DataError) as failed:
+        downloads.fetch(url, tmp_path / "VOCtest_06-Nov-2007.tar", "md5:" + "0" * 32, timeout=0.2)
+    assert str(failed.value) == f"{url}: download failed (no data for too long (timed out)); nothing was " \
+                                "received; the next run tries again"
+    refused = f"http://127.0.0.1:{free_port()}/x.tar"
+    with pytest.raises(data.DataError) as failed:
+        downloads.fetch(refused, tmp_path / "x.tar", "md5:" + "0" * 32, timeout=TIMEOUT_S)
+    assert str(failed.value).startswith(f"{refused}: download failed ([Errno {errno.ECONNREFUSED}] ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def free_port() -> int:
+    """A port no one listens on (taken, then let go)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_a_server_that_ignores_range_starts_over_and_a_complete_part_is_only_checked(server, tmp_path):
