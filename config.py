@@ -50,7 +50,7 @@ class BACGCNConfig:
     """Every knob of the method. The paper leaves most open; the defaults are ours."""
     # data
     dataset: str = "synthetic"          # a dataset of the registry (datasets.py; listed above) or its short name
-    data_folder: str = "data_folder"    # the paper's release layout: <data_folder>/<dataset>/ (./ first, then the repo)
+    data_folder: str = datasets.DATA_FOLDER   # the paper's layout: <data_folder>/<dataset>/ (./ first, then the repo)
     data_root: str = ""                 # '' = <data_folder>/<dataset>; synthetic: '' = runs/world-seed{seed}
     build_world: bool = False           # synthetic: build the world at --data-root when it is missing
     captions: str = ""                  # folder with captions.json (+ re_captions.json) ('' = <data_folder>/<dataset>)

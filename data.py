@@ -27,6 +27,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 
 
+def here_or_in_repo(path: str | os.PathLike, repo: Path = ROOT) -> Path:
+    """A relative path as given when it exists here, else under `repo` when it exists there
+    (where the default places are: data_folder/, ViT-B-16.safetensors), else as given."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (repo / p).exists():
+        return repo / p
+    return p
+
+
 def shown_path(path: str | os.PathLike) -> str:
     """A path as it goes into a one-line message: control characters (a newline or an escape in
     a folder's name) as Python writes them in a string (`\\n`, `\\x1b`) and bytes that are not

@@ -12,25 +12,54 @@ and one loader function `(root, split, paths) -> (samples, class names)`:
                                        train_split="trainval", test_split="test", classes=TOY_CLASSES,
                                        preset="synthetic-tiny", synonyms="toy.json"))
 
-The data layer: this file imports data.py's loaders and nothing of the model.
+Each entry also names where its pieces are downloaded from, with their checksums (`Download`):
+the official archives and the authors' captions at a pinned commit of their repository.
+
+  python datasets.py download voc07 [--data-folder DIR] [--data-root DIR] [--captions DIR]
+
+fetches the pieces that are missing into the places a run reads (train.py --download does the
+same before a run).
+
+The data layer: this file imports data.py's loaders (and downloads.py) and nothing of the model.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import urlsplit
 
+import cli
 import data
+import downloads
 from data import MultiLabelImages, Sample
 
 ROOT = Path(__file__).resolve().parent
 SYNONYM_DIR = ROOT / "assets" / "synonyms"       # the project's dictionaries; the paper's under paper/
 WORLD_SYNONYMS = "synonyms.json"                 # a dataset without a shipped dictionary keeps it beside its captions
+DATA_FOLDER = "data_folder"                      # the paper's release layout: <data folder>/<dataset>/
 
 # Loader: (root, split, file-location overrides such as annotation_file / image_dir) ->
 # (samples with {1, 0, -1} labels, class names in column order).
 Loader = Callable[[Path, str, dict], "tuple[list[Sample], Sequence[str]]"]
+
+
+@dataclass(frozen=True)
+class Download:
+    """One official piece of a dataset: where it is fetched from, its checksum, and where it goes."""
+    url: str
+    checksum: str                # "md5:HEX" or "sha256:HEX" of the official file
+    into: str                    # archive: the folder it unpacks into ('' = the place itself); file: its name
+    present: str                 # what exists once it is in place: the piece is fetched only when this is missing
+    unpack: bool = True          # an archive (.tar, .zip), unpacked into `into` and then deleted; else a file
+    place: str = "data_root"     # the folder `into` and `present` are under: "data_root" or "captions"
+
+    @property
+    def file_name(self) -> str:
+        return Path(urlsplit(self.url).path).name
 
 
 @dataclass(frozen=True)
@@ -53,9 +82,18 @@ class Dataset:
     title: str = ""                      # what messages call a copy of it ('' = its name)
     default_root: str = ""               # '' = <data_folder>/<name>; else a folder under the repo, {seed} filled in
     split_notes: dict[str, str] = field(default_factory=dict)   # said in the first lines of a run on that split
+    downloads: tuple[Download, ...] = ()   # its official pieces (`python datasets.py download`, train.py --download)
+    download_note: str = ""              # why a real dataset has none (said with its release_layout)
     # A user's own photos: classes from --classes, no human labels (evaluated only with --labels), captioned
     # by BLIP-2 where it has no captions, its dictionary built from the class names, tagged after training.
     own_photos: bool = False
+
+    def release_places(self, data_folder: str | os.PathLike, data_root: str = "",
+                       captions: str = "") -> dict[str, Path]:
+        """Where a run reads a real dataset and its captions (the keys are Download.place's and
+        the config's): both <data_folder>/<name>/ in the paper's layout, unless given."""
+        folder = Path(data_folder) / self.name
+        return {"data_root": Path(data_root or folder), "captions": Path(captions or folder)}
 
     def class_names(self, root: str | os.PathLike) -> list[str]:
         """The classes, in column order (from the data itself where the entry has none)."""
@@ -191,11 +229,55 @@ def load_synthetic(root: Path, split: str, paths: dict) -> tuple[list[Sample], S
     return data.load_voc(root, 2007, split, classes), classes
 
 
+# ============================================================================================
+# Downloads: the official archives and the authors' captions, each with its checksum
+# ============================================================================================
+
+VOC_SITE = "https://thor.robots.ox.ac.uk/pascal/VOC"    # the VOC mirror torchvision reads (same md5s)
+COCO_SITE = "http://images.cocodataset.org"
+# The authors' repository at a pinned commit, so the caption files (and their sha256) cannot
+# change under a run; it holds VOC captions only (COCO's and NUS-WIDE's: `captions.py generate`).
+AUTHORS_CAPTIONS = ("https://raw.githubusercontent.com/yonghyeonjo46/BAC-GCN/"
+                    "825d9d9bf0b87311ccaa9e4da0d0645cd3575642/caption")
+# The paper's synonym dictionaries, shipped byte for byte in assets/synonyms/paper/ (voc2012.json
+# is the same file as voc2007.json): pinned, so that any change to them fails a test.
+PAPER_SYNONYMS_SHA256 = {
+    "voc2007.json": "a239a75db247a1d00d085223d753e9defd97427ff2406b943012333f64a4f4e9",
+    "voc2012.json": "a239a75db247a1d00d085223d753e9defd97427ff2406b943012333f64a4f4e9",
+    "coco2014.json": "7df9cfc9eabe26ff896c40db06b3542c40dbd1d5c212dddec1629e29a6a7fae9",
+    "nuswide.json": "91d49fec107e90d08272ba6924cea8d92da3cdcc7ae8652c8df4721b5e9a6da1",
+}
+
+
+def voc_archive(year: int, split: str, file_name: str, md5: str) -> Download:
+    """A VOC tar, unpacked into its split's own release tree (data.VOC_RELEASE_TREES) as it unpacks: VOCdevkit/."""
+    tree = data.VOC_RELEASE_TREES[str(year)][split]
+    return Download(f"{VOC_SITE}/voc{year}/{file_name}", f"md5:{md5}", into=tree,
+                    present=f"{tree}/VOCdevkit/VOC{year}")
+
+
+def coco_archive(path: str, md5: str, present: str) -> Download:
+    """A COCO zip: it holds its top folder (train2014/, val2014/, annotations/), unpacked into the root."""
+    return Download(f"{COCO_SITE}/{path}", f"md5:{md5}", into="", present=present)
+
+
+def authors_captions(dataset: str, captions_sha256: str, re_captions_sha256: str) -> tuple[Download, ...]:
+    """The authors' <dataset>_captions.json and _re_captions.json, saved as captions.json and
+    re_captions.json in the run's captions folder (where the caption stage reads them)."""
+    return tuple(Download(f"{AUTHORS_CAPTIONS}/{dataset}/{dataset}_{name}", f"sha256:{sha256}", into=name,
+                          present=name, unpack=False, place="captions")
+                 for name, sha256 in (("captions.json", captions_sha256), ("re_captions.json", re_captions_sha256)))
+
+
 register(Dataset(
     "voc2007", voc_loader(2007, VOC_CLASSES), splits=("trainval", "test", "train", "val"),
     train_split="trainval", test_split="test", aliases=("voc07",), classes=VOC_CLASSES, preset="voc2007-vitb16",
     release_layout="VOCtrainval_06-Nov-2007/ and VOCtest_06-Nov-2007/ (each tar as it unpacks: VOCdevkit/VOC2007)",
-    synonyms="voc2007.json", voc_year=2007))
+    synonyms="voc2007.json", voc_year=2007,
+    downloads=(voc_archive(2007, "trainval", "VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),
+               voc_archive(2007, "test", "VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f"),
+               *authors_captions("voc2007", "72f757eb64a1968895487f552918035562ebdf00583e1f8202a0190e953338fa",
+                                 "b1e8ed058f0e85326aab3f6d1fcfe671597c3465f020c599297428f686be7f7d"))))
 register(Dataset(
     # The paper's captions cover the 1,464 segmentation-train images, not the 5,717 of Main
     # `train`: on `train`, 74 % of the images would train on no caption at all.
@@ -203,17 +285,27 @@ register(Dataset(
     train_split="segtrain", test_split="val", aliases=("voc12",), classes=VOC_CLASSES, preset="voc2012-vitb16",
     release_layout="VOC2012_train_val/ (the trainval tar as it unpacks: VOCdevkit/VOC2012)",
     synonyms="voc2012.json", voc_year=2012,
+    downloads=(voc_archive(2012, "trainval", "VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd"),
+               *authors_captions("voc2012", "4e4ccef27627f2f2010336515baceafbe53f3d811f462bb92bc72e6ed1bf47f9",
+                                 "22bfb2abc9d8724b8674d52769a757b5a5bc3cc00a4bd4e58d3c548bcc0b5706")),
     split_notes={"segtrain": "training on segtrain, the 1,464 images of ImageSets/Segmentation/train.txt that the "
                              "paper's captions cover; for all 5,717 of `train`, caption the rest (`python captions.py "
                              "generate --dataset voc2012 --split train ...`) and pass --train-split=train"}))
 register(Dataset(
     "coco2014", load_coco2014, splits=("train", "val"), train_split="train", test_split="val",
     aliases=("coco", "coco14"), classes=COCO_CLASSES, preset="coco2014-vitb16",
-    release_layout="train2014/, val2014/ and annotations/instances_{train,val}2014.json", synonyms="coco2014.json"))
+    release_layout="train2014/, val2014/ and annotations/instances_{train,val}2014.json", synonyms="coco2014.json",
+    downloads=(coco_archive("zips/train2014.zip", "0da8c0bd3d6becc4dcb32757491aca88", "train2014"),
+               coco_archive("zips/val2014.zip", "a3d79f5ed8d289b7a7554ce06a5782b3", "val2014"),
+               coco_archive("annotations/annotations_trainval2014.zip", "0a379cfc70b0e71301e0f377548639bd",
+                            "annotations"))))
 register(Dataset(
     "nuswide", load_nuswide, splits=("train", "test"), train_split="train", test_split="test",
     aliases=("nus", "nus-wide"), classes=NUSWIDE_CONCEPTS, preset="nuswide-vitb16",
-    release_layout="Flickr/, ImageList/, Groundtruth/TrainTestLabels/ and Concepts81.txt", synonyms="nuswide.json"))
+    release_layout="Flickr/, ImageList/, Groundtruth/TrainTestLabels/ and Concepts81.txt", synonyms="nuswide.json",
+    download_note="no official download of its images"))
+
+
 def load_folder(root: Path, split: str, paths: dict) -> tuple[list[Sample], Sequence[str]]:
     if not paths.get("classes"):
         raise data.DataError("--classes", "a folder of photos needs its class names: --classes=FILE (one a line) "
@@ -235,3 +327,61 @@ register(Dataset(
     size_buckets=True, build_command=("synthetic.py", "build"), build_marker="world.json", title="proving-ground world",
     default_root="runs/world-seed{seed}"))
 
+
+
+# ============================================================================================
+# Fetching what is missing: `python datasets.py download NAME`, train.py --download
+# ============================================================================================
+
+def fetch_missing(entry: Dataset, places: dict[str, Path], say: Callable[[str], None] = print) -> None:
+    """Download, check and unpack the entry's pieces whose `present` path is missing, into
+    `places` (its release_places: exactly where a run reads them), one line per piece. A dataset
+    with no official download is one DataError line saying what to put where; one that is
+    built here (the proving ground) has nothing to fetch."""
+    if not entry.downloads:
+        if entry.build_command or entry.own_photos:
+            say(f"{entry.title or entry.name}: " + ("your own photos" if entry.own_photos else
+                                                   "built here on first use, not downloaded") + ": nothing to fetch")
+            return
+        raise data.DataError(places["data_root"], f"{entry.download_note or 'no official download'}: put "
+                                                  f"{entry.release_layout} here yourself (or elsewhere, and pass "
+                                                  "--data-root=DIR)")
+    show = data.shown_path
+    for piece in entry.downloads:
+        base = places[piece.place]
+        if (base / piece.present).exists():
+            say(f"in place: {show(base / piece.present)} (not fetched)")
+            continue
+        dest = base / (piece.file_name if piece.unpack else piece.into)
+        how = "fetched" if downloads.fetch(piece.url, dest, piece.checksum) else "found"
+        checked = f"{piece.checksum.partition(':')[0]} checked"
+        if piece.unpack:
+            downloads.unpack(dest, base / piece.into)
+            say(f"{how} {piece.url} ({checked}), unpacked into {show(base / piece.into)}")
+        else:
+            say(f"{how} {piece.url} ({checked}) as {show(dest)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="datasets.py", description="The dataset registry's command line.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    download = commands.add_parser("download", help="fetch, check and unpack what is missing of a dataset, from its "
+                                                    "official sources, into the places a run reads")
+    download.add_argument("name", help=f"a dataset ({', '.join(names())}) "
+                                       "or its short name")
+    download.add_argument("--data-folder", default=DATA_FOLDER,
+                          help="the paper's layout: DIR/<dataset>/ (default data_folder: ./ first, then the repo)")
+    download.add_argument("--data-root", default="", help="the dataset's own folder (default <data folder>/<dataset>)")
+    download.add_argument("--captions", default="", help="the folder for captions.json and re_captions.json "
+                                                         "(default <data folder>/<dataset>)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        entry = get(args.name)
+        fetch_missing(entry, entry.release_places(data.here_or_in_repo(args.data_folder), args.data_root,
+                                                  args.captions))
+    return cli.run_command(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,12 +173,8 @@ class MissingPieces(ValueError):
 
 
 def here_or_in_repo(path: str) -> Path:
-    """A relative path as given when it exists here, else under the repo root when it exists
-    there (where the default places are: data_folder/, ViT-B-16.safetensors), else as given."""
-    p = Path(path)
-    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
-        return ROOT / p
-    return p
+    """data.here_or_in_repo under this repo (ROOT, which a test points at a clean clone)."""
+    return data.here_or_in_repo(path, ROOT)
 
 
 def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
@@ -186,6 +182,8 @@ def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
     the place and what goes there; [] when everything is in place."""
     entry, lines, show = datasets.get(cfg.dataset), [], data.shown_path    # a newline in a name: still one line
     root = Path(cfg.data_root)
+    fetches = {piece.place for piece in entry.downloads}
+    fetch_data = "; --download fetches it from the official source" if "data_root" in fetches else ""
     if entry.own_photos:
         if not root.is_dir():
             lines.append(f"{show(root)}: no such folder of photos (--data-root)")
@@ -194,18 +192,20 @@ def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
                          "--classes=cat,dog,...")
     if entry.release_layout and not root.is_dir():
         lines.append(f"{show(root)}: no {entry.name} here: put {entry.release_layout} there (the paper's layout), "
-                     "or pass --data-root=DIR")
+                     f"or pass --data-root=DIR{fetch_data}")
     elif entry.release_layout and entry.voc_year is not None:     # the release's trees, split by split
         for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
             try:
                 data.voc_root(root, entry.voc_year, split)
             except data.DataError as e:
-                lines.append(str(e))
+                lines.append(f"{e}{fetch_data}")
     captions_file = Path(cfg.captions) / captions.CAPTIONS_FILE
     if entry.release_layout and captions.find_captions(cfg.captions, entry.name) is None:
         lines.append(f"{show(captions_file)}: no captions: put the paper's captions.json (and re_captions.json) "
-                     f"for {entry.name} there, make them with `python captions.py generate --dataset {entry.name} "
-                     "...`, or pass --captions=DIR")
+                     f"for {entry.name} there" + (" (--download fetches the authors')" if "captions" in fetches
+                                                   else "") +
+                     f", make them with `python captions.py generate --dataset {entry.name} ...`, or pass "
+                     "--captions=DIR (a folder with captions.json, or the authors' caption/ folder or a clone)")
     weights = clip_weights_problem(cfg)
     if weights:
         lines.append(weights)
@@ -255,10 +255,11 @@ def build_dataset(entry: datasets.Dataset, root: Path, seed: int) -> None:
         raise data.DataError(root, f"building {entry.name} failed (`{' '.join(command[1:])}`: see above)")
 
 
-def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
+def resolve_paths(cfg: config.BACGCNConfig, download: bool = False) -> config.BACGCNConfig:
     """Fill the defaults that depend on the dataset (a real one in the paper's layout under
     --data-folder); build a dataset that is built here (the proving ground) if absent, at its
-    default path or where --build-world=true asks (a mistyped --data-root builds nothing). Every
+    default path or where --build-world=true asks (a mistyped --data-root builds nothing); with
+    `download`, fetch the registry's pieces that are missing into those places first. Every
     piece still missing is one line of MissingPieces."""
     entry, updates = datasets.get(cfg.dataset), {}
     if entry.build_command:
@@ -283,14 +284,15 @@ def resolve_paths(cfg: config.BACGCNConfig) -> config.BACGCNConfig:
         if cfg.labels:
             updates["labels"] = os.path.abspath(cfg.labels)
     else:
-        folder = here_or_in_repo(cfg.data_folder) / entry.name
-        updates["data_root"] = cfg.data_root or str(folder)
-        updates["captions"] = cfg.captions or str(folder)
+        places = entry.release_places(here_or_in_repo(cfg.data_folder), cfg.data_root, cfg.captions)
+        updates.update({key: str(place) for key, place in places.items()})
     updates["train_split"] = cfg.train_split or entry.train_split
     updates["test_split"] = cfg.test_split or entry.test_split
     if not frozen_clip.is_named(cfg.clip_weights):
         updates["clip_weights"] = str(here_or_in_repo(cfg.clip_weights))
     cfg = cfg.replace(**updates)
+    if download:
+        datasets.fetch_missing(entry, {"data_root": Path(cfg.data_root), "captions": Path(cfg.captions)}, say=log)
     missing = missing_pieces(cfg)
     if missing:
         raise MissingPieces("\n".join(missing))

@@ -5,6 +5,7 @@
   python frozen_clip.py convert ViT-B-16.pt ViT-B-16.safetensors   # OpenAI's TorchScript archive, once
   python train.py --key=value ...                   # any field of config.BACGCNConfig (the last of a repeat wins)
   python train.py --resume runs/X                   # continue a stopped run exactly (--overwrite: replace one)
+  python train.py --dataset voc07 --download        # first fetch the missing data and the authors' captions
   python train.py --tracker=mlflow                  # also log to mlflow (pip install -r requirements-tracking.txt)
   python train.py --help                            # every option, its type, default and meaning
 
@@ -19,7 +20,10 @@ in the current folder, else in the repo):
     Hugging Face hub at a pinned revision, fetched once into its cache and checked by sha256;
     or --clip-weights=FILE (safetensors or a state dict; OpenAI's ViT-B-16.pt after the convert line above)
 --data-root=DIR reads one dataset from elsewhere (for VOC also one merged VOCdevkit). Each piece
-that is missing is one line saying what to put where.
+that is missing is one line saying what to put where. --download (or `python datasets.py download
+NAME`) fetches the missing VOC/COCO archives from their official sites and the authors' VOC
+captions, checks each against its pinned checksum, resumes a broken transfer and unpacks into
+those places; NUS-WIDE has no official download of its images.
 
 Stages: (1) captions -> pseudo labels and the co-occurrence graph; (2) frozen CLIP features,
 cached once per image; (3) the model, which starts at CLIP zero-shot; (4) the Similarity Kernel
@@ -250,17 +254,18 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
 # The run: stages 1-5
 # --------------------------------------------------------------------------------------------
 
-def start_run(cfg: config.BACGCNConfig, preset: str, resume: bool = False,
-              overwrite: bool = False) -> tuple[config.BACGCNConfig, str, int | None]:
+def start_run(cfg: config.BACGCNConfig, preset: str, resume: bool = False, overwrite: bool = False,
+              download: bool = False) -> tuple[config.BACGCNConfig, str, int | None]:
     """Process group, paths, device, seeds, threads and the run folder: (completed config,
     device, the run folder's lock to close at the end). In a torchrun job rank 0 builds the
-    world, names the run folder for all and holds its lock."""
+    world or downloads what is missing (--download), names the run folder for all and holds
+    its lock; the others wait for it."""
     device = pipeline.init_distributed(cfg.device)
     _, world = pipeline.rank_and_world()
     if cfg.batch_size < world:
         raise ValueError(f"--batch-size={cfg.batch_size} is smaller than the {world} processes sharing each batch")
     if pipeline.is_main_process():
-        cfg = pipeline.resolve_paths(cfg)
+        cfg = pipeline.resolve_paths(cfg, download)
     pipeline.barrier()
     cfg = pipeline.resolve_paths(cfg)
     torch.manual_seed(cfg.seed)
@@ -275,10 +280,11 @@ def start_run(cfg: config.BACGCNConfig, preset: str, resume: bool = False,
     return cfg.replace(out=str(out_dir)), device, lock
 
 
-def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False) -> dict:
+def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False,
+        download: bool = False) -> dict:
     """The run, tracked (with --tracker) from its start to its end, failed or not."""
     t_start = time.time()
-    cfg, device, lock = start_run(cfg, preset, resume is not None, overwrite)
+    cfg, device, lock = start_run(cfg, preset, resume is not None, overwrite, download)
     try:
         return tracked_run(cfg, preset, resume, device, t_start)
     finally:
@@ -395,29 +401,32 @@ def print_table(report: dict) -> None:
         print(f"{name:<16}" + "".join(f"{row[c]:>11.2f}" if row.get(c) is not None else f"{'n/a':>11}" for c in cols))
 
 
-# The run folder's own options: not config fields (they are about the folder, not the method).
-RUN_OPTIONS = ("resume", "overwrite")
+# The run's own options: not config fields (they are about the run folder and the data on
+# disk, not the method).
+RUN_OPTIONS = ("resume", "overwrite", "download")
 
 
-def split_run_options(args: Sequence[str]) -> tuple[str | None, bool, list[tuple[str, str]]]:
-    """(--resume DIR, --overwrite, the config's (key, value) pairs), read like every option."""
+def split_run_options(args: Sequence[str]) -> tuple[str | None, bool, bool, list[tuple[str, str]]]:
+    """(--resume DIR, --overwrite, --download, the config's (key, value) pairs), read like every option."""
     pairs = cli.split_options(args)
     resume, overwrite = cli.last_value(pairs, "resume"), cli.last_value(pairs, "overwrite")
+    download = cli.last_value(pairs, "download")
     rest = [(k, v) for k, v in pairs if k not in RUN_OPTIONS]
     if resume == "true":              # a bare --resume
         raise ValueError("--resume needs the run folder to continue")
     overwrite = overwrite is not None and cli.parse_bool(overwrite)
+    download = download is not None and cli.parse_bool(download)
     if resume is not None and (rest or overwrite):
         given = f"--{rest[0][0].replace('_', '-')}={rest[0][1]}" if rest else "--overwrite"
         raise ValueError(f"--resume continues the run with its recorded config: drop {given}")
-    return resume, overwrite, rest
+    return resume, overwrite, download, rest
 
 
-def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, bool]:
-    """(config, preset, saved state or None, overwrite) of a command line, every choice checked
+def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, bool, bool]:
+    """(config, preset, saved state or None, overwrite, download) of a command line, every choice checked
     before any work (a world build, caption labels): a device that is not there, a tracker that
     is not installed, a run folder or cache that cannot be written."""
-    resume_dir, overwrite, pairs = split_run_options(args)
+    resume_dir, overwrite, download, pairs = split_run_options(args)
     if resume_dir is not None:
         if (Path(resume_dir) / "ckpt.safetensors").is_file():
             raise data.DataError(resume_dir, "this run has finished (its ckpt.safetensors is written): nothing "
@@ -432,7 +441,7 @@ def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, bool]
     if cfg.out:
         data.check_writable(cfg.out, "--out", folder=True)
     data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)
-    return cfg, preset, state, overwrite
+    return cfg, preset, state, overwrite, download
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,6 +56,7 @@ def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monke
     assert folder.startswith("error: data_folder/voc2007: no voc2007 here: put VOCtrainval_06-Nov-2007/ and "
                              "VOCtest_06-Nov-2007/")
     assert captions.startswith("error: data_folder/voc2007/captions.json: no captions: put the paper's captions.json")
+    assert folder.endswith("; --download fetches it from the official source") and "--download fetches" in captions
     assert weights.startswith("error: --clip-weights=openai: OpenAI's ViT-B/16 weights are not in the Hugging Face "
                               "cache (")
     assert "pass --clip-weights=FILE" in weights
@@ -67,7 +68,7 @@ def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monke
     assert train.main(["--dataset", "voc07", "--clip-weights=ViT-B-16.safetensors"]) == 2
     assert _error_lines(capsys) == ["error: data_folder/voc2007: no VOC2007 folder with JPEGImages/ found here (for "
                                     "test: VOCtest_06-Nov-2007/VOCdevkit/VOC2007, as its tar unpacks, or one merged "
-                                    "VOCdevkit)"]
+                                    "VOCdevkit); --download fetches it from the official source"]
     assert not (tmp_path / "runs").exists()
 
 

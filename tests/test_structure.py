@@ -41,8 +41,8 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("path", ["eval.py", "pipeline.py", "data.py", "captions.py", "cache.py", "bacgcn.py",
-                                  "metrics.py", "tracking.py", "peers.py", "config.py", "datasets.py", "cli.py",
-                                  "frozen_clip.py", "reso.py", "runs.py", "checkpoints.py",
+                                  "metrics.py", "tracking.py", "peers.py", "config.py", "datasets.py", "downloads.py",
+                                  "cli.py", "frozen_clip.py", "reso.py", "runs.py", "checkpoints.py",
                                   "bench/profile_kernel.py", "bench/caption_table.py", "bench/caption_fit.py",
                                   "bench/compile_check.py", "bench/gpu_check.py"])
 def test_commands_never_import_the_trainer(path):
@@ -55,9 +55,14 @@ def test_the_trainer_never_imports_the_peers(path):
     assert "peers" not in _imported_modules(ROOT / path)
 
 
-@pytest.mark.parametrize("path", ["data.py", "captions.py", "cache.py", "datasets.py"])
+@pytest.mark.parametrize("path", ["data.py", "captions.py", "cache.py", "datasets.py", "downloads.py"])
 def test_data_layer_never_imports_the_model(path):
     assert not MODEL & _imported_modules(ROOT / path)
+
+
+def test_the_downloader_builds_on_data_py_alone():
+    project = {p.stem for p in ROOT.glob("*.py")}
+    assert project & _imported_modules(ROOT / "downloads.py") == {"data"}
 
 
 def test_data_py_is_the_bottom_of_the_data_layer():
