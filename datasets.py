@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
+import numpy as np
+
 import cli
 import data
 import downloads
@@ -306,12 +308,71 @@ register(Dataset(
     download_note="no official download of its images"))
 
 
+def class_list(spec: str) -> list[str]:
+    """--classes: a file of class names (one a line; blank lines and # comments skipped) or a
+    comma-separated list (`cat,dog,person`). Names are unique (in any case) and not empty."""
+    path = Path(spec)
+    if path.is_file():
+        where, names = spec, [line.split("#", 1)[0].strip() for line in data.read_utf8(path, "class list").splitlines()]
+        names = [n for n in names if n]
+    elif "," not in spec and (path.suffix or os.sep in spec):
+        raise data.DataError(spec, "class list file not found (--classes takes a file, one class a line, or "
+                                   "cat,dog,...)")
+    else:
+        where, names = "--classes", [n.strip() for n in spec.split(",")]
+        if not all(names):
+            raise data.DataError(where, f"an empty class name in {spec!r} (two commas in a row, or one at an end)")
+    if not names:
+        raise data.DataError(where, "names no class")
+    seen: dict[str, str] = {}
+    for name in names:
+        if name.lower() in seen:
+            raise data.DataError(where, f"names the class {name!r} twice" + (f" (and as {seen[name.lower()]!r})"
+                                                                         if seen[name.lower()] != name else ""))
+        seen[name.lower()] = name
+    return names
+
+
+def labelled_folder(root: str | os.PathLike, classes: Sequence[str], labels: str = "") -> MultiLabelImages:
+    """The user's photos under `root` as a dataset of `classes` (see `image_folder`; scored upright,
+    as a viewer shows them). Without `labels` every label is 0 (unknown: nothing to evaluate);
+    with a labels CSV (eval.py --labels format: image_id and one column per class, 1 / -1 / 0)
+    the photos it names carry those labels, the others stay unknown (left out of every AP)."""
+    found = data.image_folder(root, upright=True)
+    if not len(found):
+        raise data.DataError(root, "no JPEG or PNG files in this folder or below it"
+                        + (f" ({data.left_out_words(found.left_out)})" if found.left_out else ""))
+    table: dict[str, np.ndarray] = {}
+    if labels:
+        ids, columns, values = data.read_table_csv(labels, "labels")
+        missing = [c for c in classes if c not in columns]
+        if missing:
+            raise data.DataError(labels, f"no column for the class {missing[0]!r} (its columns: "
+                                         f"{', '.join(columns[:5])}{', ...' if len(columns) > 5 else ''})")
+        bad = ~np.isin(values, (1, 0, -1))
+        if bad.any():
+            row, col = map(int, np.argwhere(bad)[0])
+            raise data.DataError(labels, f"image {ids[row]!r}, class {columns[col]!r}: {values[row, col]:g} is "
+                                         "not 1, -1 or 0")
+        take = [columns.index(c) for c in classes]
+        table = {i: values[k, take].astype(np.int8) for k, i in enumerate(ids)}
+        if not set(table) & set(found.ids):
+            raise data.DataError(labels, f"names none of the photos under {data.shown_path(root)} (its ids: "
+                                         f"{ids[0]!r}, ...; the photos': {found.ids[0]!r}, ...: the path under the "
+                                         "folder without extension)")
+    unknown = np.zeros(len(classes), dtype=np.int8)
+    samples = [Sample(s.id, s.path, table.get(s.id, unknown)) for s in found.samples]
+    folder = MultiLabelImages(samples, classes, name=found.name, upright=True)
+    folder.left_out, folder.escaped_ids = found.left_out, found.escaped_ids
+    return folder
+
+
 def load_folder(root: Path, split: str, paths: dict) -> tuple[list[Sample], Sequence[str]]:
     if not paths.get("classes"):
         raise data.DataError("--classes", "a folder of photos needs its class names: --classes=FILE (one a line) "
                                           "or --classes=cat,dog,...")
-    classes = data.class_list(paths["classes"])
-    return data.labelled_folder(root, classes, paths.get("labels") or "").samples, classes
+    classes = class_list(paths["classes"])
+    return labelled_folder(root, classes, paths.get("labels") or "").samples, classes
 
 
 register(Dataset(

@@ -337,13 +337,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     model = bacgcn.build_model(cfg, prompts, num_classes, labels.m, labels.n, logit_scale).to(device)
     dtype = pipeline.compute_dtype(device, cfg.amp)
     labelled = pipeline.has_labels(test_ds)
-    if labelled:
-        zeroshot = pipeline.evaluate_split(cfg, pipeline.predict(model, test.feats, device, dtype), test, num_classes)
-        log(f"CLIP zero-shot on {test_ds.name}: mAP {zeroshot['mAP']:.2f}")
-    else:
-        zeroshot = {}
-        log(f"{test_ds.name}: no labels, so no mAP (--labels=CSV evaluates)" if entry.own_photos else
-            f"WARNING: {test_ds.name} has no positive label: nothing to evaluate")
+    zeroshot = zero_shot(cfg, model, test, device, num_classes) if labelled else no_labels(test_ds.name, entry)
 
     # Only rank 0 writes files; the others log into the void. A resumed run appends.
     metrics_path = out_dir / "metrics.jsonl" if main_process else Path(os.devnull)
@@ -381,15 +375,29 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
     if main_process and entry.own_photos:
-        tags = out_dir / "tags.csv"
-        report["tags"] = pipeline.write_tags(tags, test.ids, logits, labels.classes)
-        log(f"tagged {len(test.ids)} photos of {test_ds.name}: {tags}")
+        report["tags"] = pipeline.write_tags(out_dir / "tags.csv", test.ids, logits, labels.classes)
+        log(f"tagged {len(test.ids)} photos of {test_ds.name}: {report['tags']['file']}")
     if main_process:
         checkpoints.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
                                     labels.m, labels.n, report, preset, pipeline.clip_weights_record(cfg))
         data.write_json(out_dir / "report.json", report)
         tracker.log_report(report, out_dir / "report.json")
     return report
+
+
+def zero_shot(cfg, model, test: Split, device: str, num_classes: int) -> dict:
+    """CLIP zero-shot on the test split: the untrained model (it starts there)."""
+    logits = pipeline.predict(model, test.feats, device, pipeline.compute_dtype(device, cfg.amp))
+    result = pipeline.evaluate_split(cfg, logits, test, num_classes)
+    log(f"CLIP zero-shot on {test.dataset.name}: mAP {result['mAP']:.2f}")
+    return result
+
+
+def no_labels(name: str, entry: datasets.Dataset) -> dict:
+    """A test split without labels trains all the same: said, and no mAP."""
+    log(f"{name}: no labels, so no mAP (--labels=CSV evaluates)" if entry.own_photos else
+        f"WARNING: {name} has no positive label: nothing to evaluate")
+    return {}
 
 
 def print_table(report: dict) -> None:

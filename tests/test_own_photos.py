@@ -139,7 +139,7 @@ def test_a_folder_run_says_what_it_lacks_in_one_line_each(tmp_path):
 def test_bad_class_lists_are_one_line(spec, problem, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.DataError) as e:
-        data.class_list(spec)
+        datasets.class_list(spec)
     assert str(e.value).startswith(problem)
 
 
