@@ -144,8 +144,9 @@ def pretrained_file(name: str, model_name: str) -> Path:
     """The local file of the weights named `name`: from the hub's cache, downloaded there the
     first time (with a progress bar), its sha256 checked. Offline with nothing cached, or a file
     that is not the pinned one: a one-line DataError saying what to place where."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
 
     from cache import file_digest
 
@@ -154,6 +155,14 @@ def pretrained_file(name: str, model_name: str) -> Path:
         raise DataError(f"--clip-weights={name}", f"{entry.title or name} load into {entry.model}, not "
                                                   f"{model_name} (pass --clip-model={entry.model})")
     repo = hub_repository(entry)
+    if not isinstance(try_to_load_from_cache(repo, entry.filename, revision=entry.revision), str) \
+            and not constants.HF_HUB_OFFLINE:
+        print(f"{entry.title or name}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) yet: fetching "
+              f"{hub_url(entry)} (once)", file=sys.stderr, flush=True)
+    # The hub client retries a refused connection five times, with a warning each: the one line below says it all.
+    hub_logger = hub_logging.get_logger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         path = Path(hf_hub_download(repo, entry.filename, revision=entry.revision))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
@@ -163,6 +172,8 @@ def pretrained_file(name: str, model_name: str) -> Path:
                                                   f"download {hub_url(entry)} and pass --clip-weights=FILE, or run "
                                                   f"`hf download {repo} {entry.filename} --revision {entry.revision}` "
                                                   "where there is a network and copy that cache here") from None
+    finally:
+        hub_logger.setLevel(level)
     digest = file_digest(path)
     if digest != entry.sha256:
         raise DataError(path, f"not {entry.title or name} as pinned for --clip-weights={name} (sha256 "

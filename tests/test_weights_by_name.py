@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +145,96 @@ def test_a_local_file_keeps_working(tmp_path, vitb16_weights):
     assert pipeline.clip_weights_file(cfg) == vitb16_weights and pipeline.clip_weights_problem(cfg) is None
     record = pipeline.clip_weights_record(cfg)
     assert record["name"] is None and record["path"] == str(vitb16_weights)
+
+
+class _Hub:
+    """A loopback stand-in for the Hugging Face hub (127.0.0.1, a free port): it serves `body` as
+    every repository's file at any revision, with the headers huggingface_hub reads."""
+
+    def __init__(self, body: bytes, revision: str):
+        import hashlib
+        import http.server
+        import threading
+
+        hub = self
+        self.requests: list[tuple[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 30
+
+            def _headers(self) -> bool:
+                hub.requests.append((self.command, self.path))
+                if "/resolve/" not in self.path:
+                    self.send_response(404)
+                    self.end_headers()
+                    return False
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("X-Repo-Commit", revision)
+                self.end_headers()
+                return True
+
+            def do_HEAD(self):
+                self._headers()
+
+            def do_GET(self):
+                if self._headers():
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def _fetch(digest: str, endpoint: str, cache, offline: bool = False):
+    """frozen_clip.weights_file('openai') in a process of its own (huggingface_hub reads its
+    endpoint when imported), the pin set to `digest`."""
+    code = (f"import dataclasses, sys; sys.path.insert(0, {str(pipeline.ROOT)!r}); import cli, frozen_clip; "
+            f"frozen_clip.PRETRAINED['openai'] = dataclasses.replace(frozen_clip.PRETRAINED['openai'], "
+            f"sha256={digest!r}); "
+            "sys.exit(cli.run_command(lambda: print(frozen_clip.weights_file('openai', 'ViT-B-16-quickgelu'))))")
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_named_weights_are_downloaded_once_into_the_hub_cache(tmp_path, vitb16_weights):
+    """The first use downloads from the hub (a loopback one here) into its cache at the pinned
+    revision; the next one, offline, reads the cache; a download that is not the pinned file is
+    refused; a hub that cannot be reached is one line."""
+    import hashlib
+
+    body = vitb16_weights.read_bytes()
+    digest = hashlib.sha256(body).hexdigest()
+    with _Hub(body, OPENAI.revision) as endpoint:
+        hub = _fetch(digest, endpoint, tmp_path / "cache")
+        wrong = _fetch("0" * 64, endpoint, tmp_path / "cache2")
+    assert hub.returncode == 0, hub.stderr[-2000:]
+    assert hub.stderr.startswith(f"OpenAI's ViT-B/16 weights: not in the Hugging Face cache ({tmp_path / 'cache'}) "
+                                 f"yet: fetching https://huggingface.co/timm/vit_base_patch16_clip_224.openai/resolve/"
+                                 f"{OPENAI.revision}/open_clip_model.safetensors (once)")
+    path = hub.stdout.strip()
+    assert path.endswith(f"models--timm--vit_base_patch16_clip_224.openai/snapshots/{OPENAI.revision}/"
+                         "open_clip_model.safetensors")
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    again = _fetch(digest, "http://127.0.0.1:9", tmp_path / "cache", offline=True)
+    assert again.returncode == 0 and again.stdout.strip() == path and again.stderr == ""
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 2       # the fetching line, then the refusal
+    assert "not OpenAI's ViT-B/16 weights as pinned for --clip-weights=openai" in wrong.stderr.splitlines()[1]
+    # nothing listens on the port: the fetching line, then one line naming the file to fetch by hand and where
+    down = _fetch(digest, "http://127.0.0.1:9", tmp_path / "cache3")
+    lines = down.stderr.splitlines()
+    assert down.returncode == 2 and len(lines) == 2 and "Retry" not in down.stderr
+    assert lines[1].startswith(f"error: --clip-weights=openai: OpenAI's ViT-B/16 weights are not in the Hugging "
+                               f"Face cache ({tmp_path / 'cache3'}) and cannot be downloaded (")
