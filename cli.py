@@ -163,3 +163,21 @@ def run_command(body: Callable[[], int | None]) -> int:
         if in_main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return code
+
+
+def duration_words(seconds: float) -> str:
+    """`42 s`, `7 min 5 s`, `3 h 12 min`: a duration as people read it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def size_words(num_bytes: int) -> str:
+    """`0 B`, `512 KiB`, `7.5 GiB`."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"

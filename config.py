@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,17 +77,17 @@ class BACGCNConfig:
     graph_direction: str = "row"        # row: i aggregates from j when P(j|i) >= tau_a | mlgcn: the transpose
     reweight_p: float = 0.25            # ML-GCN re-weighting: neighbours share p, the node keeps 1 - p
     global_edge: float = 0.5            # weight of each global<->local edge before normalisation
-    gcn_layers: int = 2
+    gcn_layers: int = 2                 # graph convolutions over the O local + global nodes
     gcn_activation: str = "leaky_relu"  # leaky_relu | gelu (not relu: see GCN_ACTIVATIONS)
     # ablation switches (bench/ablation.py)
     use_local: bool = True              # local logits from the Similarity Kernel
-    use_gcn: bool = True
+    use_gcn: bool = True                # CLIP-GCN over the local features (false: the kernel alone)
     use_backgrounds: bool = True        # background categories as nodes, prompts and targets
-    use_reso: bool = True
+    use_reso: bool = True               # ReSO: small regions cropped and trained from reso_epoch
     # Ours, not the paper's (off by default): + a linear layer over [g, max-pooled patches] added
     # to every logit, zero-initialised (the untrained model is still CLIP zero-shot). The ablation
     # found the paper's head within 0.2-0.5 mAP of a linear probe on those inputs (README).
-    linear_readout: bool = False
+    linear_readout: bool = False        # + a zero-initialised linear layer over [g, max-pooled patches]
     # The GCN lifted mAP_large and cost mAP_small (propagation from prominent companions drowns a
     # small object's own evidence): + a_B,o * cos(l_o, w_o), one zero-initialised weight per category.
     # Ours, not the paper's (off in its presets): the kernel's local logits also around the graph
@@ -94,7 +95,7 @@ class BACGCNConfig:
     # training (stage 5, 6)
     train_labels: str = "captions"      # captions | true: human class labels (the oracle; backgrounds keep captions)
     loss: str = "bce"                   # bce | asl (asymmetric loss, gamma_neg below)
-    asl_gamma_neg: float = 2.0
+    asl_gamma_neg: float = 2.0          # asl: focusing exponent of the negatives
     splc_tau: float = 0.6               # splc: an unlabelled entry scored above this is trained as a positive
     # The head starts at CLIP zero-shot, whose logits put almost every category near p = 1: Hill's
     # negative gradient vanishes there, and SPLC takes them all as positives.
@@ -106,12 +107,12 @@ class BACGCNConfig:
     large_loss: str = "none"            # none | reject (LL-R: drop them) | correct (LL-Ct: train them as positives)
     large_loss_delta: float = 0.002     # share of the unmentioned entries so treated grows by this per epoch
     missing_threshold: float = 0.05     # soft target at or below which an entry counts as unmentioned
-    epochs: int = 16
-    batch_size: int = 64
-    lr: float = 2e-3
+    epochs: int = 16                    # passes over the training images (paper: 16)
+    batch_size: int = 64                # images per step (over all processes of a torchrun job)
+    lr: float = 2e-3                    # peak learning rate (AdamW), warmup then cosine to 0
     prompt_lr_mult: float = 0.1         # the prompts start at CLIP's text embeddings: move them gently
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-4          # AdamW weight decay
+    warmup_epochs: float = 1.0          # linear warmup of the learning rate, in epochs
     min_votes: int = 1                  # captions needed for a hard pseudo label (graph, ReSO)
     # ReSO (stage 6)
     reso_epoch: int = 10                # E_reso: first epoch (0-based) that trains on crops
@@ -142,15 +143,16 @@ class BACGCNConfig:
     test_crops: int = 0                 # crops per image, highest peaks first (0 = off)
     test_crop_weight: float = 0.5       # share of a crop's logit excess over the image's that is added to it
     # runtime
-    seed: int = 0
+    seed: int = 0                       # every random choice; the proving ground: its world too
     device: str = ""                    # '' = cuda if available else cpu
     compile: bool = False               # torch.compile the head (CUDA)
     amp: bool = True                    # bf16 autocast on CUDA (the CPU always runs fp32)
     workers: int = 2                    # image decoding workers while caching features
-    cache_dir: str = ".cache/features"  # frozen-CLIP features, encoded once per image
+    output_root: str = ""               # runs/ and .cache/ go here ('' = $BACGCN_OUTPUT_ROOT, else the current folder)
+    cache_dir: str = ""                 # frozen-CLIP features, encoded once ('' = <output root>/.cache/features)
     cache_memory_gb: float = 8.0        # cached features held in memory up to this size; larger ones stream from disk
-    out: str = ""                       # run folder ('' = runs/<preset or dataset>-<time>)
-    log_every: int = 50
+    out: str = ""                       # run folder ('' = <output root>/runs/<preset or dataset>-<time>)
+    log_every: int = 50                 # steps between loss lines in metrics.jsonl
     tracker: str = "none"               # none | mlflow (pip install -r requirements-tracking.txt; main process only)
     tracker_uri: str = ""               # mlflow URI ('' = runs/mlflow.db, SQLite, `mlflow ui` reads it; http://HOST:PORT)
 
@@ -206,6 +208,34 @@ LOST_CANDIDATES: tuple = (("+ peak regions, head as a second judge", dict(_PEAK_
 PRESETS.update({f"{name}-beyond": dict(values, **BEYOND_THE_PAPER) for name, values in list(PRESETS.items())})
 
 
+# Presets made for a GPU (ViT-B/16 at 448 px): on a CPU one runs for hours, so a run there needs
+# --device=cpu said explicitly.
+GPU_PRESETS = frozenset(name for name, values in PRESETS.items() if values.get("clip_model") == _VITB16["clip_model"])
+OUTPUT_ROOT_ENV = "BACGCN_OUTPUT_ROOT"   # where runs/ and .cache/ go when --output-root is not given
+
+
+def output_root(cfg: "BACGCNConfig | None" = None) -> Path:
+    """The one folder a run's outputs go under (runs/, .cache/): --output-root, else the
+    environment's BACGCN_OUTPUT_ROOT, else the current folder; absolute."""
+    given = (cfg.output_root if cfg is not None else "") or os.environ.get(OUTPUT_ROOT_ENV, "")
+    return Path(given or ".").resolve()
+
+
+def default_cache_dir(cfg: "BACGCNConfig | None" = None) -> Path:
+    return output_root(cfg) / ".cache" / "features"
+
+
+def default_run_folder(cfg: "BACGCNConfig", preset: str) -> Path:
+    import time
+
+    return output_root(cfg) / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def with_output_places(cfg: "BACGCNConfig") -> "BACGCNConfig":
+    """`cfg` with its feature cache placed (absolute): the output root's unless --cache-dir."""
+    return cfg.replace(cache_dir=str(Path(cfg.cache_dir).resolve() if cfg.cache_dir else default_cache_dir(cfg)))
+
+
 def preset_for(dataset: str | None) -> str:
     """The preset a run takes without --preset: its dataset's entry names it (a real dataset's
     ViT-B/16 one: the tiny CLIP of the proving ground knows nothing of real photos)."""
@@ -250,7 +280,7 @@ def from_pairs(pairs: Sequence[tuple[str, str]], base: BACGCNConfig | None = Non
             updates[k] = parse_bool(v) if kind is bool else kind(v)
         except ValueError:
             raise ValueError(f"--{k.replace('_', '-')}: expected {kind.__name__}, got {v!r}") from None
-    cfg = cfg.replace(**updates)
+    cfg = with_output_places(cfg.replace(**updates))
     validate(cfg)
     return cfg, preset
 
@@ -367,15 +397,19 @@ def _config_comments() -> tuple[dict[str, str], dict[str, str]]:
             text, alone = comments.get(node.lineno, ("", True))
             trailing[name] = "" if alone else text
             above = [comments[k][0] for k in range(last + 1, node.lineno) if comments.get(k, ("", False))[1]]
-            if above:
+            # A comment block's last line is a section heading when it is a title, not the end of
+            # a sentence that explains the fields below (those end with a full stop).
+            if above and not above[-1].endswith("."):
                 heading[name] = above[-1]
             last = node.end_lineno
     return trailing, heading
 
 
-def options_help() -> str:
-    """The presets and every config option with its type, default and documentation."""
+def options_help(preset: str | None = None) -> str:
+    """The presets and every config option with its type, default (the values of `preset`, where
+    one is named) and documentation."""
     trailing, heading = _config_comments()
+    defaults = BACGCNConfig(**PRESETS[preset]) if preset in PRESETS else BACGCNConfig()
     lines = ["presets (--preset=NAME; default: the preset of the --dataset, listed with the datasets below):"]
     for name, values in PRESETS.items():
         lines.append(f"  {name:<17} " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"))
@@ -384,12 +418,13 @@ def options_help() -> str:
         short = f" ({', '.join(entry.aliases)})" if entry.aliases else ""
         lines.append(f"  {entry.name + short:<26} splits {', '.join(entry.splits)}; trains on {entry.train_split}, "
                      f"tests on {entry.test_split}; preset {entry.preset or '(none: --preset required)'}")
-    lines += ["", "options (--key=value or --key value; a bare --flag means true; the last of a repeated option "
-                  "wins):"]
+    which = f"the values of the preset {preset}" if preset in PRESETS else "the defaults without a preset"
+    lines += ["", f"options (--key=value or --key value; a bare --flag means true; the last of a repeated option "
+                  f"wins); shown with {which}:"]
     for f in dataclasses.fields(BACGCNConfig):
         if f.name in heading:
             lines.append(f" {heading[f.name]}")
         spec = f"{_option(f.name)} {type(f.default).__name__.upper()}"
-        lines.append(f"  {spec:<28} {f.default!r:<20} {trailing[f.name]}".rstrip())
+        lines.append(f"  {spec:<28} {getattr(defaults, f.name)!r:<20} {trailing[f.name]}".rstrip())
     return "\n".join(lines)
 

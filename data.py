@@ -488,12 +488,32 @@ def collate_images(batch: list[dict | None]) -> dict:
 LOADER_TIMEOUT_S = 600   # no batch of images takes this long to read; a worker stuck for good does
 
 
+def reader_count(workers: int) -> int:
+    """Image-reading processes for `workers` asked: at most the cores this process may run on
+    (more only wait for a core, and torch warns about them)."""
+    return min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """The bytes of the regular files under `folder` (0 when there is none); links not followed."""
+    total = 0
+    for base, _, files in os.walk(folder):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(base, name))
+            except OSError:
+                continue
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
 def image_batches(dataset, batch_size: int, workers: int, pin_memory: bool = False):
     """The `collate_images` batches of `dataset`, read by `workers` processes. A worker that
     fails (its shared memory cannot be had), dies (killed for memory) or sends nothing for
     LOADER_TIMEOUT_S ends the job with a one-line DataError naming the images, never a hang."""
     import torch
 
+    workers = reader_count(workers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_images, pin_memory=pin_memory,
                                          timeout=LOADER_TIMEOUT_S if workers else 0)

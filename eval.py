@@ -96,8 +96,8 @@ def announce(cfg, given: dict) -> None:
 def read_only_cache(cfg, spec: dict, what: str):
     """A cache dir named by a checkpoint is only read, never written: when it lacks the features
     of `spec` (`what`: a split, or the test-time pass's crops of one), or holds them damaged, they
-    are encoded into the default cache of the current folder instead (a damaged cache is rebuilt
-    where it lies only when it is the user's own)."""
+    are encoded into the default cache of the output root instead (the current folder, or
+    $BACGCN_OUTPUT_ROOT; a damaged cache is rebuilt where it lies only when it is the user's own)."""
     import config
     from cache import FeatureCache
 
@@ -105,7 +105,7 @@ def read_only_cache(cfg, spec: dict, what: str):
     problem = cache.problem() if cache.complete else f"lacks {what}"
     if problem is None:
         return cfg
-    local = str(Path(config.BACGCNConfig.cache_dir).resolve())
+    local = str(config.default_cache_dir())
     if cache.complete:
         problem = f"is damaged ({problem})"
     print(f"the checkpoint's feature cache {cfg.cache_dir} {problem}: encoding into {local} "

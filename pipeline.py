@@ -53,12 +53,48 @@ def resolve_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"--device={requested}: CUDA is not available")
+            raise ValueError(f"--device={requested}: CUDA cannot be used here ({cuda_problem()})")
         index, count = int(requested.partition(":")[2] or 0), torch.cuda.device_count()
         if index >= count:
             raise ValueError(f"--device={requested}: there {'is' if count == 1 else 'are'} {count} CUDA "
                              f"device{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})")
     return requested
+
+
+def cuda_problem() -> str:
+    """Why CUDA cannot be used here, in a few words (the driver's own reason where it gives one)."""
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "no GPU is visible (CUDA_VISIBLE_DEVICES is empty)"
+    try:
+        torch.cuda.init()                  # raises with the reason: no driver, a driver too old for this build
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".")[:200]    # the first sentence
+        return f"torch {torch.__version__} is built for CUDA {torch.version.cuda}: {reason}"
+    if not torch.cuda.device_count():
+        return "no CUDA device is visible"
+    return "CUDA is not available"
+
+
+def check_device_for_preset(requested: str, preset: str) -> None:
+    """A preset made for a GPU runs on the CPU only when asked for by name (--device=cpu)."""
+    device = resolve_device(requested)          # a CUDA device asked for and not there: refused here
+    if preset in config.GPU_PRESETS and not requested and device == "cpu":
+        raise ValueError(f"--preset={preset} is made for a GPU and CUDA cannot be used here ({cuda_problem()}): on "
+                         "the CPU it takes hours; pass --device=cpu to run it there anyway")
+
+
+def describe_device(device: str, cfg: config.BACGCNConfig) -> str:
+    """The device in words, with the dtype and compile mode: `cuda:0 (NVIDIA H100 80GB HBM3,
+    79.1 GiB), bf16 autocast, compile on` or `CPU, 2 threads, fp32, compile off (CUDA ...)`."""
+    dtype = "bf16 autocast" if compute_dtype(device, cfg.amp) == torch.bfloat16 else "fp32"
+    compiled = "compile on" if cfg.compile and device.startswith("cuda") else "compile off"
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB), {dtype}, {compiled}"
+    why = "" if torch.version.cuda is None else f" (CUDA cannot be used: {cuda_problem()})"
+    return f"CPU, {torch.get_num_threads()} threads, {dtype}, {compiled}{why}"
 
 
 def compute_dtype(device: str, amp: bool) -> torch.dtype:
@@ -379,7 +415,7 @@ def photo_captions_folder(cfg: config.BACGCNConfig) -> Path:
 
     root = Path(cfg.data_root).resolve()
     tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return Path(cfg.cache_dir).resolve().parent / "captions" / f"{root.name}-{tag}"
+    return Path(cfg.cache_dir or config.default_cache_dir(cfg)).resolve().parent / "captions" / f"{root.name}-{tag}"
 
 
 def dictionary_for(cfg: config.BACGCNConfig, classes: Sequence[str]) -> captions.SynonymDictionary:
@@ -557,7 +593,7 @@ def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -
     (each process of a distributed job encodes its share) or when the cache is damaged."""
     import time
 
-    cache = FeatureCache(cfg.cache_dir, spec)
+    cache = FeatureCache(cfg.cache_dir or config.default_cache_dir(cfg), spec)
     state = "miss"
     if is_main_process() and cache.complete:
         state = checked_cache(cache, dataset, lambda x: encode_features(backbone, x, cfg), cfg.workers, device, desc)
@@ -573,7 +609,9 @@ def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -
             cache.merge(parts)
         barrier()
         seconds = max(time.time() - t0, 1e-9)
-        log(f"{desc}: {len(dataset)} images in {seconds:.0f} s ({len(dataset) / seconds:.0f} img/s)")
+        rate = len(dataset) / seconds
+        log(f"{desc}: {len(dataset)} images in {seconds:.0f} s ({rate:.0f} img/s)" if rate >= 10 else
+            f"{desc}: {len(dataset)} images in {seconds:.0f} s ({seconds / max(len(dataset), 1):.1f} s an image)")
     return cache.open(cfg.cache_memory_gb * 2**30)
 
 

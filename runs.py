@@ -137,7 +137,89 @@ class MetricsLog:
 
 
 LOCK_FILE = ".run.lock"
-RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE, tracking.RUN_ID_FILE, LOCK_FILE)
+CONFIG_FILE = "config.json"     # the resolved config, every field: `train.py --config` starts a run from it
+LOG_FILE = "train.log"          # what the console showed, without progress-bar redraws
+TAGS_FILE = "tags.csv"          # a photo folder's tags
+RUN_FILES = ("ckpt.safetensors", "metrics.jsonl", "report.json", STATE_FILE, tracking.RUN_ID_FILE, LOCK_FILE,
+             CONFIG_FILE, LOG_FILE, TAGS_FILE)
+
+
+def write_config(out_dir: Path, cfg: config.BACGCNConfig, preset: str) -> None:
+    """config.json: every field of the resolved config, and the preset it came from."""
+    import dataclasses
+
+    data.write_json(out_dir / CONFIG_FILE, {"preset": preset, **dataclasses.asdict(cfg)})
+
+
+def read_config(path: str | os.PathLike) -> tuple[config.BACGCNConfig, str]:
+    """(config, preset) of a run's config.json, to start a new run from: its run folder (`out`)
+    is not taken over. Any field that is not what the config holds is one line naming it."""
+    raw = data.read_json(path, "run config")
+    if not isinstance(raw, dict):
+        raise data.DataError(path, f"not a run's config.json (a JSON {type(raw).__name__}, not an object)")
+    known = {f for f in config.BACGCNConfig.__dataclass_fields__}
+    unknown = [k for k in raw if k not in known and k != "preset"]
+    if unknown:
+        raise data.DataError(path, f"not a run's config.json: {unknown[0]!r} is no option of train.py")
+    preset = raw.get("preset", "")
+    if not isinstance(preset, str) or (preset and preset not in config.PRESETS):
+        raise data.DataError(path, f"names no preset of train.py ({preset!r})")
+    try:
+        cfg = config.BACGCNConfig.from_json(json.dumps({k: v for k, v in raw.items() if k != "preset"}))
+        config.validate(cfg)
+    except (ValueError, TypeError) as e:
+        raise data.DataError(path, str(e)) from None
+    return cfg.replace(out=""), preset
+
+
+class ConsoleTee:
+    """A console stream that also appends what it shows to a run's train.log: whole lines only,
+    each stamped with the time, and no progress bar (a line a carriage return redraws)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.pending = stream, log, ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if "\r" not in line:
+                import time
+
+                self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self.log.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):              # isatty, fileno, encoding...: the console's own
+        return getattr(self.stream, name)
+
+
+class console_logged:
+    """`with console_logged(out_dir):` stdout and stderr also go to out_dir/train.log."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.path, self.enabled = out_dir / LOG_FILE, enabled
+
+    def __enter__(self):
+        if self.enabled:
+            try:                # never through a link planted in the run folder
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise data.DataError(self.path, f"cannot be written ({e.strerror})") from None
+            self.log = os.fdopen(fd, "a", encoding="utf-8")
+            self.saved = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = ConsoleTee(sys.stdout, self.log), ConsoleTee(sys.stderr, self.log)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            sys.stdout, sys.stderr = self.saved
+            self.log.close()
+        return False
 
 
 class RunStopped(RuntimeError):

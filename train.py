@@ -36,6 +36,7 @@ eval.py and the benches is pipeline.py, the run folder's bookkeeping runs.py, Re
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -206,7 +207,9 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
         loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found, targets, device) if found else None
         reso.add_evidence(targets, found or [], cfg)
     step_fn = wrap_for_training(cfg, model, device)
+    epoch_seconds: list[float] = []
     while loop.epoch < cfg.epochs:
+        t_epoch = time.time()
         if cfg.use_reso and loop.epoch == cfg.reso_epoch:
             reso_done = start_reso(cfg, model, backbone, trainset, targets, loop, device, metrics_log)
         batches = [(kind, idx[rank::world]) for kind, idx in
@@ -242,8 +245,11 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
         epoch_loss = pipeline.mean_over_processes(running / max(len(batches), 1)).item()
         crops = 0 if loop.crops is None else len(loop.crops)
         metrics_log.record({"epoch": loop.epoch, "epoch_loss": epoch_loss, "crops": crops}, loop.epoch)
+        epoch_seconds.append(time.time() - t_epoch)
+        left = (cfg.epochs - loop.epoch - 1) * sum(epoch_seconds[-3:]) / len(epoch_seconds[-3:])
         log(f"epoch {loop.epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}, {len(batches)} steps"
-            + (f", {crops} ReSO crops" if cfg.use_reso and loop.epoch >= cfg.reso_epoch else ""))
+            + (f", {crops} ReSO crops" if cfg.use_reso and loop.epoch >= cfg.reso_epoch else "")
+            + f", {epoch_seconds[-1]:.1f} s" + (f", ETA {cli.duration_words(left)}" if left else ""))
         loop.epoch += 1
         if on_epoch_end is not None:
             on_epoch_end(loop)
@@ -273,22 +279,28 @@ def start_run(cfg: config.BACGCNConfig, preset: str, resume: bool = False, overw
     np.random.seed(cfg.seed)
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    out_dir = Path(cfg.out or ROOT / "runs" / f"{preset or cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(cfg.out or config.default_run_folder(cfg, preset))
     out_dir = Path(pipeline.broadcast_object(str(out_dir.resolve())))
     lock = runs.prepare_run_folder(out_dir, resume, overwrite) if pipeline.is_main_process() else None
     pipeline.barrier()
     return cfg.replace(out=str(out_dir)), device, lock
 
 
-def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None, overwrite: bool = False,
-        download: bool = False) -> dict:
-    """The run, tracked (with --tracker) from its start to its end, failed or not."""
+def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None,
+        options: RunOptions | None = None) -> dict:
+    """The run, tracked (with --tracker) from its start to its end, failed or not; the console
+    also goes to the run folder's train.log, its config to config.json."""
+    options = options or RunOptions()
     t_start = time.time()
-    cfg, device, lock = start_run(cfg, preset, resume is not None, overwrite, download)
+    cfg, device, lock = start_run(cfg, preset, resume is not None, options.overwrite, options.download)
+    out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     try:
-        return tracked_run(cfg, preset, resume, device, t_start)
+        with runs.console_logged(out_dir, enabled=main_process):
+            if main_process:
+                runs.write_config(out_dir, cfg, preset)
+            return tracked_run(cfg, preset, resume, device, t_start)
     finally:
-        runs.release_run_folder(Path(cfg.out), lock)
+        runs.release_run_folder(out_dir, lock)
 
 
 def tracked_run(cfg: config.BACGCNConfig, preset: str, resume: dict | None, device: str, t_start: float) -> dict:
@@ -318,6 +330,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
             "(lower --reso-epoch, or --use-reso=false to say so)")
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds, test_ds = pipeline.load_split(cfg, cfg.train_split), pipeline.load_split(cfg, cfg.test_split)
+    start_block(cfg, preset, device, train_ds, test_ds)
     pipeline.caption_photos(cfg, train_ds, device)
     labels = pipeline.caption_labels(cfg, train_ds)                                 # 1
     num_classes = len(labels.classes)
@@ -373,7 +386,8 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
                    "reso": reso_done, "test_pass": test_pass, "train_seconds": round(train_s, 3),
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
-                   "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir)})
+                   "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir),
+                   "config": dataclasses.asdict(cfg)})
     if main_process and entry.own_photos:
         report["tags"] = pipeline.write_tags(out_dir / "tags.csv", test.ids, logits, labels.classes)
         log(f"tagged {len(test.ids)} photos of {test_ds.name}: {report['tags']['file']}")
@@ -383,6 +397,27 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
         data.write_json(out_dir / "report.json", report)
         tracker.log_report(report, out_dir / "report.json")
     return report
+
+
+def start_block(cfg, preset: str, device: str, train_ds, test_ds) -> None:
+    """The run in one block before its first long stage: what runs on what, read from where,
+    and where its outputs go."""
+    splits = f"{cfg.train_split} {len(train_ds):,} images" + (
+        "" if cfg.test_split == cfg.train_split else f", tested on {cfg.test_split} {len(test_ds):,} images")
+    weights = cfg.clip_weights
+    if frozen_clip.is_named(weights):
+        weights += f" ({pipeline.clip_weights_file(cfg)})"
+    readers = data.reader_count(cfg.workers)
+    lines = [f"preset    {preset or '(none)'}: {cfg.dataset}, trained on {splits}",
+             f"device    {pipeline.describe_device(device, cfg)}",
+             f"readers   {readers} image-reading process{'es' if readers != 1 else ''}"
+             + (f" ({cfg.workers} asked; the cores this process may use)" if readers < cfg.workers else ""),
+             f"captions  {cfg.captions}",
+             f"weights   {weights} ({cfg.clip_model}{f' at {cfg.image_size} px' if cfg.image_size else ''})",
+             f"run       {cfg.out}",
+             f"cache     {cfg.cache_dir} ({cli.size_words(data.folder_bytes(cfg.cache_dir))} on disk)",
+             f"outputs   under {config.output_root(cfg)} (--output-root or ${config.OUTPUT_ROOT_ENV} moves them)"]
+    log("\n".join(lines))
 
 
 def zero_shot(cfg, model, test: Split, device: str, num_classes: int) -> dict:
@@ -409,53 +444,82 @@ def print_table(report: dict) -> None:
         print(f"{name:<16}" + "".join(f"{row[c]:>11.2f}" if row.get(c) is not None else f"{'n/a':>11}" for c in cols))
 
 
-# The run's own options: not config fields (they are about the run folder and the data on
-# disk, not the method).
-RUN_OPTIONS = ("resume", "overwrite", "download")
+@dataclass
+class RunOptions:
+    """The run's own options: not config fields (they are about the run folder and its inputs,
+    not the method), so they are never recorded in a config."""
+    resume: str | None = None   # --resume DIR: continue a stopped run exactly, with its recorded config
+    overwrite: bool = False     # --overwrite: the run folder's earlier run is replaced (only files train.py writes)
+    download: bool = False      # --download: fetch what the dataset lacks from its official sources first
+    config: str | None = None   # --config FILE: start from a run's config.json (options after it override it)
 
 
-def split_run_options(args: Sequence[str]) -> tuple[str | None, bool, bool, list[tuple[str, str]]]:
-    """(--resume DIR, --overwrite, --download, the config's (key, value) pairs), read like every option."""
+RUN_OPTIONS = tuple(RunOptions.__dataclass_fields__)
+RUN_OPTIONS_HELP = """run options (not config fields):
+  --resume DIR                 continue a stopped run exactly, with its recorded config
+  --overwrite                  replace the run folder's earlier run (only the files train.py writes)
+  --download                   fetch what the dataset lacks from its official sources first, checked
+  --config FILE                start from a run's config.json (runs/X/config.json); options after it override it"""
+
+
+def split_run_options(args: Sequence[str]) -> tuple[RunOptions, list[tuple[str, str]]]:
+    """(the run options, the config's (key, value) pairs), read like every option."""
     pairs = cli.split_options(args)
-    resume, overwrite = cli.last_value(pairs, "resume"), cli.last_value(pairs, "overwrite")
-    download = cli.last_value(pairs, "download")
+    given = {k: cli.last_value(pairs, k) for k in RUN_OPTIONS}
     rest = [(k, v) for k, v in pairs if k not in RUN_OPTIONS]
-    if resume == "true":              # a bare --resume
-        raise ValueError("--resume needs the run folder to continue")
-    overwrite = overwrite is not None and cli.parse_bool(overwrite)
-    download = download is not None and cli.parse_bool(download)
-    if resume is not None and (rest or overwrite):
-        given = f"--{rest[0][0].replace('_', '-')}={rest[0][1]}" if rest else "--overwrite"
-        raise ValueError(f"--resume continues the run with its recorded config: drop {given}")
-    return resume, overwrite, download, rest
+    for name, what in (("resume", "the run folder to continue"), ("config", "a run's config.json")):
+        if given[name] == "true":              # a bare --resume / --config
+            raise ValueError(f"--{name} needs {what}")
+    options = RunOptions(resume=given["resume"], config=given["config"],
+                         **{k: given[k] is not None and cli.parse_bool(given[k]) for k in ("overwrite", "download")})
+    if options.resume is not None and (rest or options.overwrite or options.config):
+        extra = (f"--{rest[0][0].replace('_', '-')}={rest[0][1]}" if rest else
+                 "--overwrite" if options.overwrite else f"--config={options.config}")
+        raise ValueError(f"--resume continues the run with its recorded config: drop {extra}")
+    return options, rest
 
 
-def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, bool, bool]:
-    """(config, preset, saved state or None, overwrite, download) of a command line, every choice checked
-    before any work (a world build, caption labels): a device that is not there, a tracker that
-    is not installed, a run folder or cache that cannot be written."""
-    resume_dir, overwrite, download, pairs = split_run_options(args)
-    if resume_dir is not None:
-        if (Path(resume_dir) / "ckpt.safetensors").is_file():
-            raise data.DataError(resume_dir, "this run has finished (its ckpt.safetensors is written): nothing "
-                                             "to resume; train a new one with another --out")
-        state = runs.read_state(resume_dir)
-        cfg, preset = state["config"].replace(out=str(Path(resume_dir).resolve())), state["meta"].get("preset", "")
+def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, RunOptions]:
+    """(config, preset, saved state or None, run options) of a command line, every choice checked
+    before any work (a world build, caption labels): a device that is not there (or the CPU for a
+    preset made for a GPU, unless asked for), a tracker that is not installed, a run folder or
+    cache that cannot be written."""
+    options, pairs = split_run_options(args)
+    state = None
+    if options.resume is not None:
+        if (Path(options.resume) / "ckpt.safetensors").is_file():
+            raise data.DataError(options.resume, "this run has finished (its ckpt.safetensors is written): nothing "
+                                                 "to resume; train a new one with another --out")
+        state = runs.read_state(options.resume)
+        cfg, preset = state["config"].replace(out=str(Path(options.resume).resolve())), state["meta"].get("preset", "")
+    elif options.config is not None:
+        base, preset = runs.read_config(options.config)
+        cfg, _ = config.from_pairs(pairs, base)
     else:
-        state = None
         cfg, preset = config.from_pairs(pairs)
-    pipeline.resolve_device(cfg.device)
+    pipeline.check_device_for_preset(cfg.device, preset)
     tracking.check_available(cfg.tracker, cfg.tracker_uri)
     if cfg.out:
         data.check_writable(cfg.out, "--out", folder=True)
     data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)
-    return cfg, preset, state, overwrite, download
+    return cfg, preset, state, options
+
+
+def help_text(args: Sequence[str]) -> str:
+    """--help: the usage, the run options and every config option with the values of the preset
+    the rest of the command line chooses (--preset, or the --dataset's)."""
+    try:
+        pairs = cli.split_options([a for a in args if a not in ("--help", "-h")])
+        preset = cli.last_value(pairs, "preset") or config.preset_for(cli.last_value(pairs, "dataset"))
+    except ValueError:
+        preset = None
+    return "\n\n".join((__doc__.strip(), RUN_OPTIONS_HELP, config.options_help(preset)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if "--help" in args or "-h" in args:
-        print(__doc__.strip() + "\n\n" + config.options_help())
+        print(help_text(args))
         return 0
 
     def body() -> int:
@@ -466,8 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"stopped: {e}", file=sys.stderr)
             return e.code
         if pipeline.is_main_process():
-            print_table(report)
-            print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
+            with runs.console_logged(Path(report["out"])):      # the result ends train.log too
+                print_table(report)
+                print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
         return 0
     try:
         return cli.run_command(body)

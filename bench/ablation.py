@@ -138,7 +138,7 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
             continue
         cfg = base.replace(**switches, out=str(folder / f"row{k}"))
         print(f"== seed {seed}: {name}", flush=True)
-        report = train.run(cfg, "synthetic-tiny", overwrite=True)
+        report = train.run(cfg, "synthetic-tiny", options=train.RunOptions(overwrite=True))
         if "zero-shot" not in rows:
             rows["zero-shot"] = {c: report["zeroshot"].get(c) for c in COLUMNS}
             quality = report["caption_quality"]

@@ -123,7 +123,8 @@ def peer_rows(ctx: peers.Context, labels: pipeline.CaptionLabels, names=ROWS, pr
         t0 = time.perf_counter()
         if name in TRAINER_ROWS:
             folder = str(Path(ctx.cfg.out) / name.lower().replace("-", "").replace(" ", "-"))
-            report = train.run(ctx.cfg.replace(out=folder, **TRAINER_ROWS[name]), preset, overwrite=True)
+            report = train.run(ctx.cfg.replace(out=folder, **TRAINER_ROWS[name]), preset,
+                               options=train.RunOptions(overwrite=True))
             row = {k: report.get(k) for k in COLUMNS}
         else:
             scores, threshold = runners[name]()

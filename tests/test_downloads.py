@@ -435,7 +435,8 @@ def test_a_dataset_without_a_download_is_one_line(tmp_path, capsys):
     assert err == (f"error: {tmp_path / 'nuswide'}: no official download of its images: put Flickr/, ImageList/, "
                    "Groundtruth/TrainTestLabels/ and Concepts81.txt here yourself (or elsewhere, and pass "
                    "--data-root=DIR)\n")
-    assert train.main(["--dataset=nus", "--download", f"--data-folder={tmp_path}", f"--out={tmp_path / 'run'}"]) == 2
+    assert train.main(["--dataset=nus", "--download", f"--data-folder={tmp_path}", f"--out={tmp_path / 'run'}",
+                       "--device=cpu"]) == 2
     assert capsys.readouterr().err == err and not (tmp_path / "run").exists()
 
 

@@ -51,7 +51,7 @@ def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monke
     monkeypatch.setattr(pipeline, "ROOT", tmp_path / "repo")   # a clean clone: nothing in the repo either
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))   # nothing cached, offline
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--dataset", "voc07"]) == 2
+    assert train.main(["--dataset", "voc07", "--device=cpu"]) == 2
     folder, captions, weights = _error_lines(capsys)
     assert folder.startswith("error: data_folder/voc2007: no voc2007 here: put VOCtrainval_06-Nov-2007/ and "
                              "VOCtest_06-Nov-2007/")
@@ -65,7 +65,7 @@ def test_each_missing_piece_is_one_line_saying_what_to_put_where(tmp_path, monke
         parents=True)
     (tmp_path / "data_folder" / "voc2007" / "captions.json").write_text("{}")
     (tmp_path / "ViT-B-16.safetensors").write_bytes(b"")
-    assert train.main(["--dataset", "voc07", "--clip-weights=ViT-B-16.safetensors"]) == 2
+    assert train.main(["--dataset", "voc07", "--clip-weights=ViT-B-16.safetensors", "--device=cpu"]) == 2
     assert _error_lines(capsys) == ["error: data_folder/voc2007: no VOC2007 folder with JPEGImages/ found here (for "
                                     "test: VOCtest_06-Nov-2007/VOCdevkit/VOC2007, as its tar unpacks, or one merged "
                                     "VOCdevkit); --download fetches it from the official source"]

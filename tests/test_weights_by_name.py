@@ -66,7 +66,7 @@ def test_a_cached_file_that_is_not_the_pinned_one_is_refused(hub, vitb16_weights
 
 def test_offline_with_nothing_cached_is_one_line_naming_the_file_and_where(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--dataset=voc07", "--data-root=nowhere"]) == 2
+    assert train.main(["--dataset=voc07", "--data-root=nowhere", "--device=cpu"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     weights = [line for line in lines if "--clip-weights=openai" in line]
     assert len(weights) == 1 and "Traceback" not in "".join(lines)
@@ -77,7 +77,7 @@ def test_offline_with_nothing_cached_is_one_line_naming_the_file_and_where(hub, 
 
 
 def test_a_name_for_another_architecture_is_one_line(capsys):
-    assert train.main(["--dataset=voc07", "--clip-model=ViT-B-32", "--data-root=nowhere"]) == 2
+    assert train.main(["--dataset=voc07", "--clip-model=ViT-B-32", "--data-root=nowhere", "--device=cpu"]) == 2
     err = capsys.readouterr().err
     assert ("error: --clip-weights=openai: OpenAI's ViT-B/16 weights load into ViT-B-16-quickgelu, not ViT-B-32 "
             "(pass --clip-model=ViT-B-16-quickgelu)") in err
