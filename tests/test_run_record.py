@@ -38,8 +38,8 @@ def test_a_run_is_recorded_and_started_again_from_its_config(world, tmp_path):
     assert report["config"] == {k: v for k, v in recorded.items() if k != "preset"}
     # train.log: the console's lines, each with its time, no progress bar, the result at the end
     log = (first / runs.LOG_FILE).read_text().splitlines()
-    assert log[0].endswith(f"preset    synthetic-tiny: synthetic, trained on trainval 48 images, tested on test "
-                           f"16 images") and "\r" not in "".join(log)
+    assert log[0].endswith("preset    synthetic-tiny: synthetic, trained on trainval 48 images, tested on test "
+                           "16 images") and "\r" not in "".join(log)
     assert any("device    CPU, " in line for line in log) and any("ETA" in line for line in log)
     assert "BAC-GCN" in log[-3] and log[-1].endswith(f"run folder {first}")
     assert all(line[:4].isdigit() and line[10] == " " and line[13] == ":" for line in log)
