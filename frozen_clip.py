@@ -471,10 +471,16 @@ class CLIPBackbone(nn.Module):
 
     @torch.no_grad()
     def class_embeddings(self, names: Sequence[str], tokenizer, templates: Sequence[str] = PROMPT_TEMPLATES,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
-        """[C, E] prompt-ensemble embeddings: mean of the normalised template embeddings."""
+                         device: torch.device | str = "cpu", desc: str = "") -> torch.Tensor:
+        """[C, E] prompt-ensemble embeddings: mean of the normalised template embeddings; with a
+        progress bar named `desc` where one is given (ViT-B/16's text tower on a CPU takes a
+        couple of seconds a category)."""
+        from tqdm import tqdm
+
         out = []
-        for name in names:
+        bar = tqdm(names, desc=desc, unit="category", file=sys.stderr, mininterval=2, miniters=1, disable=not desc,
+                   leave=False)
+        for name in bar:
             tokens = tokenizer([t.format(name) for t in templates]).to(device)
             out.append(F.normalize(self.encode_text(tokens).mean(0), dim=-1))
         return torch.stack(out)

@@ -338,7 +338,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     backbone = pipeline.build_backbone(cfg, device)                                 # 2
     pipeline.check_against_backbone(cfg, backbone)
     prompts = backbone.class_embeddings(labels.prompt_names, frozen_clip.tokenizer_for(cfg.clip_model),
-                                        device=device).cpu()
+                                        device=device, desc="class prompts").cpu()
     train = pipeline.cached_features(cfg, backbone, train_ds, device)
     test = pipeline.cached_features(cfg, backbone, test_ds, device)
     for split, dataset in ((train, train_ds), (test, test_ds)):

@@ -220,3 +220,35 @@ def tiny_blip2(out: Path) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def run_timed(command: list[str], cwd, env: dict) -> tuple[int, str, str, float, str]:
+    """Run `command` and time what it shows: (exit status, stdout, stderr, the longest silence in
+    seconds between two things shown, the line after it). A progress bar's redraw counts as
+    something shown, as it does on a terminal."""
+    import threading
+
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shown: list[tuple[float, str]] = []
+    texts = {"out": [], "err": []}
+
+    def pump(stream, name):
+        while chunk := stream.read1(65536):
+            now = time.time()
+            texts[name].append(chunk)
+            shown.extend((now, piece.decode(errors="replace")) for piece in chunk.replace(b"\r", b"\n").split(b"\n")
+                         if piece.strip())
+
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, "out")),
+             threading.Thread(target=pump, args=(proc.stderr, "err"))]
+    for t in pumps:
+        t.start()
+    proc.wait(timeout=1800)
+    for t in pumps:
+        t.join()
+    shown.sort(key=lambda item: item[0])
+    gap, after = 0.0, ""
+    for (t0, _), (t1, text) in zip(shown, shown[1:]):
+        if t1 - t0 > gap:
+            gap, after = t1 - t0, text
+    return (proc.returncode, b"".join(texts["out"]).decode(), b"".join(texts["err"]).decode(), gap, after)
