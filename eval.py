@@ -2,7 +2,7 @@
 
   python eval.py runs/X/ckpt.safetensors [--data-root PATH] [--split test] [--difficult MODE] [--json out.json]
   python eval.py --scores S.csv --labels L.csv [--difficult ignore|positive|negative] [--json out.json]
-  python eval.py runs/X/ckpt.safetensors --images DIR_OR_GLOB --out tags.csv [--threshold 0.5] [--top-k K]
+  python eval.py runs/X/ckpt.safetensors --images DIR_OR_GLOB [--out tags.csv] [--threshold P] [--top-k K]
   python eval.py runs/X/ckpt.safetensors --visualize IMG [--categories a,b,...] --out maps.png
   python eval.py --plot-ap report.json [report2.json] --out ap.png
 
@@ -15,13 +15,15 @@ or an image missing from the scores is an error. This evaluates any method's pre
 
 After training: `--images` runs the frozen CLIP and the trained head on every JPEG/PNG of a
 folder (recursive) or a glob and writes `image_id,<class probabilities>,tags` (a valid --scores
-file). `--visualize` draws an image beside the similarity map of each chosen category with the
+file) to --out or standard output; a class is a tag at or above the checkpoint's per-class
+threshold (chosen on its pseudo-labelled training images) unless --threshold says one for all. `--visualize` draws an image beside the similarity map of each chosen category with the
 patches the Similarity Kernel pooled; `--plot-ap` draws the per-class AP of one or two --json
 reports.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -174,6 +176,10 @@ def evaluate_checkpoint(path: str, data_root: str | None = None, split: str | No
 # After training: tag a folder, draw similarity maps, plot AP
 # --------------------------------------------------------------------------------------------
 
+STDOUT = "/dev/stdout"      # where --images writes its CSV without --out (written through, never replaced)
+EVAL_THRESHOLD = 0.5        # the score threshold of CP/CR/CF1 and OP/OR/OF1 without --threshold
+
+
 def check_out(out: str | None, option: str) -> Path:
     """The --out file, refused before any work when absent or a directory."""
     if not out:
@@ -222,10 +228,12 @@ def folder_small_object_pass(model, dataset, ids: list[str], logits: np.ndarray,
     return reso.fuse_crop_logits(logits, [crops[at[i]] for i in crop_ids], crop_logits, model.cfg.test_crop_weight)
 
 
-def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, top_k: int | None = None,
+def tag_images(checkpoint: str, images: str, out: str, threshold: float | None = None, top_k: int | None = None,
                overrides: dict | None = None, weights_format: str = "auto") -> dict:
     """Score every JPEG/PNG of `images` (folder, glob or file) and write the tags CSV. A photo is
-    scored as a viewer shows it (its EXIF orientation applied), unlike a dataset's images."""
+    scored as a viewer shows it (its EXIF orientation applied), unlike a dataset's images. A
+    class becomes a tag at or above `threshold`; without one, at or above the checkpoint's own
+    per-class thresholds (chosen on its pseudo-labelled training images), else 0.5."""
     import pipeline
     from data import image_files
 
@@ -240,11 +248,14 @@ def tag_images(checkpoint: str, images: str, out: str, threshold: float = 0.5, t
     logits = folder_small_object_pass(model, dataset, ids, logits, crops)
     check_finite_scores(checkpoint, ids, logits)
     classes = model.classes
-    pipeline.write_tags(target, ids, logits, classes, threshold, top_k)
+    if threshold is None:
+        recorded = pipeline.recorded_thresholds(model.metadata, classes)
+        threshold = pipeline.TAG_THRESHOLD if recorded is None else recorded
+    tags = pipeline.write_tags(target, ids, logits, classes, threshold, top_k)
     corrupt = len(dataset) - len(ids)
     return {"images": len(ids), "skipped": corrupt + sum(dataset.left_out.values()), "corrupt": corrupt,
             "left_out": dataset.left_out, "escaped_ids": sum(i in dataset.escaped_ids for i in ids),
-            "classes": len(classes), "out": str(target)}
+            "classes": len(classes), "out": str(target), "threshold": tags["threshold"]}
 
 
 def tagged_words(done: dict) -> str:
@@ -368,9 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="ground-truth CSV (image_id + 1/0/-1 per class)")
     parser.add_argument("--difficult", choices=DIFFICULT_MODES, default="ignore",
                         help="how difficult-only (0) labels count (default: ignore)")
-    parser.add_argument("--threshold", type=finite_float, default=0.5,
-                        help="score threshold of CP/CR/CF1, OP/OR/OF1; with --images the probability at or above "
-                             "which a class becomes a tag (default: 0.5)")
+    parser.add_argument("--threshold", type=finite_float, default=None,
+                        help="score threshold of CP/CR/CF1, OP/OR/OF1 (default 0.5); with --images the probability "
+                             "at or above which a class becomes a tag (default: the checkpoint's per-class "
+                             "thresholds, chosen on its pseudo-labelled training images, else 0.5)")
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument("--images", metavar="DIR_OR_GLOB",
                         help="tag every JPEG/PNG of a folder (recursive), a glob pattern ('**' recurses) or one "
@@ -385,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot-ap", nargs="+", metavar="REPORT",
                         help="draw per-class AP bars of one eval.py --json report, or paired bars of two (PNG "
                              "to --out)")
-    parser.add_argument("--out", help="file to write: the tags CSV of --images, the PNG of --visualize or "
-                                      "--plot-ap")
+    parser.add_argument("--out", help="file to write: the tags CSV of --images (default: standard output), the PNG "
+                                      "of --visualize or --plot-ap")
     return parser
 
 
@@ -408,11 +420,14 @@ def after_training(args: argparse.Namespace) -> bool:
         raise DataError(chosen[0], "needs a checkpoint (eval.py ckpt.safetensors " + chosen[0] + " ...)")
     overrides = {"clip_weights": args.clip_weights, "workers": args.workers, "test_crops": args.test_crops}
     if args.images:
-        done = tag_images(args.checkpoint, args.images, args.out, args.threshold, args.top_k, overrides,
-                          args.clip_weights_format)
-        print(f"wrote {shown_path(done['out'])}: {tagged_words(done)}, "
-              f"{done['classes']} class probabilities each, threshold {args.threshold}"
-              + (f", at most {args.top_k} tags" if args.top_k else ""))
+        # Without --out the CSV is standard output, and everything else the command says goes to stderr.
+        to_stdout = not args.out
+        with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+            done = tag_images(args.checkpoint, args.images, args.out or STDOUT, args.threshold, args.top_k,
+                              overrides, args.clip_weights_format)
+        print(f"wrote {'the CSV to standard output' if to_stdout else shown_path(done['out'])}: {tagged_words(done)}, "
+              f"{done['classes']} class probabilities each, threshold {done['threshold']}"
+              + (f", at most {args.top_k} tags" if args.top_k else ""), file=sys.stderr if to_stdout else sys.stdout)
     else:
         titles = visualize(args.checkpoint, args.visualize, args.out, args.categories, overrides,
                            args.clip_weights_format)
@@ -441,7 +456,8 @@ def evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         report["threshold"] = 0.0
         print_checkpoint_report(report, args.difficult)
     else:
-        report = evaluate_csv(args.scores, args.labels, args.difficult, args.threshold)
+        report = evaluate_csv(args.scores, args.labels, args.difficult,
+                              EVAL_THRESHOLD if args.threshold is None else args.threshold)
         print_report(report)
     if args.json:
         out = {k: report[k] for k in ("mAP", "AP", "CF1", "OF1", "difficult", "num_images")}

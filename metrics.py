@@ -153,6 +153,30 @@ def best_f1(scores: np.ndarray, labels: np.ndarray, difficult: str = "ignore") -
     return float(f1[i]), float(s[is_end][i])
 
 
+def per_class_thresholds(scores: np.ndarray, positive: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """[C] per class, the score at or above which it is predicted: the cut with the best F1
+    against `positive` ([n, C] bool; pseudo labels, never a test split's); `default` for a class
+    with no positive."""
+    labels = np.where(np.asarray(positive, dtype=bool), 1, -1)
+    return np.array([best_f1(scores[:, c:c + 1], labels[:, c:c + 1])[1] if (labels[:, c] > 0).any() else default
+                     for c in range(scores.shape[1])])
+
+
+def tagging_rules(probs: np.ndarray, labels: np.ndarray, per_class: np.ndarray, fixed: float = 0.5) -> dict:
+    """How well each decision rule tags a labelled split (probabilities [n, C]): CF1 / OF1 and the
+    share of images left with no tag, for the fixed threshold, the per-class thresholds and the
+    best single threshold (chosen on this split itself: the rule a user could not know before)."""
+    best = best_f1(probs, labels)[1]
+    out = {}
+    for name, threshold in (("fixed", fixed), ("per_class", per_class), ("best_single", best)):
+        prf = prf_metrics(probs, labels, threshold)
+        out[name] = {"CF1": prf["CF1"], "OF1": prf["OF1"],
+                     "untagged": float((probs < threshold).all(axis=1).mean() * 100)}
+    out["best_single"]["threshold"] = best
+    out["fixed"]["threshold"] = fixed
+    return out
+
+
 def evaluate(scores: np.ndarray, labels: np.ndarray, class_names: list[str],
              difficult: str = "ignore", threshold: float = 0.5) -> dict:
     """The full report that eval.py prints and writes."""

@@ -10,6 +10,7 @@ evaluation disagreeing with the training).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -716,24 +717,48 @@ def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, diff
     return out
 
 
-def tag_lists(probs: np.ndarray, classes: Sequence[str], threshold: float, top_k: int | None) -> list[str]:
-    """Per image: the classes scoring >= threshold (the CF1 rule), best first, at most top_k,
-    joined by ';'."""
+TAG_THRESHOLD = 0.5   # the probability that makes a tag where a model has no per-class thresholds
+
+
+def tag_thresholds(model, split: Split, hard: torch.Tensor, num_classes: int, device: str, dtype) -> np.ndarray:
+    """[C] the per-class tag thresholds of a trained head: on its own training images, the
+    probability cut with the best F1 against their hard pseudo labels (no human label)."""
+    probs = metrics.sigmoid(predict(model, split.feats, device, dtype)[:, :num_classes])
+    return metrics.per_class_thresholds(probs, hard[:, :num_classes].cpu().numpy(), TAG_THRESHOLD)
+
+
+def tag_lists(probs: np.ndarray, classes: Sequence[str], threshold, top_k: int | None) -> list[str]:
+    """Per image: the classes scoring >= threshold (one for all, or one per class [C]), best
+    first, at most top_k, joined by ';'."""
+    threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(classes),))
     out = []
     for row in probs:
-        order = [int(c) for c in np.argsort(-row, kind="stable") if row[c] >= threshold]
+        order = [int(c) for c in np.argsort(-row, kind="stable") if row[c] >= threshold[c]]
         out.append(";".join(classes[c] for c in order[:top_k]))
     return out
 
 
 def write_tags(path: str | os.PathLike, ids: Sequence[str], logits: np.ndarray, classes: Sequence[str],
-               threshold: float = 0.5, top_k: int | None = None) -> dict:
-    """The tags CSV (eval.py --images's): each image's class probabilities and its tags."""
+               threshold=TAG_THRESHOLD, top_k: int | None = None) -> dict:
+    """The tags CSV (eval.py --images's): each image's class probabilities and its tags
+    (`threshold`: one for all classes, or one per class)."""
     probs = metrics.sigmoid(logits[:, :len(classes)])
     tags = tag_lists(probs, classes, threshold, top_k)
     data.write_scores_csv(path, ids, classes, probs, tags)
-    return {"file": str(path), "threshold": threshold, "top_k": top_k, "images": len(ids),
-            "images_with_tags": sum(bool(t) for t in tags)}
+    per_class = np.ndim(threshold) > 0
+    return {"file": str(path), "threshold": "per class" if per_class else float(threshold), "top_k": top_k,
+            "images": len(ids), "images_with_tags": sum(bool(t) for t in tags)}
+
+
+def recorded_thresholds(meta: dict, classes: Sequence[str]) -> np.ndarray | None:
+    """The per-class tag thresholds a checkpoint records (in its metrics), or None: written by
+    train.py, checked here as any recorded value (one per class, each a probability)."""
+    recorded = json.loads(meta.get("metrics", "{}")).get("tag_thresholds")
+    if not isinstance(recorded, dict) or list(recorded) != list(classes):
+        return None
+    values = np.array([v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+                       for v in recorded.values()], dtype=np.float64)
+    return values if np.all((values >= 0) & (values <= 1)) else None
 
 
 # --------------------------------------------------------------------------------------------

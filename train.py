@@ -59,6 +59,7 @@ import data
 import datasets
 import frozen_clip
 import losses
+import metrics
 import pipeline
 import reso
 import runs
@@ -370,6 +371,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
             result = pipeline.evaluate_split(cfg, logits, test, num_classes) if labelled else \
                 {"mAP": None, "CF1": None, "OF1": None, "AP": {}}
             metrics_log.record({"test": {k: v for k, v in result.items() if k != "AP"}}, None)
+            thresholds = pipeline.tag_thresholds(model, train, hard, num_classes, device, dtype)
     except KeyboardInterrupt as e:             # Ctrl-C, or SIGTERM (cli.Interrupted)
         note = runs.stopped_note(out_dir)
         raise runs.RunStopped(cli.interrupt_code(e), f"{cli.interrupt_words(e)}; {note}") from None
@@ -387,9 +389,9 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
                    "preset": preset, "dataset": cfg.dataset, "split": cfg.test_split, "out": str(out_dir),
-                   "config": dataclasses.asdict(cfg)})
+                   "config": dataclasses.asdict(cfg), **tagging(labels.classes, thresholds, logits, test, labelled)})
     if main_process and entry.own_photos:
-        report["tags"] = pipeline.write_tags(out_dir / "tags.csv", test.ids, logits, labels.classes)
+        report["tags"] = pipeline.write_tags(out_dir / runs.TAGS_FILE, test.ids, logits, labels.classes, thresholds)
         log(f"tagged {len(test.ids)} photos of {test_ds.name}: {report['tags']['file']}")
     if main_process:
         checkpoints.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
@@ -397,6 +399,17 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
         data.write_json(out_dir / "report.json", report)
         tracker.log_report(report, out_dir / "report.json")
     return report
+
+
+def tagging(classes: list[str], thresholds: np.ndarray, logits: np.ndarray, test: Split, labelled: bool) -> dict:
+    """The per-class tag thresholds (the checkpoint's decision rule for tags) and, on a labelled
+    test split, how they tag it beside a fixed 0.5 and the best single threshold."""
+    out = {"tag_thresholds": dict(zip(classes, map(float, thresholds)))}
+    if labelled:
+        probs = metrics.sigmoid(logits[:, :len(classes)])
+        out["tagging"] = metrics.tagging_rules(probs, test.dataset.labels_for(test.ids), thresholds,
+                                                        pipeline.TAG_THRESHOLD)
+    return out
 
 
 def start_block(cfg, preset: str, device: str, train_ds, test_ds) -> None:

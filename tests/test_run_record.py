@@ -44,6 +44,21 @@ def test_a_run_is_recorded_and_started_again_from_its_config(world, tmp_path):
     assert "BAC-GCN" in log[-3] and log[-1].endswith(f"run folder {first}")
     assert all(line[:4].isdigit() and line[10] == " " and line[13] == ":" for line in log)
 
+    # the tag rule: per-class thresholds from the pseudo-labelled training images, measured on the test split
+    # beside a fixed 0.5 and the best single threshold
+    assert len(report["tag_thresholds"]) == 12
+    assert all(0 <= t <= 1 for t in report["tag_thresholds"].values())
+    assert set(report["tagging"]) == {"fixed", "per_class", "best_single"}
+    # eval.py --images without --out: the CSV on standard output, nothing else there
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tagged = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(first / "ckpt.safetensors"), "--images",
+                             str(world / "JPEGImages" / "00000*.jpg")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert tagged.returncode == 0, tagged.stderr[-2000:]
+    rows = tagged.stdout.splitlines()
+    assert rows[0].startswith("image_id,aeroplane,") and rows[0].endswith(",tags") and len(rows) == 1 + 9
+    assert "wrote the CSV to standard output: 9 images tagged" in tagged.stderr and "threshold per class" in tagged.stderr
+
     again = _train(f"--config={first / 'config.json'}", "--out=again", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((tmp_path / "again" / "report.json").read_text())
