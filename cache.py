@@ -468,30 +468,32 @@ def _shard_layout(path: Path) -> tuple[int, dict, dict]:
     return (counts.pop() if counts else 0), fields, metadata if isinstance(metadata, dict) else {}
 
 
-class EncodeSteps:
-    """A batch encoded in parts small enough that the progress bar moves every STEP_SECONDS: a
-    CPU encodes ViT-B/16 at 448 px at seconds an image, so a batch of 64 would be a silent
-    minute. A batch that takes less is one part, as before (a GPU's, the tiny CLIP's)."""
+class Heartbeat:
+    """Redraws a progress bar every STEP_SECONDS while a batch is encoded: a CPU encodes ViT-B/16
+    at 448 px at seconds an image, so a batch would otherwise be a silent minute. Only the bar's
+    elapsed time moves; the batches stay as they are, so the features do not depend on timing."""
     STEP_SECONDS = 2.0
-    PROBE = 2                               # images of the first part, timed to size the others
 
-    def __init__(self):
-        self.size = 0                       # images per part (0: not timed yet)
+    def __init__(self, bar):
+        import threading
 
-    def encode(self, encode: Callable, images, bar) -> dict:
-        import torch
+        self.bar, self.stop = bar, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
 
-        parts, start = [], 0
-        while start < len(images):
-            size = min(self.size or self.PROBE, len(images) - start)
-            t0 = time.time()
-            parts.append(encode(images[start:start + size]))
-            per_image = (time.time() - t0) / size
-            bar.update(size)
-            if not self.size:
-                self.size = max(1, int(self.STEP_SECONDS / max(per_image, 1e-9)))
-            start += size
-        return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    def _beat(self) -> None:
+        while not self.stop.wait(self.STEP_SECONDS):
+            self.bar.refresh()
+
+    def __enter__(self):
+        if not self.bar.disable:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        return False
 
 
 def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
@@ -505,15 +507,17 @@ def encode_images(dataset, encode: Callable, batch_size: int = 64, workers: int 
     report = SkipReport()
     bar = tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, mininterval=2, miniters=1,
                disable=not progress)
-    steps = EncodeSteps()
     try:                  # closed on an error too, so that the error line stands on a line of its own
         with torch.no_grad():
             for batch in image_batches(dataset, batch_size, workers, pin_memory):
                 report.update(batch)
-                bar.update(batch["skipped"])
                 if batch["id"]:
-                    images = batch["image"].to(device, non_blocking=True)
-                    yield batch["id"], batch["index"], steps.encode(encode, images, bar)
+                    with Heartbeat(bar):
+                        out = encode(batch["image"].to(device, non_blocking=True))
+                    bar.update(batch["skipped"] + len(batch["id"]))
+                    yield batch["id"], batch["index"], out
+                else:
+                    bar.update(batch["skipped"])
     finally:
         bar.close()
     if report.skipped:

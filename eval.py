@@ -16,7 +16,8 @@ or an image missing from the scores is an error. This evaluates any method's pre
 After training: `--images` runs the frozen CLIP and the trained head on every JPEG/PNG of a
 folder (recursive) or a glob and writes `image_id,<class probabilities>,tags` (a valid --scores
 file) to --out or standard output; a class is a tag at or above the checkpoint's per-class
-threshold (chosen on its pseudo-labelled training images) unless --threshold says one for all. `--visualize` draws an image beside the similarity map of each chosen category with the
+threshold (chosen on its pseudo-labelled training images) unless --threshold says one for
+all. `--visualize` draws an image beside the similarity map of each chosen category with the
 patches the Similarity Kernel pooled; `--plot-ap` draws the per-class AP of one or two --json
 reports.
 """
