@@ -468,6 +468,8 @@ class RunOptions:
 
 
 RUN_OPTIONS = tuple(RunOptions.__dataclass_fields__)
+# What a bench that trains says of the options it passes on (tests/test_docs.py checks them against this --help).
+PASSED_ON = "Every other --key=value is a train.py option (python train.py --help), given to every run."
 RUN_OPTIONS_HELP = """run options (not config fields):
   --resume DIR                 continue a stopped run exactly, with its recorded config
   --overwrite                  replace the run folder's earlier run (only the files train.py writes)

@@ -166,7 +166,8 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=train.PASSED_ON)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write {seed, split, caption_quality, rows: [{name, mAP, mAP_small, "
                                        "mAP_large}], checks, reso} here")

@@ -168,7 +168,8 @@ def print_table(rows: dict[str, dict]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=train.PASSED_ON)
     parser.add_argument("--seed", type=int, help="the proving ground's world (default: the preset's seed)")
     parser.add_argument("--json", type=Path, help='write {"rows": [{name, mAP, CF1, OF1, mAP_small, mAP_large, '
                                                   'seconds, trained}], ...} here')
