@@ -26,7 +26,7 @@ import numpy as np
 
 import datasets
 import metrics
-from cli import integer_from, run_command
+from cli import DefaultsHelp, integer_from, run_command
 from data import (
     DataError,
     MultiLabelImages,
@@ -774,7 +774,9 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="captions.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pseudo-labels", help="captions -> soft pseudo labels CSV (+ co-occurrence graph)")
+    defaults = DefaultsHelp                                # --help shows every default
+    p = sub.add_parser("pseudo-labels", help="captions -> soft pseudo labels CSV (+ co-occurrence graph)",
+                       formatter_class=defaults)
     p.add_argument("--dataset", required=True, type=datasets.canonical, choices=datasets.names())
     p.add_argument("--captions", required=True,
                    help="folder with captions.json (+ re_captions.json), or the authors' caption/ folder or a clone")
@@ -788,7 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="tie-break weight of the caption-context model (0: plain vote fraction)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser("generate", help="BLIP-2 captions + re-captions for a dataset or a folder of images "
-                                        f"(needs the optional extra: {CAPTIONS_INSTALL})")
+                                        f"(needs the optional extra: {CAPTIONS_INSTALL})",
+                       formatter_class=defaults)
     p.add_argument("--dataset", required=True, type=datasets.canonical, choices=(*datasets.names(), FOLDER),
                    help="a dataset of the registry (datasets.py), or 'folder': every JPEG/PNG under --data-root")
     p.add_argument("--data-root", required=True, help="dataset root, or the image folder")

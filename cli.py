@@ -181,3 +181,13 @@ def size_words(num_bytes: int) -> str:
         if num_bytes >= scale:
             return f"{num_bytes / scale:.1f} {unit}"
     return f"{num_bytes} B"
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help that shows each option's default, unless its help says it already or it has none."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"

@@ -427,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="datasets.py", description="The dataset registry's command line.")
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="fetch, check and unpack what is missing of a dataset, from its "
-                                                    "official sources, into the places a run reads")
+                                                    "official sources, into the places a run reads",
+                                   formatter_class=cli.DefaultsHelp)
     download.add_argument("name", help=f"a dataset ({', '.join(names())}) "
                                        "or its short name")
     download.add_argument("--data-folder", default=DATA_FOLDER,
