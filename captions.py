@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+import config
 import datasets
 import metrics
 from cli import DefaultsHelp, integer_from, run_command
@@ -450,6 +451,30 @@ def caption_quality(pseudo: PseudoLabels, train_ds: MultiLabelImages, min_votes:
     scores = pseudo.scores[:, :c]
     quality = label_quality(scores, pseudo.hard(min_votes)[:, :c], labels, largest_area, size_rule)
     return {**quality, "best_F1": metrics.best_f1(scores, labels)[0]}
+
+
+# ============================================================================================
+# A run's dictionary and a photo folder's captions
+# ============================================================================================
+
+def photo_captions_folder(cfg: config.BACGCNConfig) -> Path:
+    """Where a folder of photos keeps the captions made for it: beside the feature cache, one
+    folder per photo folder (its name and a digest of its path), so a later run captions only
+    the photos added since."""
+    import hashlib
+
+    root = Path(cfg.data_root).resolve()
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return Path(cfg.cache_dir or config.default_cache_dir(cfg)).resolve().parent / "captions" / f"{root.name}-{tag}"
+
+
+def dictionary_for(cfg: config.BACGCNConfig, classes: Sequence[str]) -> SynonymDictionary:
+    """The run's synonym dictionary: the dataset's (or --synonyms); for a folder of photos, one
+    made from the class names and the backgrounds, which --synonyms=FILE adds to."""
+    entry = datasets.get(cfg.dataset)
+    if entry.own_photos:
+        return SynonymDictionary.for_classes(classes, cfg.synonyms)
+    return SynonymDictionary.from_json(entry.synonym_file(cfg.synonyms, cfg.captions), len(classes))
 
 
 # ============================================================================================

@@ -315,7 +315,8 @@ def resolve_paths(cfg: config.BACGCNConfig, download: bool = False) -> config.BA
             raise MissingPieces(f"--data-root: a {entry.title or entry.name} needs --data-root=DIR, the folder whose "
                                 "JPEG/PNG photos (subfolders too) are to be tagged")
         updates["data_root"] = os.path.abspath(cfg.data_root)
-        updates["captions"] = os.path.abspath(cfg.captions) if cfg.captions else str(photo_captions_folder(cfg))
+        updates["captions"] = (os.path.abspath(cfg.captions) if cfg.captions else
+                               str(captions.photo_captions_folder(cfg)))
         if cfg.classes and Path(cfg.classes).is_file():       # recorded where any folder finds it again
             updates["classes"] = os.path.abspath(cfg.classes)
         if cfg.labels:
@@ -408,34 +409,14 @@ def has_labels(dataset: data.MultiLabelImages) -> bool:
     return bool(metrics.positive_counts(dataset.label_matrix()).any())
 
 
-def photo_captions_folder(cfg: config.BACGCNConfig) -> Path:
-    """Where a folder of photos keeps the captions made for it: beside the feature cache, one
-    folder per photo folder (its name and a digest of its path), so a later run captions only
-    the photos added since."""
-    import hashlib
-
-    root = Path(cfg.data_root).resolve()
-    tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return Path(cfg.cache_dir or config.default_cache_dir(cfg)).resolve().parent / "captions" / f"{root.name}-{tag}"
-
-
-def dictionary_for(cfg: config.BACGCNConfig, classes: Sequence[str]) -> captions.SynonymDictionary:
-    """The run's synonym dictionary: the dataset's (or --synonyms); for a folder of photos, one
-    made from the class names and the backgrounds, which --synonyms=FILE adds to."""
-    entry = datasets.get(cfg.dataset)
-    if entry.own_photos:
-        return captions.SynonymDictionary.for_classes(classes, cfg.synonyms)
-    return captions.SynonymDictionary.from_json(entry.synonym_file(cfg.synonyms, cfg.captions), len(classes))
-
-
 def caption_photos(cfg: config.BACGCNConfig, photos: data.MultiLabelImages, device: str) -> None:
     """A folder of photos is captioned by BLIP-2 (--captioner) into its captions folder, once:
     the photos it lacks only. Captions the user gives (--captions=DIR) are read, never written."""
     entry = datasets.get(cfg.dataset)
-    if not entry.own_photos or Path(cfg.captions) != photo_captions_folder(cfg):
+    if not entry.own_photos or Path(cfg.captions) != captions.photo_captions_folder(cfg):
         return
     if is_main_process():
-        dictionary = dictionary_for(cfg, photos.class_names)
+        dictionary = captions.dictionary_for(cfg, photos.class_names)
         options = captions.CaptionerOptions(device=device, workers=cfg.workers)
         for path in captions.generate(photos, cfg.captioner, cfg.captions, dictionary, options):
             log(f"captions: {path}")
@@ -445,7 +426,7 @@ def caption_photos(cfg: config.BACGCNConfig, photos: data.MultiLabelImages, devi
 def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
     entry = datasets.get(cfg.dataset)
-    dictionary = dictionary_for(cfg, classes)
+    dictionary = captions.dictionary_for(cfg, classes)
     caption_texts = captions.read_captions(cfg.captions, entry.name)
     config = captions.CaptionFilterConfig(min_votes=cfg.min_votes)
     pseudo = captions.pseudo_labels(caption_texts, dictionary, classes, config, ids=train_ds.ids)

@@ -11,13 +11,17 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 import checkpoints
+import cli
 import config
 import data
+import frozen_clip
+import pipeline
 import tracking
 from reso import ResoCrops
 
@@ -306,3 +310,63 @@ def stopped_note(out_dir: Path) -> str:
     return "no epoch had ended, so there is nothing to resume"
 
 
+# --------------------------------------------------------------------------------------------
+# The run's own options and its first lines
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunOptions:
+    """The run's own options: not config fields (they are about the run folder and its inputs,
+    not the method), so they are never recorded in a config."""
+    resume: str | None = None   # --resume DIR: continue a stopped run exactly, with its recorded config
+    overwrite: bool = False     # --overwrite: the run folder's earlier run is replaced (only files train.py writes)
+    download: bool = False      # --download: fetch what the dataset lacks from its official sources first
+    config: str | None = None   # --config FILE: start from a run's config.json (options after it override it)
+
+
+RUN_OPTIONS = tuple(RunOptions.__dataclass_fields__)
+# What a bench that trains says of the options it passes on (tests/test_docs.py checks them against this --help).
+PASSED_ON = "Every other --key=value is a train.py option (python train.py --help), given to every run."
+RUN_OPTIONS_HELP = """run options (not config fields):
+  --resume DIR                 continue a stopped run exactly, with its recorded config
+  --overwrite                  replace the run folder's earlier run (only the files train.py writes)
+  --download                   fetch what the dataset lacks from its official sources first, checked
+  --config FILE                start from a run's config.json (runs/X/config.json); options after it override it"""
+
+
+def split_run_options(args: Sequence[str]) -> tuple[RunOptions, list[tuple[str, str]]]:
+    """(the run options, the config's (key, value) pairs), read like every option."""
+    pairs = cli.split_options(args)
+    given = {k: cli.last_value(pairs, k) for k in RUN_OPTIONS}
+    rest = [(k, v) for k, v in pairs if k not in RUN_OPTIONS]
+    for name, what in (("resume", "the run folder to continue"), ("config", "a run's config.json")):
+        if given[name] == "true":              # a bare --resume / --config
+            raise ValueError(f"--{name} needs {what}")
+    options = RunOptions(resume=given["resume"], config=given["config"],
+                         **{k: given[k] is not None and cli.parse_bool(given[k]) for k in ("overwrite", "download")})
+    if options.resume is not None and (rest or options.overwrite or options.config):
+        extra = (f"--{rest[0][0].replace('_', '-')}={rest[0][1]}" if rest else
+                 "--overwrite" if options.overwrite else f"--config={options.config}")
+        raise ValueError(f"--resume continues the run with its recorded config: drop {extra}")
+    return options, rest
+
+
+def start_block(cfg, preset: str, device: str, train_ds, test_ds) -> None:
+    """The run in one block before its first long stage: what runs on what, read from where,
+    and where its outputs go."""
+    splits = f"{cfg.train_split} {len(train_ds):,} images" + (
+        "" if cfg.test_split == cfg.train_split else f", tested on {cfg.test_split} {len(test_ds):,} images")
+    weights = cfg.clip_weights
+    if frozen_clip.is_named(weights):
+        weights += f" ({pipeline.clip_weights_file(cfg)})"
+    readers = data.reader_count(cfg.workers)
+    lines = [f"preset    {preset or '(none)'}: {cfg.dataset}, trained on {splits}",
+             f"device    {pipeline.describe_device(device, cfg)}",
+             f"readers   {readers} image-reading process{'es' if readers != 1 else ''}"
+             + (f" ({cfg.workers} asked; the cores this process may use)" if readers < cfg.workers else ""),
+             f"captions  {cfg.captions}",
+             f"weights   {weights} ({cfg.clip_model}{f' at {cfg.image_size} px' if cfg.image_size else ''})",
+             f"run       {cfg.out}",
+             f"cache     {cfg.cache_dir} ({cli.size_words(data.folder_bytes(cfg.cache_dir))} on disk)",
+             f"outputs   under {config.output_root(cfg)} (--output-root or ${config.OUTPUT_ROOT_ENV} moves them)"]
+    pipeline.log("\n".join(lines))

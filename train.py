@@ -1,35 +1,30 @@
 """Train BAC-GCN.
 
   python train.py                                   # the proving ground, end to end, on the CPU
-  python train.py --dataset voc07                   # real data (also voc12, coco, nus), its ViT-B/16 preset
-  python frozen_clip.py convert ViT-B-16.pt ViT-B-16.safetensors   # OpenAI's TorchScript archive, once
+  python train.py --dataset voc07 --download        # real data (also voc12, coco, nus), fetched and checked first
+  python train.py --dataset=folder --data-root=DIR --classes=cat,dog   # your own photos, tagged
   python train.py --key=value ...                   # any field of config.BACGCNConfig (the last of a repeat wins)
   python train.py --resume runs/X                   # continue a stopped run exactly (--overwrite: replace one)
-  python train.py --dataset voc07 --download        # first fetch the missing data and the authors' captions
+  python train.py --config runs/X/config.json       # start run X again (options after it override it)
   python train.py --tracker=mlflow                  # also log to mlflow (pip install -r requirements-tracking.txt)
-  python train.py --help                            # every option, its type, default and meaning
+  python train.py --dataset voc07 --help            # every option, its type, that preset's value and meaning
 
-Real data is looked for where the paper's release puts it (--data-folder, default data_folder/,
-in the current folder, else in the repo):
+Real data is looked for where the paper's release puts it (--data-folder, default data_folder/, in
+the current folder, else in the repo; --data-root=DIR for one dataset elsewhere):
   data_folder/voc2007/VOCtrainval_06-Nov-2007/VOCdevkit/VOC2007, VOCtest_06-Nov-2007/VOCdevkit/VOC2007
   data_folder/voc2012/VOC2012_train_val/VOCdevkit/VOC2012
   data_folder/coco2014/train2014, val2014, annotations/instances_{train,val}2014.json
   data_folder/nuswide/Flickr, ImageList, Groundtruth/TrainTestLabels, Concepts81.txt
-  captions: data_folder/<dataset>/captions.json (+ re_captions.json), or --captions=DIR
-  CLIP weights: --clip-weights=openai (the ViT-B/16 presets' default): OpenAI's ViT-B/16 from the
-    Hugging Face hub at a pinned revision, fetched once into its cache and checked by sha256;
-    or --clip-weights=FILE (safetensors or a state dict; OpenAI's ViT-B-16.pt after the convert line above)
---data-root=DIR reads one dataset from elsewhere (for VOC also one merged VOCdevkit). Each piece
-that is missing is one line saying what to put where. --download (or `python datasets.py download
-NAME`) fetches the missing VOC/COCO archives from their official sites and the authors' VOC
-captions, checks each against its pinned checksum, resumes a broken transfer and unpacks into
-those places; NUS-WIDE has no official download of its images.
+  captions: data_folder/<dataset>/captions.json (+ re_captions.json), or --captions=DIR (also the
+    authors' caption/ folder or a clone of their repository)
+  CLIP weights: --clip-weights=openai (the ViT-B/16 presets' default, fetched once) or a file
+Each missing piece is one line saying what to put where (docs/datasets.md).
 
 Stages: (1) captions -> pseudo labels and the co-occurrence graph; (2) frozen CLIP features,
 cached once per image; (3) the model, which starts at CLIP zero-shot; (4) the Similarity Kernel
 and CLIP-GCN trained on the soft pseudo labels, ReSO inline from epoch `reso_epoch`; (5)
-evaluation on the test split against CLIP zero-shot. Writes ckpt.safetensors, metrics.jsonl
-and report.json to the run folder.
+evaluation on the test split against CLIP zero-shot. The run folder (under the output root)
+gets ckpt.safetensors, report.json, metrics.jsonl, config.json and train.log.
 
 This file is the command line and the training loop, read top to bottom; what it shares with
 eval.py and the benches is pipeline.py, the run folder's bookkeeping runs.py, ReSO reso.py.
@@ -288,10 +283,10 @@ def start_run(cfg: config.BACGCNConfig, preset: str, resume: bool = False, overw
 
 
 def run(cfg: config.BACGCNConfig, preset: str = "", resume: dict | None = None,
-        options: RunOptions | None = None) -> dict:
+        options: runs.RunOptions | None = None) -> dict:
     """The run, tracked (with --tracker) from its start to its end, failed or not; the console
     also goes to the run folder's train.log, its config to config.json."""
-    options = options or RunOptions()
+    options = options or runs.RunOptions()
     t_start = time.time()
     cfg, device, lock = start_run(cfg, preset, resume is not None, options.overwrite, options.download)
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
@@ -331,7 +326,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
             "(lower --reso-epoch, or --use-reso=false to say so)")
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds, test_ds = pipeline.load_split(cfg, cfg.train_split), pipeline.load_split(cfg, cfg.test_split)
-    start_block(cfg, preset, device, train_ds, test_ds)
+    runs.start_block(cfg, preset, device, train_ds, test_ds)
     pipeline.caption_photos(cfg, train_ds, device)
     labels = pipeline.caption_labels(cfg, train_ds)                                 # 1
     num_classes = len(labels.classes)
@@ -412,27 +407,6 @@ def tagging(classes: list[str], thresholds: np.ndarray, logits: np.ndarray, test
     return out
 
 
-def start_block(cfg, preset: str, device: str, train_ds, test_ds) -> None:
-    """The run in one block before its first long stage: what runs on what, read from where,
-    and where its outputs go."""
-    splits = f"{cfg.train_split} {len(train_ds):,} images" + (
-        "" if cfg.test_split == cfg.train_split else f", tested on {cfg.test_split} {len(test_ds):,} images")
-    weights = cfg.clip_weights
-    if frozen_clip.is_named(weights):
-        weights += f" ({pipeline.clip_weights_file(cfg)})"
-    readers = data.reader_count(cfg.workers)
-    lines = [f"preset    {preset or '(none)'}: {cfg.dataset}, trained on {splits}",
-             f"device    {pipeline.describe_device(device, cfg)}",
-             f"readers   {readers} image-reading process{'es' if readers != 1 else ''}"
-             + (f" ({cfg.workers} asked; the cores this process may use)" if readers < cfg.workers else ""),
-             f"captions  {cfg.captions}",
-             f"weights   {weights} ({cfg.clip_model}{f' at {cfg.image_size} px' if cfg.image_size else ''})",
-             f"run       {cfg.out}",
-             f"cache     {cfg.cache_dir} ({cli.size_words(data.folder_bytes(cfg.cache_dir))} on disk)",
-             f"outputs   under {config.output_root(cfg)} (--output-root or ${config.OUTPUT_ROOT_ENV} moves them)"]
-    log("\n".join(lines))
-
-
 def zero_shot(cfg, model, test: Split, device: str, num_classes: int) -> dict:
     """CLIP zero-shot on the test split: the untrained model (it starts there)."""
     logits = pipeline.predict(model, test.feats, device, pipeline.compute_dtype(device, cfg.amp))
@@ -457,49 +431,12 @@ def print_table(report: dict) -> None:
         print(f"{name:<16}" + "".join(f"{row[c]:>11.2f}" if row.get(c) is not None else f"{'n/a':>11}" for c in cols))
 
 
-@dataclass
-class RunOptions:
-    """The run's own options: not config fields (they are about the run folder and its inputs,
-    not the method), so they are never recorded in a config."""
-    resume: str | None = None   # --resume DIR: continue a stopped run exactly, with its recorded config
-    overwrite: bool = False     # --overwrite: the run folder's earlier run is replaced (only files train.py writes)
-    download: bool = False      # --download: fetch what the dataset lacks from its official sources first
-    config: str | None = None   # --config FILE: start from a run's config.json (options after it override it)
-
-
-RUN_OPTIONS = tuple(RunOptions.__dataclass_fields__)
-# What a bench that trains says of the options it passes on (tests/test_docs.py checks them against this --help).
-PASSED_ON = "Every other --key=value is a train.py option (python train.py --help), given to every run."
-RUN_OPTIONS_HELP = """run options (not config fields):
-  --resume DIR                 continue a stopped run exactly, with its recorded config
-  --overwrite                  replace the run folder's earlier run (only the files train.py writes)
-  --download                   fetch what the dataset lacks from its official sources first, checked
-  --config FILE                start from a run's config.json (runs/X/config.json); options after it override it"""
-
-
-def split_run_options(args: Sequence[str]) -> tuple[RunOptions, list[tuple[str, str]]]:
-    """(the run options, the config's (key, value) pairs), read like every option."""
-    pairs = cli.split_options(args)
-    given = {k: cli.last_value(pairs, k) for k in RUN_OPTIONS}
-    rest = [(k, v) for k, v in pairs if k not in RUN_OPTIONS]
-    for name, what in (("resume", "the run folder to continue"), ("config", "a run's config.json")):
-        if given[name] == "true":              # a bare --resume / --config
-            raise ValueError(f"--{name} needs {what}")
-    options = RunOptions(resume=given["resume"], config=given["config"],
-                         **{k: given[k] is not None and cli.parse_bool(given[k]) for k in ("overwrite", "download")})
-    if options.resume is not None and (rest or options.overwrite or options.config):
-        extra = (f"--{rest[0][0].replace('_', '-')}={rest[0][1]}" if rest else
-                 "--overwrite" if options.overwrite else f"--config={options.config}")
-        raise ValueError(f"--resume continues the run with its recorded config: drop {extra}")
-    return options, rest
-
-
-def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, RunOptions]:
+def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, runs.RunOptions]:
     """(config, preset, saved state or None, run options) of a command line, every choice checked
     before any work (a world build, caption labels): a device that is not there (or the CPU for a
     preset made for a GPU, unless asked for), a tracker that is not installed, a run folder or
     cache that cannot be written."""
-    options, pairs = split_run_options(args)
+    options, pairs = runs.split_run_options(args)
     state = None
     if options.resume is not None:
         if (Path(options.resume) / "ckpt.safetensors").is_file():
@@ -528,7 +465,7 @@ def help_text(args: Sequence[str]) -> str:
         preset = cli.last_value(pairs, "preset") or config.preset_for(cli.last_value(pairs, "dataset"))
     except ValueError:
         preset = None
-    return "\n\n".join((__doc__.strip(), RUN_OPTIONS_HELP, config.options_help(preset)))
+    return "\n\n".join((__doc__.strip(), runs.RUN_OPTIONS_HELP, config.options_help(preset)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

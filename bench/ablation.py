@@ -39,6 +39,7 @@ import config  # noqa: E402
 import data  # noqa: E402
 import datasets  # noqa: E402
 import pipeline  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from data import json_safe, write_json  # noqa: E402
 from peers import ProbeConfig, linear_probe, probe_inputs  # noqa: E402  (the floor is a peer too)
@@ -138,7 +139,7 @@ def ablation(seed: int, overrides: list[str], validation: bool = False, probe: P
             continue
         cfg = base.replace(**switches, out=str(folder / f"row{k}"))
         print(f"== seed {seed}: {name}", flush=True)
-        report = train.run(cfg, "synthetic-tiny", options=train.RunOptions(overwrite=True))
+        report = train.run(cfg, "synthetic-tiny", options=runs.RunOptions(overwrite=True))
         if "zero-shot" not in rows:
             rows["zero-shot"] = {c: report["zeroshot"].get(c) for c in COLUMNS}
             quality = report["caption_quality"]
@@ -167,7 +168,7 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=train.PASSED_ON)
+                                     epilog=runs.PASSED_ON)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write {seed, split, caption_quality, rows: [{name, mAP, mAP_small, "
                                        "mAP_large}], checks, reso} here")

@@ -43,6 +43,7 @@ import datasets  # noqa: E402
 import frozen_clip  # noqa: E402
 import peers  # noqa: E402
 import pipeline  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from metrics import best_f1  # noqa: E402
 
@@ -124,7 +125,7 @@ def peer_rows(ctx: peers.Context, labels: pipeline.CaptionLabels, names=ROWS, pr
         if name in TRAINER_ROWS:
             folder = str(Path(ctx.cfg.out) / name.lower().replace("-", "").replace(" ", "-"))
             report = train.run(ctx.cfg.replace(out=folder, **TRAINER_ROWS[name]), preset,
-                               options=train.RunOptions(overwrite=True))
+                               options=runs.RunOptions(overwrite=True))
             row = {k: report.get(k) for k in COLUMNS}
         else:
             scores, threshold = runners[name]()
@@ -169,7 +170,7 @@ def print_table(rows: dict[str, dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=train.PASSED_ON)
+                                     epilog=runs.PASSED_ON)
     parser.add_argument("--seed", type=int, help="the proving ground's world (default: the preset's seed)")
     parser.add_argument("--json", type=Path, help='write {"rows": [{name, mAP, CF1, OF1, mAP_small, mAP_large, '
                                                   'seconds, trained}], ...} here')
