@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 
 def here_or_in_repo(path: str | os.PathLike, repo: Path = ROOT) -> Path:
     """A relative path as given when it exists here, else under `repo` when it exists there
-    (where the default places are: data_folder/, ViT-B-16.safetensors), else as given."""
+    (where the default places are: data_folder/, assets/synthclip.safetensors), else as given."""
     p = Path(path)
     if not p.is_absolute() and not p.exists() and (repo / p).exists():
         return repo / p

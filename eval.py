@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto (safetensors or a weights-only torch state dict) | openai-torchscript; "
                              "never taken from the checkpoint")
     parser.add_argument("--cache-dir", help="feature cache to read and write (default: read the checkpoint's, "
-                                            "encode what it lacks into ./.cache/features)")
+                                            "encode what it lacks into <output root>/.cache/features: the "
+                                            "current folder or $BACGCN_OUTPUT_ROOT)")
     parser.add_argument("--workers", type=integer_from(0), metavar="N",
                         help="image-reading processes for the feature cache and --images (default: "
                              "the checkpoint's; 0 reads in this process)")
