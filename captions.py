@@ -26,7 +26,7 @@ import numpy as np
 
 import datasets
 import metrics
-from cli import integer_from, run_command
+from cli import check_outputs_apart, integer_from, run_command
 from data import (
     DataError,
     MultiLabelImages,
@@ -196,6 +196,9 @@ class SynonymDictionary:
         return found
 
 
+CAPTION_FILES = ("captions.json", "re_captions.json")     # a captions folder's files (the second optional)
+
+
 class _KeyValuePairs(list):
     """A JSON object as its (key, value) pairs in file order, a key given twice included."""
 
@@ -208,11 +211,11 @@ def read_captions(directory: str | os.PathLike) -> dict[str, list[str]]:
     captions would change the votes unseen. A captions.json naming no image is refused too.
     """
     directory = Path(directory)
-    main = directory / "captions.json"
+    main = directory / CAPTION_FILES[0]
     if not main.is_file():
         raise DataError(main, "captions file not found")
     out: dict[str, list[str]] = {}
-    for path in (main, directory / "re_captions.json"):
+    for path in (directory / name for name in CAPTION_FILES):
         if not path.is_file():
             continue
         raw = read_json(path, "captions file", object_pairs_hook=_KeyValuePairs)     # duplicates kept
@@ -650,8 +653,12 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
     if args.graph:
         check_writable(args.graph, "--graph")
     entry = datasets.get(args.dataset)
+    synonyms = entry.synonym_file(args.synonyms or "", args.captions)
+    check_outputs_apart([("--out", args.out), ("--graph", args.graph)],
+                        [*(("--captions", Path(args.captions) / name) for name in CAPTION_FILES),
+                         ("--synonyms", synonyms)])
     class_names = entry.class_names(args.captions)     # a dataset without a class list carries it beside its captions
-    dictionary = SynonymDictionary.from_json(entry.synonym_file(args.synonyms or "", args.captions), len(class_names))
+    dictionary = SynonymDictionary.from_json(synonyms, len(class_names))
     captions = read_captions(args.captions)
     config = CaptionFilterConfig(min_votes=args.min_votes, context_weight=args.context_weight)
     labels = pseudo_labels(captions, dictionary, class_names, config, progress=not args.quiet)

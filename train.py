@@ -417,6 +417,9 @@ def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, bool]
     if cfg.out:
         data.check_writable(cfg.out, "--out", folder=True)
     data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)
+    cli.check_outputs_apart([("--out", cfg.out), ("--cache-dir", cfg.cache_dir)],
+                             [("--data-root", cfg.data_root), ("--captions", cfg.captions),
+                              ("--clip-weights", cfg.clip_weights), ("--synonyms", cfg.synonyms)])
     return cfg, preset, state, overwrite
 
 
