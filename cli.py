@@ -16,6 +16,7 @@ import signal
 import stat
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
@@ -120,6 +121,21 @@ def check_outputs_apart(outputs: Sequence[tuple[str, str | os.PathLike | None]],
                 raise ValueError(f"{named}: is also {name} {shown_path(path)}; one would overwrite the other: "
                                  f"choose another {option}")
         written.append((option, out, identity, resolved))
+
+
+def check_own_folder(folder: str | os.PathLike, writer: str, own: Callable[[str], bool], advice: str) -> None:
+    """A results folder is written into only when it holds nothing but what `writer` writes
+    (`own` judges an entry's name): a user's file there is refused in one line naming it, before
+    anything is written or removed, never overwritten."""
+    from data import DataError, shown_path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if not own(p.name))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DataError(folder, f"holds '{shown_path(foreign[0])}'{more}, which {writer} did not write; {advice}")
 
 
 def quiet_broken_pipe() -> int:

@@ -676,6 +676,15 @@ def write_target(path: str | os.PathLike) -> tuple[Path, bool]:
     return (Path(os.path.realpath(path)) if path.is_symlink() else path), False
 
 
+TEMP_MARK = ".tmp"    # atomic_write's temp file of x.json is .x.json.tmp<pid>
+
+
+def temp_file_of(name: str) -> str | None:
+    """The file an atomic_write temp file named `name` was for (left by a killed process), or None."""
+    base, mark, pid = name.rpartition(TEMP_MARK)
+    return base[1:] if name.startswith(".") and mark and pid.isdigit() else None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same folder and rename, so a crash leaves no half file.
     The one writer of every file the project produces: a write that fails (a full disk, a quota,
@@ -684,7 +693,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     from safetensors import SafetensorError  # save_file reports I/O errors as its own type
 
     target, through = write_target(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
     try:
         if through:
             write(target)

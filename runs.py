@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import checkpoints
+import cli
 import config
 import data
 import tracking
@@ -203,18 +204,25 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int | No
     if resume:
         return lock
     if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
-        if not overwrite:
+        try:
+            if not overwrite:
+                raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, "
+                                              "--overwrite replaces it")
+            # Decided from all it holds before anything goes: a user's file beside a run's stops it whole.
+            cli.check_own_folder(out_dir, "train.py", is_run_file,
+                                  "--overwrite replaces only a run folder's own files: choose another --out")
+        except data.DataError:
             release_run_folder(out_dir, lock)
-            raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, --overwrite "
-                                          "replaces it")
-        for name in RUN_FILES:
-            if name != LOCK_FILE:                      # this run's own, held
-                (out_dir / name).unlink(missing_ok=True)
-        if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
-            release_run_folder(out_dir, lock)
-            raise data.DataError(out_dir, "--overwrite: the folder holds files train.py did not write; "
-                                          "choose another --out")
+            raise
+        for path in out_dir.iterdir():
+            if path.name != LOCK_FILE:                 # this run's own, held
+                path.unlink()
     return lock
+
+
+def is_run_file(name: str) -> bool:
+    """A name train.py writes in a run folder: its files, or the temp file of one a killed run left."""
+    return name in RUN_FILES or data.temp_file_of(name) in RUN_FILES
 
 
 def stopped_note(out_dir: Path) -> str:

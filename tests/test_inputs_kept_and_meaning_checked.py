@@ -5,6 +5,8 @@ torchrun job's option error is said once. Each case as a user (or an attacker) w
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import captions
 import config
 import eval as eval_cli
 import frozen_clip
+import runs
 import synthetic as S
 import train
 from tests.conftest import world_fixture
@@ -44,6 +47,28 @@ def _copy(path: Path, to: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # 1. No output replaces an input or a user's file
 # --------------------------------------------------------------------------------------------
+
+def test_overwrite_decides_before_it_deletes_anything(world, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, text in (("notes.txt", "my notes"), ("report.json", '{"mine": 1}'), ("metrics.jsonl", "{}\n")):
+        (out / name).write_text(text)
+    before = _contents(out)
+    assert train.main([f"--data-root={world}", f"--out={out}", "--overwrite", f"--cache-dir={tmp_path / 'c'}"]) == 2
+    assert one_error_line(capsys) == (f"error: {out}: holds 'notes.txt', which train.py did not write; --overwrite "
+                                      "replaces only a run folder's own files: choose another --out")
+    assert _contents(out) == before and not (out / runs.LOCK_FILE).exists()
+
+
+def test_overwrite_clears_a_killed_runs_temp_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / ".state.safetensors.tmp4242").write_bytes(b"half")      # what a SIGKILL mid-write leaves
+    lock = runs.prepare_run_folder(out, resume=False, overwrite=True)
+    runs.release_run_folder(out, lock)
+    assert list(out.iterdir()) == []
+
 
 def test_eval_outputs_never_replace_its_inputs(ckpt, world, tmp_path, capsys):
     photos = tmp_path / "photos"
@@ -93,6 +118,50 @@ def test_pseudo_labels_outputs_never_replace_its_inputs(world, tmp_path, capsys)
         assert captions.main([*base, *extra]) == 2
         one_error_line(capsys, problem)
     assert _contents(folder) == before and not graph.exists()
+
+
+def test_convert_and_the_world_commands_never_replace_their_inputs(world, tmp_path, capsys):
+    weights = _copy(S.TINY_CLIP_WEIGHTS, tmp_path / "w.safetensors")
+    assert frozen_clip.main(["convert", str(weights), str(weights)]) == 2
+    one_error_line(capsys, f"dest={weights}: is the input source {weights}")
+    assert weights.read_bytes() == S.TINY_CLIP_WEIGHTS.read_bytes()
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "captions.json").write_text("{}")
+    (folder / "thesis.tex").write_text("mine")
+    assert S.main(["build", "--out", str(folder), "--train", "2", "--test", "2"]) == 2
+    one_error_line(capsys, f"{folder}: holds 'thesis.tex', which synthetic.py build did not write")
+    assert sorted(p.name for p in folder.iterdir()) == ["captions.json", "thesis.tex"]
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    assert S.main(["zeroshot", "--data", str(copy), "--json", str(copy / "labels_test.csv")]) == 2
+    one_error_line(capsys, "is the input --data")
+    assert (copy / "labels_test.csv").read_bytes() == (world / "labels_test.csv").read_bytes()
+
+
+def test_a_killed_world_build_is_built_again_in_place(tmp_path):
+    out = tmp_path / "world"
+    (out / "JPEGImages").mkdir(parents=True)
+    (out / ".captions.json.tmp99").write_text("half")
+    assert S.main(["build", "--out", str(out), "--train", "2", "--test", "2"]) == 0
+    assert (out / "world.json").is_file()
+
+
+def test_gpu_check_keeps_a_users_folder_and_refuses_a_file(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "README.md").write_text("my readme")
+    (folder / "gpu_check.log").write_text("my log")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    for out, problem in ((folder, f"{folder}: holds 'README.md' and 1 more, which bench/gpu_check.py did not write"),
+                         (a_file, f"--out={a_file}: exists and is not a folder")):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.strip() == f"error: {problem}" + (
+            "; it writes into a new or empty folder: choose another --out" if out == folder else ""), done.stderr
+    assert (folder / "README.md").read_text() == "my readme" and (folder / "gpu_check.log").read_text() == "my log"
+    assert a_file.read_text() == "keep"
 
 
 def test_train_outputs_are_not_its_inputs(world, tmp_path, capsys):
