@@ -197,7 +197,7 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
                      warmup=max(1, int(cfg.warmup_epochs * steps_per_epoch)), total=cfg.epochs * steps_per_epoch)
     targets, reso_done = trainset.targets.to(device), {}       # once: batches index it on the device
     if resume is not None:
-        found = runs.restore_state(resume, model, loop)
+        found = runs.restore_state(resume, model, loop, len(trainset.split.ids), targets.shape[1])
         loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found, targets, device) if found else None
         reso.add_evidence(targets, found or [], cfg)
     step_fn = wrap_for_training(cfg, model, device)

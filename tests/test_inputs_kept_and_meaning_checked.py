@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import captions
+import checkpoints
 import config
+import data
 import eval as eval_cli
 import frozen_clip
 import runs
 import synthetic as S
 import train
 from tests.conftest import world_fixture
-from tests.helpers import one_error_line, write_checkpoint
+from tests.helpers import one_error_line, rewrite_file, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,3 +170,102 @@ def test_gpu_check_keeps_a_users_folder_and_refuses_a_file(tmp_path):
 def test_train_outputs_are_not_its_inputs(world, tmp_path, capsys):
     assert train.main([f"--data-root={world}", f"--out={tmp_path / 'run'}", f"--cache-dir={world}"]) == 2
     one_error_line(capsys, f"--cache-dir={world}: is the input --data-root {world}")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Checkpoints, run states and mlflow_run.json checked by meaning
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tensors,problem", [
+    ({"graph.M": "int32"}, "tensor graph.M is torch.int32, train.py writes torch.float32"),
+    ({"model.kernel.prompts": "int64"}, "tensor model.kernel.prompts is torch.int64, train.py writes torch.float32"),
+    ({"model.gcn.weights.0": "float64"}, "tensor model.gcn.weights.0 is torch.float64, the recorded config gives "
+                                         "torch.float32"),
+    ({"model.gcn.indices": "int32"}, "tensor model.gcn.indices is torch.int32, the recorded config gives torch.int64"),
+])
+def test_a_checkpoint_whose_tensors_have_another_dtype_is_refused(tensors, problem, ckpt, tmp_path, capsys):
+    path = _copy(ckpt, tmp_path / "crafted.safetensors")
+    cfg, classes, _, read, _ = checkpoints.read_checkpoint(str(path))
+    rewrite_file(path, tensors={k: (read[k] * 100).round().to(getattr(torch, dtype)) for k, dtype in tensors.items()})
+    with pytest.raises(data.DataError) as e:
+        cfg, classes, _, read, _ = checkpoints.read_checkpoint(str(path))
+        checkpoints.model_from_checkpoint(str(path), cfg, classes, read)
+    assert str(e.value) == f"{path}: {problem}"
+    assert eval_cli.main([str(path), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert one_error_line(capsys, problem)
+
+
+@pytest.fixture(scope="module")
+def stopped(world, tmp_path_factory):
+    """A 2-epoch run's state after its first epoch (as a stopped run leaves it), and its cache."""
+    root = tmp_path_factory.mktemp("stopped")
+    assert train.main([f"--data-root={world}", f"--out={root / 'run'}", f"--cache-dir={root / 'cache'}",
+                       "--workers=0", "--epochs=2", "--use-reso=false", "--batch-size=8"]) == 0
+    state = runs.read_state(root / "run")
+    assert state["meta"]["epoch"] == "2" and state["meta"]["step"] == "4" and state["meta"]["total"] == "4"
+    return root
+
+
+@pytest.fixture
+def unfinished(stopped, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(stopped / "run" / runs.STATE_FILE, run)
+    rewrite_file(run / runs.STATE_FILE, {"epoch": "1", "step": "2"})
+    return run
+
+
+STATE_CASES = [
+    ({"epoch": "99"}, "run state field epoch is 99, outside 0 to 2, the epochs of its recorded config"),
+    ({"epoch": "-1"}, "run state field epoch is -1, outside 0 to 2"),
+    ({"step": "-5", "total": "0"}, "run state fields step -5 and total 0 are no position in a schedule"),
+    ({"step": "9"}, "run state fields step 9 and total 4 are no position in a schedule"),
+    ({"step": "two"}, "run state field step is not what train.py writes ('two' is not an integer)"),
+    ({"python_rng": "[3, [1, 2], null]"}, "run state field python_rng is not what train.py writes"),
+    ({"numpy_rng": "{}"}, "run state field numpy_rng is not what train.py writes"),
+    ({"reso_found": "[[0, 1]]"}, "run state field reso_found is not what train.py writes"),
+    ({"param_groups": "[1]"}, "run state field param_groups is not what train.py writes"),
+    ({"param_groups": "garbage"}, "run state field param_groups is not what train.py writes"),
+    ({"total": None}, "run state lacks the field total"),
+]
+
+
+@pytest.mark.parametrize("meta,problem", STATE_CASES)
+def test_a_state_whose_fields_cannot_be_is_refused_before_any_work(meta, problem, unfinished, tmp_path, capsys):
+    path = unfinished / runs.STATE_FILE
+    rewrite_file(path, meta)
+    assert train.main(["--resume", str(unfinished)]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {path}: {problem}"), line
+    assert sorted(p.name for p in unfinished.iterdir()) == [runs.STATE_FILE]      # nothing ran
+
+
+@pytest.mark.parametrize("tensors,problem", [
+    ({"rng.torch": torch.zeros(7, dtype=torch.uint8)}, "run state tensor rng.torch is torch.uint8 [7], train.py "
+                                                        "writes torch.uint8 [5056]"),
+    ({"rng.numpy": None}, "run state tensor rng.numpy is missing, train.py writes torch.int64 [624]"),
+    ({"junk": torch.zeros(1)}, "run state holds an unexpected tensor junk"),
+    ({"opt.x": torch.zeros(1)}, "run state holds an unexpected tensor opt.x"),
+])
+def test_a_state_whose_random_states_cannot_be_is_refused(tensors, problem, unfinished, capsys):
+    path = unfinished / runs.STATE_FILE
+    rewrite_file(path, tensors=tensors)
+    assert train.main(["--resume", str(unfinished)]) == 2
+    assert one_error_line(capsys) == f"error: {path}: {problem}"
+
+
+@pytest.mark.parametrize("meta,tensors,problem", [
+    ({"step": "1"}, {}, "run state field step is 1: 1 epochs of 16 training images in batches of 8 take 2"),
+    ({"step": "2", "total": "3"}, {}, "run state field total is 3: 2 epochs of 16 training images in batches of 8 "
+                                      "take 4"),
+    ({}, {"opt.0.exp_avg": "float64"}, "tensor opt.0.exp_avg is torch.float64, the recorded config gives "
+                                       "torch.float32"),
+    ({}, {"model.bias": "float64"}, "tensor model.bias is torch.float64, the recorded config gives torch.float32"),
+])
+def test_a_state_that_does_not_fit_the_schedule_or_the_model_is_refused(meta, tensors, problem, unfinished, capsys):
+    path = unfinished / runs.STATE_FILE
+    state = runs.read_state(unfinished)["tensors"]
+    rewrite_file(path, meta, {k: state[k].to(getattr(torch, dtype)) for k, dtype in tensors.items()})
+    assert train.main(["--resume", str(unfinished)]) == 2
+    assert problem in one_error_line(capsys, str(path))
+    assert not (unfinished / "ckpt.safetensors").exists()
