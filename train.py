@@ -414,6 +414,8 @@ def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, bool]
         cfg, preset = config.from_pairs(pairs)
     pipeline.resolve_device(cfg.device)
     tracking.check_available(cfg.tracker, cfg.tracker_uri)
+    if resume_dir is not None and cfg.tracker == "mlflow":
+        tracking.read_run_record(resume_dir)
     if cfg.out:
         data.check_writable(cfg.out, "--out", folder=True)
     data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)

@@ -20,6 +20,7 @@ import eval as eval_cli
 import frozen_clip
 import runs
 import synthetic as S
+import tracking
 import train
 from tests.conftest import world_fixture
 from tests.helpers import one_error_line, rewrite_file, write_checkpoint
@@ -269,3 +270,22 @@ def test_a_state_that_does_not_fit_the_schedule_or_the_model_is_refused(meta, te
     assert train.main(["--resume", str(unfinished)]) == 2
     assert problem in one_error_line(capsys, str(path))
     assert not (unfinished / "ckpt.safetensors").exists()
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("", "not valid JSON"), ("garbage", "not valid JSON"), ("[1, 2]", "field run_id is not a non-empty string"),
+    ('{"run_id": "abc"}', "field tracking_uri is not a non-empty string"),
+])
+def test_a_garbled_mlflow_run_record_is_one_line_naming_it(content, problem, unfinished, capsys):
+    pytest.importorskip("mlflow")
+    record = unfinished / tracking.RUN_ID_FILE
+    record.write_text(content)
+    with pytest.raises(data.DataError) as e:
+        tracking.read_run_record(unfinished)
+    assert str(e.value).startswith(f"{record}: {problem}")
+    path = unfinished / runs.STATE_FILE
+    recorded = json.loads(runs.read_state(unfinished)["meta"]["config"])
+    rewrite_file(path, {"config": json.dumps({**recorded, "tracker": "mlflow"})})
+    assert train.main(["--resume", str(unfinished)]) == 2
+    one_error_line(capsys, f"{record}: {problem}")
+    assert sorted(p.name for p in unfinished.iterdir()) == [tracking.RUN_ID_FILE, runs.STATE_FILE]
