@@ -201,11 +201,16 @@ def voc_root(root: str | os.PathLike, year: int | str, split: str | None = None)
 
 
 def _read_id_list(path: Path) -> list[str]:
+    """The image ids of a split list. An id listed twice is refused: read twice, the image would
+    count twice in every AP (and its second row, unlabelled, as a negative of every class)."""
     if not path.is_file():
         raise DataError(path, "split file not found")
     ids = [line.split()[0] for line in read_utf8(path, "split file").splitlines() if line.strip()]
     if not ids:
         raise DataError(path, "split file lists no image")
+    if len(set(ids)) != len(ids):
+        twice = next(i for i, count in Counter(ids).items() if count > 1)
+        raise DataError(path, f"image id {twice!r} is listed more than once")
     return ids
 
 
@@ -217,6 +222,8 @@ def _read_voc_class_file(path: Path, known: dict[str, int]) -> dict[str, int]:
             continue
         if len(parts) != 2 or parts[1] not in ("1", "0", "-1"):
             raise DataError(path, f"line {n}: expected '<image id> <1|0|-1>', got {line.strip()!r}")
+        if parts[0] in values:          # the later line would win unseen
+            raise DataError(path, f"line {n}: image id {parts[0]!r} is listed more than once")
         values[parts[0]] = int(parts[1])
     missing = [i for i in known if i not in values]
     if missing:

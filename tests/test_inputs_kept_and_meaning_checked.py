@@ -289,3 +289,24 @@ def test_a_garbled_mlflow_run_record_is_one_line_naming_it(content, problem, unf
     assert train.main(["--resume", str(unfinished)]) == 2
     one_error_line(capsys, f"{record}: {problem}")
     assert sorted(p.name for p in unfinished.iterdir()) == [tracking.RUN_ID_FILE, runs.STATE_FILE]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Inputs that cannot mean what they say: refused or counted
+# --------------------------------------------------------------------------------------------
+
+def test_an_image_listed_twice_in_a_split_is_refused_by_id(world, tmp_path, capsys):
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    main = copy / "ImageSets" / "Main"
+    first = (main / "test.txt").read_text().split()[0]
+    (main / "test.txt").write_text((main / "test.txt").read_text() + f"{first}\n")
+    with pytest.raises(data.DataError) as e:
+        data.load_voc(copy, 2007, "test", S.CLASS_NAMES)
+    assert str(e.value) == f"{main / 'test.txt'}: image id {first!r} is listed more than once"
+    (main / "test.txt").write_text((world / "ImageSets" / "Main" / "test.txt").read_text())
+    name = S.CLASS_NAMES[3]
+    (main / f"{name}_test.txt").write_text((main / f"{name}_test.txt").read_text() + f"{first}  1\n")
+    with pytest.raises(data.DataError) as e:
+        data.load_voc(copy, 2007, "test", S.CLASS_NAMES)
+    assert str(e.value) == f"{main / f'{name}_test.txt'}: line 17: image id {first!r} is listed more than once"
