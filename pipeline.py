@@ -306,6 +306,20 @@ def classes_no_caption_names(classes: Sequence[str], hard: torch.Tensor, min_vot
     return unnamed
 
 
+def check_some_positive(cfg, hard: np.ndarray, train_ds: data.MultiLabelImages) -> None:
+    """A run whose labels name no class on any training image would train every class towards 0
+    (and score far below zero-shot): refused before any encoding. A few unnamed classes are
+    only a warning (classes_no_caption_names)."""
+    if hard.any():
+        return
+    if cfg.train_labels == "true":
+        raise data.DataError(cfg.data_root, f"no image of {train_ds.name} has a positive label: nothing to train on")
+    votes = "" if cfg.min_votes == 1 else f" with --min-votes={cfg.min_votes}"
+    raise data.DataError(Path(cfg.captions) / captions.CAPTION_FILES[0],
+                         f"no caption names any of the {hard.shape[1]} classes of {train_ds.name}{votes}: no class "
+                         "has a positive pseudo label to train on (do the captions and the dictionary match?)")
+
+
 def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> None:
     """A split none of whose images could be read is an error; many skipped ones a loud warning."""
     if not split.ids:
@@ -339,6 +353,7 @@ def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) ->
         pseudo = captions.with_true_labels(pseudo, train_ds, cfg.min_votes)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
     hard = pseudo.hard(cfg.min_votes)
+    check_some_positive(cfg, hard[:, :len(classes)], train_ds)
     m, n = data.cooccurrence(hard[:, :num_cat])
     kind = "true" if cfg.train_labels == "true" else "pseudo"
     log(f"{kind} labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "

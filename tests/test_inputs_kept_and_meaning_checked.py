@@ -310,3 +310,17 @@ def test_an_image_listed_twice_in_a_split_is_refused_by_id(world, tmp_path, caps
     with pytest.raises(data.DataError) as e:
         data.load_voc(copy, 2007, "test", S.CLASS_NAMES)
     assert str(e.value) == f"{main / f'{name}_test.txt'}: line 17: image id {first!r} is listed more than once"
+
+
+def test_captions_that_name_no_class_fail_the_run_before_any_encoding(world, tmp_path, capsys):
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    for name in ("captions.json", "re_captions.json"):
+        texts = json.loads((copy / name).read_text())
+        (copy / name).write_text(json.dumps({k: ["a photo of the and with on"] * len(v) for k, v in texts.items()}))
+    cache = tmp_path / "cache"
+    assert train.main([f"--data-root={copy}", f"--out={tmp_path / 'run'}", f"--cache-dir={cache}", "--workers=0"]) == 2
+    assert one_error_line(capsys) == (f"error: {copy / 'captions.json'}: no caption names any of the "
+                                      f"{len(S.CLASS_NAMES)} classes of synthetic/trainval: no class has a positive "
+                                      "pseudo label to train on (do the captions and the dictionary match?)")
+    assert not cache.exists() and not (tmp_path / "run" / "ckpt.safetensors").exists()
