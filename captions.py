@@ -130,6 +130,23 @@ def tokenize(text: str, vocabulary: frozenset[str] | set[str] = frozenset()) -> 
 
 
 IGNORE_KEY = "__ignore__"
+# Function words: a synonym that is only these (or single letters) would name its category in
+# nearly every caption ("a photo of the ..."). Pronouns are not among them: "he", "she" name a person.
+STOPWORDS = frozenset(
+    "a an the and or but nor of on in at to by for from with into onto over under up down out off near than "
+    "as is are was were be been being it its this that these those there here some any so not no".split())
+
+
+def meaningless_phrase(tokens: Sequence[str]) -> str | None:
+    """What a dictionary phrase's normalised tokens reduce to when they cannot name a category
+    ('nothing', a single letter, a stopword), or None for a phrase that can."""
+    if not tokens:
+        return "nothing"
+    if all(len(t) == 1 or t in STOPWORDS for t in tokens):
+        words = " ".join(tokens)
+        return (f"the single letter {words!r}" if len(words) == 1 else f"the stopword {words!r}" if len(tokens) == 1
+                else f"stopwords and single letters only ({words!r})")
+    return None
 
 
 @dataclass
@@ -171,8 +188,11 @@ class SynonymDictionary:
         for idx, syns in enumerate(raw.values()):
             for s in syns:
                 key = tuple(tokenize(s, vocabulary))
-                if key:
-                    phrases.setdefault(key, set()).add(idx)
+                meaningless = meaningless_phrase(key)
+                if meaningless:      # ("(a+)+$" is the word "a": every caption would name the category)
+                    raise DataError(path, f"synonym {s!r} of {categories[idx]!r} normalises to {meaningless}, "
+                                          "which names no category: remove it or spell the phrase out")
+                phrases.setdefault(key, set()).add(idx)
         for s in ignore:
             key = tuple(tokenize(s, vocabulary))
             if key and key not in phrases:

@@ -16,6 +16,7 @@ import captions
 import checkpoints
 import config
 import data
+import datasets
 import eval as eval_cli
 import frozen_clip
 import runs
@@ -324,3 +325,29 @@ def test_captions_that_name_no_class_fail_the_run_before_any_encoding(world, tmp
                                       f"{len(S.CLASS_NAMES)} classes of synthetic/trainval: no class has a positive "
                                       "pseudo label to train on (do the captions and the dictionary match?)")
     assert not cache.exists() and not (tmp_path / "run" / "ckpt.safetensors").exists()
+
+
+@pytest.mark.parametrize("synonym,becomes", [("(a+)+$", "the single letter 'a'"), (".*", "nothing"),
+                                             ("The", "the stopword 'the'"), ("of the", "stopwords and single letters "
+                                                                                   "only ('of the')")])
+def test_a_synonym_that_names_nothing_is_refused_at_load(synonym, becomes, world, tmp_path, capsys):
+    table = json.loads((world / "synonyms.json").read_text())
+    name = S.CLASS_NAMES[2]
+    table[name].append(synonym)
+    path = tmp_path / "synonyms.json"
+    path.write_text(json.dumps(table))
+    problem = (f"{path}: synonym {synonym!r} of {name!r} normalises to {becomes}, which names no category: remove it "
+               "or spell the phrase out")
+    with pytest.raises(data.DataError) as e:
+        captions.SynonymDictionary.from_json(path, len(S.CLASS_NAMES))
+    assert str(e.value) == problem
+    assert captions.main(["pseudo-labels", "--dataset", "synthetic", "--captions", str(world), "--synonyms", str(path),
+                          "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2
+    assert one_error_line(capsys) == f"error: {problem}"
+
+
+@pytest.mark.parametrize("dataset", ["voc2007", "voc2012", "coco2014", "nuswide"])
+@pytest.mark.parametrize("which", ["", "paper"])
+def test_the_shipped_dictionaries_name_something_with_every_synonym(dataset, which):
+    entry = datasets.get(dataset)
+    captions.SynonymDictionary.from_json(entry.synonym_file(which), len(entry.classes))
