@@ -285,21 +285,29 @@ def load_voc(root: str | os.PathLike, year: int | str = 2007, split: str | None 
 _NON_CLASS_CATEGORIES = {"_background_", "__background__", "background", "__ignore__"}
 
 
-def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> tuple[list[Sample], list[str]]:
+def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
+              unused: dict | None = None) -> tuple[list[Sample], list[str]]:
     """COCO instances JSON -> samples of the images with >= 1 annotation, classes in id order.
 
     pycocotools is not needed. Ids are file-name stems ("COCO_val2014_000000000042").
+    `unused`, when given, receives what the file holds that no sample carries (said by
+    `datasets.unused_annotation_words`): annotations naming a category id that no category has,
+    ignored, and images without a class annotation, which the COCO protocol leaves out.
     """
     path = Path(annotation_file)
     raw = read_json(path, "annotation file")
     try:
+        known = {c["id"] for c in raw["categories"]}
         cats = sorted((c for c in raw["categories"] if c["name"] not in _NON_CLASS_CATEGORIES),
                       key=lambda c: c["id"])
         column = {c["id"]: k for k, c in enumerate(cats)}
         images = {im["id"]: im["file_name"] for im in raw["images"]}
         labels: dict[int, np.ndarray] = {}
+        unknown: Counter = Counter()
         for a in raw["annotations"]:
             if a["category_id"] not in column:
+                if a["category_id"] not in known:
+                    unknown[a["category_id"]] += 1
                 continue
             if a["image_id"] not in images:
                 raise ValueError(f"annotation {a.get('id')} names unknown image {a['image_id']}")
@@ -315,6 +323,10 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         raise DataError(path, str(e)) from None
     paths = {i: contained_path(image_dir, images[i], path) for i in order}
     samples = [Sample(paths[i].stem, paths[i], labels[i]) for i in order]
+    if unused is not None:
+        unused.update({"unknown_category_annotations": sum(unknown.values()),
+                       "unknown_category_ids": sorted(unknown, key=str),
+                       "images_without_annotations": len(images) - len(order)})
     return samples, [c["name"] for c in cats]
 
 
@@ -415,6 +427,7 @@ class MultiLabelImages:
         self.name = name
         self.upright = upright
         self.left_out: Counter = Counter()   # image names that are no regular file, by kind (see image_files)
+        self.unused_annotations: dict = {}    # what its annotation files hold that no sample carries (load_coco)
         self.escaped_ids: set[str] = set()   # ids of names that are not UTF-8, with \\xNN escapes
 
     def __len__(self) -> int:

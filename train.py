@@ -311,6 +311,9 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
             "(lower --reso-epoch, or --use-reso=false to say so)")
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds, test_ds = entry.load(cfg.data_root, cfg.train_split), entry.load(cfg.data_root, cfg.test_split)
+    for unused in filter(None, (datasets.unused_annotation_words(d.name, d.unused_annotations)
+                                for d in (train_ds, test_ds))):
+        log(unused)
     labels = pipeline.caption_labels(cfg, train_ds)                                 # 1
     num_classes = len(labels.classes)
 
@@ -361,6 +364,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
                    "caption_quality": labels.quality, "classes_no_caption_names": unnamed,
+                   "unused_annotations": {d.name: d.unused_annotations for d in (train_ds, test_ds)},
                    "reso": reso_done, "test_pass": test_pass, "train_seconds": round(train_s, 3),
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,

@@ -351,3 +351,49 @@ def test_a_synonym_that_names_nothing_is_refused_at_load(synonym, becomes, world
 def test_the_shipped_dictionaries_name_something_with_every_synonym(dataset, which):
     entry = datasets.get(dataset)
     captions.SynonymDictionary.from_json(entry.synonym_file(which), len(entry.classes))
+
+
+def _coco_like(world: Path, root: Path) -> None:
+    """The world's images as COCO instances files (train/test), one annotation naming category
+    999 that no category has, and one image left without a class annotation."""
+    for split in ("trainval", "test"):
+        ids, _, labels = data.read_table_csv(world / f"labels_{split}.csv")
+        images = [{"id": k, "file_name": f"{i}.jpg"} for k, i in enumerate(ids)]
+        annotations = [{"id": len(images) * k + c, "image_id": k, "category_id": c + 1}
+                       for k in range(1, len(ids)) for c in range(labels.shape[1]) if labels[k, c] == 1]
+        annotations.append({"id": -1, "image_id": 1, "category_id": 999})
+        categories = [{"id": c + 1, "name": name} for c, name in enumerate(S.CLASS_NAMES)]
+        (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                        "categories": categories}))
+
+
+def test_annotations_of_no_category_and_unannotated_images_are_counted(world, tmp_path, capsys):
+    root = tmp_path / "cocolike"
+    root.mkdir()
+    _coco_like(world, root)
+
+    def load(base: Path, split: str, paths: dict):
+        unused: dict = {}
+        samples, classes = data.load_coco(base / f"{split}.json", world / "JPEGImages", unused)
+        return samples, classes, unused
+    datasets.register(datasets.Dataset("cocolike", load, splits=("trainval", "test"), train_split="trainval",
+                                       test_split="test", classes=tuple(S.CLASS_NAMES), preset="synthetic-tiny"))
+    try:
+        images = datasets.load("cocolike", root, "test")
+        assert images.unused_annotations == {"unknown_category_annotations": 1, "unknown_category_ids": [999],
+                                             "images_without_annotations": 1}
+        assert len(images) == 15
+        out = tmp_path / "run"
+        assert train.main(["--dataset=cocolike", f"--data-root={root}", f"--captions={world}", f"--out={out}",
+                           f"--cache-dir={tmp_path / 'cache'}", "--workers=0", "--epochs=1", "--use-reso=false"]) == 0
+    finally:
+        datasets.REGISTRY.pop("cocolike")
+    printed = capsys.readouterr().out
+    for split in ("trainval", "test"):
+        assert (f"cocolike/{split}: annotations naming a category id that no category has: 1 (id 999), ignored; "
+                "images without a class annotation: 1, left out") in printed
+    head = printed[:printed.index("pseudo labels: ")]
+    assert "cocolike/trainval: annotations naming" in head      # among the run's first lines
+    report = json.loads((out / "report.json").read_text())
+    assert report["unused_annotations"]["cocolike/test"]["images_without_annotations"] == 1
+    assert report["unused_annotations"]["cocolike/trainval"]["unknown_category_ids"] == [999]
