@@ -10,6 +10,7 @@ import os
 import random
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,15 +259,53 @@ class RunStopped(RuntimeError):
         self.code = code
 
 
+# The descriptors of the run-folder locks this process holds. An flock belongs to the open file,
+# which fork() shares: a forked child (a loader worker) would hold the lock with its parent and,
+# orphaned by a SIGKILL, for seconds after it, so a requeued run found the folder held by the dead.
+# Each forked child closes its copies at once: the lock lives exactly as long as its taker.
+HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in HELD_LOCKS:
+        os.close(fd)
+    HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+ORPHAN_WAIT_S = 10.0    # a loader worker notices its parent's death within 5 s (torch's status check)
+
+
+def process_alive(pid: str) -> bool:
+    """Whether the process `pid` (as a lock file holds it) runs: it exists and is no zombie (a
+    killed process its parent has not reaped yet)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):     # no /proc: it exists
+        return True
+
+
 def lock_run_folder(out_dir: Path) -> int | None:
     """Hold the run folder for this process (an open descriptor for release_run_folder): a
     second train.py into the same folder is one line, not two runs that overwrite each other's
-    checkpoint. An flock: the kernel lets go of it when the process ends, killed or not, so a
-    dead run never leaves the folder locked (only its lock file, which is not a lock)."""
+    checkpoint. An flock, which no forked child keeps (HELD_LOCKS): the kernel lets go of it when
+    the process ends, killed or not, so a dead run never leaves the folder locked (only its lock
+    file, which is not a lock)."""
     import fcntl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
+    waited_since = time.monotonic()
     while True:
         try:        # never through a link: a run folder from elsewhere could point its lock file at any file
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
@@ -280,8 +319,16 @@ def lock_run_folder(out_dir: Path) -> int | None:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise data.DataError(out_dir, f"another train.py (pid {holder}) is running in this run folder; "
-                                          "wait for it to end, or choose another --out") from None
+            if process_alive(holder):
+                raise data.DataError(out_dir, f"another train.py (pid {holder}) is running in this run folder; "
+                                              "wait for it to end, or choose another --out") from None
+            # Its taker is gone (or has not written its pid yet): what holds it is on its way out.
+            if time.monotonic() - waited_since > ORPHAN_WAIT_S:
+                raise data.DataError(out_dir, f"the run folder is still locked after its train.py (pid {holder}) "
+                                              "ended, by processes it started; end them, or choose another "
+                                              "--out") from None
+            time.sleep(0.1)
+            continue
         except OSError as e:       # a file system without locks (some NFS mounts): say so, and go on
             os.close(fd)
             print(f"warning: {data.shown_path(path)}: cannot be locked ({e.strerror}): a second run started "
@@ -295,6 +342,7 @@ def lock_run_folder(out_dir: Path) -> int | None:
         os.close(fd)      # locked a file its holder removed as it ended: lock the one at the path now
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    HELD_LOCKS.add(fd)
     return fd
 
 
@@ -302,6 +350,7 @@ def release_run_folder(out_dir: Path, lock: int | None) -> None:
     """The lock file goes (removed while still held, so no other run can be holding it), then the lock."""
     if lock is not None:
         (out_dir / LOCK_FILE).unlink(missing_ok=True)
+        HELD_LOCKS.discard(lock)
         os.close(lock)
 
 

@@ -5,8 +5,11 @@ torchrun job's option error is said once. Each case as a user (or an attacker) w
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -397,3 +400,73 @@ def test_annotations_of_no_category_and_unannotated_images_are_counted(world, tm
     report = json.loads((out / "report.json").read_text())
     assert report["unused_annotations"]["cocolike/test"]["images_without_annotations"] == 1
     assert report["unused_annotations"]["cocolike/trainval"]["unknown_category_ids"] == [999]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. A run folder's lock is held by the living only
+# --------------------------------------------------------------------------------------------
+
+LOCK_THEN_FORK = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    import runs
+    runs.lock_run_folder(Path({folder!r}))
+    child = os.fork()
+    if child == 0:                      # a loader worker: outlives its parent's SIGKILL for a while
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_killed_runs_lock_is_free_although_its_forked_children_live_on(tmp_path):
+    folder = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-c", LOCK_THEN_FORK.format(root=str(ROOT), folder=str(folder))],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        os.kill(child, 0)                                               # the orphan lives on
+        started = time.monotonic()
+        lock = runs.prepare_run_folder(folder, resume=True, overwrite=False)      # the requeued run, at once
+        assert lock is not None and time.monotonic() - started < 2
+        runs.release_run_folder(folder, lock)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        parent.stdout.close()
+
+
+LOCK_FOR_THE_DEAD = textwrap.dedent("""
+    import fcntl, os, time
+    fd = os.open({lock!r}, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.pwrite(fd, b"{dead}\\n", 0)
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_lock_whose_taker_is_dead_never_names_it_as_running(tmp_path, monkeypatch):
+    """A lock kept by what a dead train.py started (a fork that did not drop it) is waited for,
+    then named as such: never `another train.py (pid N) is running` with N dead."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_FOR_THE_DEAD.format(lock=str(folder / runs.LOCK_FILE),
+                                                                              dead=dead.pid)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runs, "ORPHAN_WAIT_S", 0.5)
+        with pytest.raises(data.DataError) as e:
+            runs.prepare_run_folder(folder, resume=True, overwrite=False)
+        assert str(e.value) == (f"{folder}: the run folder is still locked after its train.py (pid {dead.pid}) ended, "
+                                "by processes it started; end them, or choose another --out")
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
