@@ -89,6 +89,12 @@ def is_main_process() -> bool:
     return rank_and_world()[0] == 0
 
 
+def launched_as_main_process() -> bool:
+    """Whether torchrun started this process as rank 0 (or no torchrun at all): known from the
+    environment before any process group is made."""
+    return os.environ.get("RANK", "0").strip() in ("0", "")
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         torch.distributed.barrier()

@@ -437,7 +437,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            report = run(*start(args))
+            chosen = start(args)
+        except ValueError:
+            # Every process of a torchrun job reads the same command line and fails alike: rank 0
+            # says why, the others leave quietly, all before any process group is made.
+            if not pipeline.launched_as_main_process():
+                return 2
+            raise
+        try:
+            report = run(*chosen)
         except runs.RunStopped as e:
             if pipeline.is_main_process():
                 print(f"stopped: {e}", file=sys.stderr)

@@ -470,3 +470,27 @@ def test_a_lock_whose_taker_is_dead_never_names_it_as_running(tmp_path, monkeypa
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. A torchrun job says an option error once
+# --------------------------------------------------------------------------------------------
+
+def test_an_option_error_is_said_by_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(["--epochz=3"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert train.main(["--epochz=3"]) == 2
+    one_error_line(capsys, "--epochz")
+
+
+def test_torchrun_prints_an_option_error_once():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "train.py"), "--epochz=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--epochz" in errors[0], done.stderr[-3000:]
