@@ -27,7 +27,7 @@ import numpy as np
 import config
 import datasets
 import metrics
-from cli import DefaultsHelp, integer_from, run_command
+from cli import DefaultsHelp, check_outputs_apart, integer_from, run_command
 from data import (
     DataError,
     MultiLabelImages,
@@ -132,6 +132,23 @@ def tokenize(text: str, vocabulary: frozenset[str] | set[str] = frozenset()) -> 
 
 
 IGNORE_KEY = "__ignore__"
+# Function words: a synonym that is only these (or single letters) would name its category in
+# nearly every caption ("a photo of the ..."). Pronouns are not among them: "he", "she" name a person.
+STOPWORDS = frozenset(
+    "a an the and or but nor of on in at to by for from with into onto over under up down out off near than "
+    "as is are was were be been being it its this that these those there here some any so not no".split())
+
+
+def meaningless_phrase(tokens: Sequence[str]) -> str | None:
+    """What a dictionary phrase's normalised tokens reduce to when they cannot name a category
+    ('nothing', a single letter, a stopword), or None for a phrase that can."""
+    if not tokens:
+        return "nothing"
+    if all(len(t) == 1 or t in STOPWORDS for t in tokens):
+        words = " ".join(tokens)
+        return (f"the single letter {words!r}" if len(words) == 1 else f"the stopword {words!r}" if len(tokens) == 1
+                else f"stopwords and single letters only ({words!r})")
+    return None
 
 
 @dataclass
@@ -194,8 +211,11 @@ class SynonymDictionary:
         for idx, syns in enumerate(raw.values()):
             for s in syns:
                 key = tuple(tokenize(s, vocabulary))
-                if key:
-                    phrases.setdefault(key, set()).add(idx)
+                meaningless = meaningless_phrase(key)
+                if meaningless:      # ("(a+)+$" is the word "a": every caption would name the category)
+                    raise DataError(path, f"synonym {s!r} of {categories[idx]!r} normalises to {meaningless}, "
+                                          "which names no category: remove it or spell the phrase out")
+                phrases.setdefault(key, set()).add(idx)
         for s in ignore:
             key = tuple(tokenize(s, vocabulary))
             if key and key not in phrases:
@@ -241,6 +261,7 @@ class _KeyValuePairs(list):
 # <dataset>_re_captions.json; this project (and `captions.py generate`) writes captions.json and
 # re_captions.json. A captions folder may be either, or the repository's caption/ folder, or a clone.
 CAPTIONS_FILE, RE_CAPTIONS_FILE = "captions.json", "re_captions.json"
+CAPTION_FILES = (CAPTIONS_FILE, RE_CAPTIONS_FILE)     # a captions folder's own files (the second optional)
 AUTHORS_CAPTION_FOLDER = "caption"
 
 
@@ -779,8 +800,13 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
     if args.graph:
         check_writable(args.graph, "--graph")
     entry = datasets.get(args.dataset)
+    synonyms = entry.synonym_file(args.synonyms or "", args.captions)
+    found = find_captions(args.captions, entry.name)
+    check_outputs_apart([("--out", args.out), ("--graph", args.graph)],
+                        [*(("--captions", p) for p in ((found, re_captions_beside(found)) if found else ())),
+                         ("--synonyms", synonyms)])
     class_names = entry.class_names(args.captions)     # a dataset without a class list carries it beside its captions
-    dictionary = SynonymDictionary.from_json(entry.synonym_file(args.synonyms or "", args.captions), len(class_names))
+    dictionary = SynonymDictionary.from_json(synonyms, len(class_names))
     captions = read_captions(args.captions, entry.name)
     config = CaptionFilterConfig(min_votes=args.min_votes, context_weight=args.context_weight)
     labels = pseudo_labels(captions, dictionary, class_names, config, progress=not args.quiet)

@@ -178,12 +178,16 @@ def check_checkpoint_tensors(path: str, tensors: dict[str, torch.Tensor], num_ca
     if prompts.dim() != 2 or prompts.shape[0] != o or prompts.shape[1] == 0:
         raise data.DataError(path, f"tensor model.kernel.prompts has shape {shape_text(prompts)}, expected "
                                    f"[{o}, embedding size] for {o} categories")
+    for key in (*expected, "model.kernel.prompts"):      # integer prompts or counts would load, rounded, unseen
+        if tensors[key].dtype != torch.float32:
+            raise data.DataError(path, f"tensor {key} is {tensors[key].dtype}, train.py writes torch.float32")
     check_finite(path, tensors)
 
 
 def check_fits(path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], prefix: str) -> None:
     """The saved tensors are those of the model the recorded config builds (`own`), shape for
-    shape; else one line naming the tensor and both shapes (load_state_dict's is a traceback)."""
+    shape and dtype for dtype; else one line naming the tensor and both (load_state_dict's is a
+    traceback for a shape, and a silent conversion for a dtype)."""
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
@@ -194,6 +198,8 @@ def check_fits(path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor
         if saved[k].shape != v.shape:
             raise data.DataError(path, f"tensor {prefix}{k} has shape {shape_text(saved[k])}, the recorded config "
                                        f"gives {shape_text(v)}")
+        if saved[k].dtype != v.dtype:        # load_state_dict would convert it silently
+            raise data.DataError(path, f"tensor {prefix}{k} is {saved[k].dtype}, the recorded config gives {v.dtype}")
 
 
 # The GCN's sparse graph is rebuilt from graph.M, graph.N and the config; the stored copy must

@@ -1,5 +1,6 @@
-"""What every command line shares: how options are read, the number types, and how an error
-ends a command (one line on stderr, exit 2; a closed stdout pipe ends quietly).
+"""What every command line shares: how options are read, the number types, how an error
+ends a command (one line on stderr, exit 2; a closed stdout pipe ends quietly), and the check
+that no output replaces an input or a user's file.
 
   train.py   --key=value options of the config (config.parse_overrides) and the run's own
   eval.py, captions.py, backbone.py, synthetic.py, tinyclip.py   argparse, with the types below
@@ -12,8 +13,10 @@ import contextlib
 import math
 import os
 import signal
+import stat
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
@@ -81,6 +84,58 @@ def os_error_line(e: OSError) -> str:
     if e.filename is None:
         return e.strerror or str(e)
     return f"{shown_path(e.filename)}: {e.strerror or e}"
+
+
+def _file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the file or folder `path` is or leads to (through any links); None
+    when there is none yet, or when it is a device, FIFO or socket (written through, never
+    replaced: two names of /dev/stdout lose nothing)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) else None
+
+
+def check_outputs_apart(outputs: Sequence[tuple[str, str | os.PathLike | None]],
+                        inputs: Sequence[tuple[str, str | os.PathLike | None]]) -> None:
+    """The one check that a command's outputs destroy none of its inputs, made before any work:
+    an output that is the same file or folder as an input (device and inode, through links and
+    hard links), or as another output (a file not written yet: the same resolved path), is a
+    one-line ValueError naming both. Each item is (option, path); a None or '' path is skipped."""
+    from data import shown_path
+
+    known = [(name, path, _file_identity(path)) for name, path in inputs if path]
+    written: list[tuple[str, str | os.PathLike, tuple[int, int] | None, str]] = []
+    for option, out in outputs:
+        if not out:
+            continue
+        identity, resolved = _file_identity(out), os.path.realpath(out)
+        named = f"{option}={shown_path(out)}"
+        for name, path, other in known:
+            if identity is not None and identity == other:
+                raise ValueError(f"{named}: is the input {name} {shown_path(path)}; writing it would destroy it: "
+                                 f"choose another {option}")
+        for name, path, other, other_resolved in written:
+            if (identity is not None and identity == other) or resolved == other_resolved:
+                raise ValueError(f"{named}: is also {name} {shown_path(path)}; one would overwrite the other: "
+                                 f"choose another {option}")
+        written.append((option, out, identity, resolved))
+
+
+def check_own_folder(folder: str | os.PathLike, writer: str, own: Callable[[str], bool], advice: str) -> None:
+    """A results folder is written into only when it holds nothing but what `writer` writes
+    (`own` judges an entry's name): a user's file there is refused in one line naming it, before
+    anything is written or removed, never overwritten."""
+    from data import DataError, shown_path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if not own(p.name))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DataError(folder, f"holds '{shown_path(foreign[0])}'{more}, which {writer} did not write; {advice}")
 
 
 def quiet_broken_pipe() -> int:

@@ -210,11 +210,16 @@ def voc_root(root: str | os.PathLike, year: int | str, split: str | None = None)
 
 
 def _read_id_list(path: Path) -> list[str]:
+    """The image ids of a split list. An id listed twice is refused: read twice, the image would
+    count twice in every AP (and its second row, unlabelled, as a negative of every class)."""
     if not path.is_file():
         raise DataError(path, "split file not found")
     ids = [line.split()[0] for line in read_utf8(path, "split file").splitlines() if line.strip()]
     if not ids:
         raise DataError(path, "split file lists no image")
+    if len(set(ids)) != len(ids):
+        twice = next(i for i, count in Counter(ids).items() if count > 1)
+        raise DataError(path, f"image id {twice!r} is listed more than once")
     return ids
 
 
@@ -226,6 +231,8 @@ def _read_voc_class_file(path: Path, known: dict[str, int]) -> dict[str, int]:
             continue
         if len(parts) != 2 or parts[1] not in ("1", "0", "-1"):
             raise DataError(path, f"line {n}: expected '<image id> <1|0|-1>', got {line.strip()!r}")
+        if parts[0] in values:          # the later line would win unseen
+            raise DataError(path, f"line {n}: image id {parts[0]!r} is listed more than once")
         values[parts[0]] = int(parts[1])
     missing = [i for i in known if i not in values]
     if missing:
@@ -287,21 +294,29 @@ def load_voc(root: str | os.PathLike, year: int | str = 2007, split: str | None 
 _NON_CLASS_CATEGORIES = {"_background_", "__background__", "background", "__ignore__"}
 
 
-def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> tuple[list[Sample], list[str]]:
+def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
+              unused: dict | None = None) -> tuple[list[Sample], list[str]]:
     """COCO instances JSON -> samples of the images with >= 1 annotation, classes in id order.
 
     pycocotools is not needed. Ids are file-name stems ("COCO_val2014_000000000042").
+    `unused`, when given, receives what the file holds that no sample carries (said by
+    `datasets.unused_annotation_words`): annotations naming a category id that no category has,
+    ignored, and images without a class annotation, which the COCO protocol leaves out.
     """
     path = Path(annotation_file)
     raw = read_json(path, "annotation file")
     try:
+        known = {c["id"] for c in raw["categories"]}
         cats = sorted((c for c in raw["categories"] if c["name"] not in _NON_CLASS_CATEGORIES),
                       key=lambda c: c["id"])
         column = {c["id"]: k for k, c in enumerate(cats)}
         images = {im["id"]: im["file_name"] for im in raw["images"]}
         labels: dict[int, np.ndarray] = {}
+        unknown: Counter = Counter()
         for a in raw["annotations"]:
             if a["category_id"] not in column:
+                if a["category_id"] not in known:
+                    unknown[a["category_id"]] += 1
                 continue
             if a["image_id"] not in images:
                 raise ValueError(f"annotation {a.get('id')} names unknown image {a['image_id']}")
@@ -317,6 +332,10 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         raise DataError(path, str(e)) from None
     paths = {i: contained_path(image_dir, images[i], path) for i in order}
     samples = [Sample(paths[i].stem, paths[i], labels[i]) for i in order]
+    if unused is not None:
+        unused.update({"unknown_category_annotations": sum(unknown.values()),
+                       "unknown_category_ids": sorted(unknown, key=str),
+                       "images_without_annotations": len(images) - len(order)})
     return samples, [c["name"] for c in cats]
 
 
@@ -417,6 +436,7 @@ class MultiLabelImages:
         self.name = name
         self.upright = upright
         self.left_out: Counter = Counter()   # image names that are no regular file, by kind (see image_files)
+        self.unused_annotations: dict = {}    # what its annotation files hold that no sample carries (load_coco)
         self.escaped_ids: set[str] = set()   # ids of names that are not UTF-8, with \\xNN escapes
 
     def __len__(self) -> int:
@@ -705,6 +725,15 @@ def write_target(path: str | os.PathLike) -> tuple[Path, bool]:
     return (Path(os.path.realpath(path)) if path.is_symlink() else path), False
 
 
+TEMP_MARK = ".tmp"    # atomic_write's temp file of x.json is .x.json.tmp<pid>
+
+
+def temp_file_of(name: str) -> str | None:
+    """The file an atomic_write temp file named `name` was for (left by a killed process), or None."""
+    base, mark, pid = name.rpartition(TEMP_MARK)
+    return base[1:] if name.startswith(".") and mark and pid.isdigit() else None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same folder and rename, so a crash leaves no half file.
     The one writer of every file the project produces: a write that fails (a full disk, a quota,
@@ -713,7 +742,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     from safetensors import SafetensorError  # save_file reports I/O errors as its own type
 
     target, through = write_target(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
     try:
         if through:
             write(target)

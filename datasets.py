@@ -45,8 +45,9 @@ WORLD_SYNONYMS = "synonyms.json"                 # a dataset without a shipped d
 DATA_FOLDER = "data_folder"                      # the paper's release layout: <data folder>/<dataset>/
 
 # Loader: (root, split, file-location overrides such as annotation_file / image_dir) ->
-# (samples with {1, 0, -1} labels, class names in column order).
-Loader = Callable[[Path, str, dict], "tuple[list[Sample], Sequence[str]]"]
+# (samples with {1, 0, -1} labels, class names in column order), and optionally a third item:
+# what the annotation files hold that no sample carries, counted (data.load_coco's `unused`).
+Loader = Callable[[Path, str, dict], "tuple[list[Sample], Sequence[str]] | tuple[list[Sample], Sequence[str], dict]"]
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,10 @@ class Dataset:
         """The images and labels of one split; `paths` overrides the loader's default file
         locations (`annotation_file`, `image_dir`)."""
         self.check_split(split)
-        samples, classes = self.loader(Path(root), split, paths)
-        return MultiLabelImages(samples, classes, transform, name=f"{self.name}/{split}", upright=self.own_photos)
+        samples, classes, *unused = self.loader(Path(root), split, paths)
+        images = MultiLabelImages(samples, classes, transform, name=f"{self.name}/{split}", upright=self.own_photos)
+        images.unused_annotations = unused[0] if unused else {}
+        return images
 
     def synonym_file(self, synonyms: str = "", beside: str | os.PathLike = "") -> Path:
         """The one rule for the dictionary: an explicit path; `paper` (the paper's own, where
@@ -216,9 +219,24 @@ def voc_loader(year: int, classes: Sequence[str]) -> Loader:
     return load_voc
 
 
-def load_coco2014(root: Path, split: str, paths: dict) -> tuple[list[Sample], Sequence[str]]:
+def load_coco2014(root: Path, split: str, paths: dict) -> tuple[list[Sample], Sequence[str], dict]:
     annotations = paths.get("annotation_file") or root / "annotations" / f"instances_{split}2014.json"
-    return data.load_coco(annotations, paths.get("image_dir") or root / f"{split}2014")
+    unused: dict = {}
+    samples, classes = data.load_coco(annotations, paths.get("image_dir") or root / f"{split}2014", unused)
+    return samples, classes, unused
+
+
+def unused_annotation_words(name: str, unused: dict) -> str:
+    """One line on what a split's annotation files hold that none of its samples carries
+    (`data.load_coco`'s `unused`), '' when there is nothing: said in a run's first lines."""
+    parts = []
+    if unused.get("unknown_category_annotations"):
+        ids = unused["unknown_category_ids"]
+        parts.append(f"annotations naming a category id that no category has: {unused['unknown_category_annotations']}"
+                     f" (id {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}), ignored")
+    if unused.get("images_without_annotations"):
+        parts.append(f"images without a class annotation: {unused['images_without_annotations']}, left out")
+    return f"{name}: " + "; ".join(parts) if parts else ""
 
 
 def load_nuswide(root: Path, split: str, paths: dict) -> tuple[list[Sample], Sequence[str]]:

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cli import finite_float, integer_from, run_command
+from cli import check_outputs_apart, finite_float, integer_from, run_command
 from data import DataError, atomic_write, check_writable, read_table_csv, shown_path, write_json
 from metrics import DIFFICULT_MODES, evaluate, positive_counts, sigmoid
 
@@ -404,22 +404,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def after_training(args: argparse.Namespace) -> bool:
-    """Run --images, --visualize or --plot-ap when one is given; False when none is."""
+def after_training_mode(args: argparse.Namespace) -> str | None:
+    """The one of --images, --visualize or --plot-ap given, or None (evaluate instead)."""
     chosen = [name for name, value in (("--images", args.images), ("--visualize", args.visualize),
                                        ("--plot-ap", args.plot_ap)) if value]
     if len(chosen) > 1:
         raise DataError(chosen[1], f"give one of {', '.join(chosen)} at a time")
-    if not chosen:
-        return False
-    if chosen[0] == "--plot-ap":
+    return chosen[0] if chosen else None
+
+
+def after_training(args: argparse.Namespace, mode: str) -> None:
+    """Run --images, --visualize or --plot-ap (`mode`)."""
+    if mode == "--plot-ap":
         if len(args.plot_ap) > 2:
             raise DataError("--plot-ap", f"takes one or two reports, got {len(args.plot_ap)}")
         plot_ap(args.plot_ap, args.out)
         print(f"wrote {args.out}: per-class AP of {' and '.join(args.plot_ap)}")
-        return True
+        return
     if not args.checkpoint:
-        raise DataError(chosen[0], "needs a checkpoint (eval.py ckpt.safetensors " + chosen[0] + " ...)")
+        raise DataError(mode, "needs a checkpoint (eval.py ckpt.safetensors " + mode + " ...)")
     overrides = {"clip_weights": args.clip_weights, "workers": args.workers, "test_crops": args.test_crops}
     if args.images:
         # Without --out the CSV is standard output, and everything else the command says goes to stderr.
@@ -434,13 +437,33 @@ def after_training(args: argparse.Namespace) -> bool:
         titles = visualize(args.checkpoint, args.visualize, args.out, args.categories, overrides,
                            args.clip_weights_format)
         print(f"wrote {args.out}: {args.visualize} beside {', '.join(titles)}")
-    return True
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: neither --out nor --json is one of the files the command reads (the
+    checkpoint, CLIP weights, a CSV, a report, an image: the photo to draw, every image to tag)."""
+    from data import image_files
+
+    photos = ([("--images", s.path) for s in image_files(args.images, upright=True).samples]
+              if args.images and args.out else [])
+    check_outputs_apart([("--out", args.out), ("--json", args.json)],
+                        [("checkpoint", args.checkpoint), ("--clip-weights", args.clip_weights),
+                         ("--scores", args.scores), ("--labels", args.labels), ("--visualize", args.visualize),
+                         *(("--plot-ap", report) for report in args.plot_ap or []), *photos])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(lambda: None if after_training(args) else evaluate_command(parser, args))
+
+    def body() -> None:
+        mode = after_training_mode(args)
+        check_outputs(args)
+        if mode:
+            after_training(args, mode)
+        else:
+            evaluate_command(parser, args)
+    return run_command(body)
 
 
 def evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

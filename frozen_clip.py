@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import run_command
+from cli import check_outputs_apart, run_command
 from config import PATCH_READOUTS, SUBSET_READOUTS, WEIGHT_FORMATS
 from data import DataError
 
@@ -516,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        check_outputs_apart([("dest", args.dest)], [("source", args.source)])
         count = convert(args.source, args.dest, args.model)
         print(f"wrote {args.dest}: {count} tensors; {args.model} loads it strict (--clip-weights={args.dest})")
     return run_command(body)

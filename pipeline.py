@@ -124,6 +124,12 @@ def is_main_process() -> bool:
     return rank_and_world()[0] == 0
 
 
+def launched_as_main_process() -> bool:
+    """Whether torchrun started this process as rank 0 (or no torchrun at all): known from the
+    environment before any process group is made."""
+    return os.environ.get("RANK", "0").strip() in ("0", "")
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         torch.distributed.barrier()
@@ -388,6 +394,20 @@ def classes_no_caption_names(classes: Sequence[str], hard: torch.Tensor, min_vot
     return unnamed
 
 
+def check_some_positive(cfg, hard: np.ndarray, train_ds: data.MultiLabelImages) -> None:
+    """A run whose labels name no class on any training image would train every class towards 0
+    (and score far below zero-shot): refused before any encoding. A few unnamed classes are
+    only a warning (classes_no_caption_names)."""
+    if hard.any():
+        return
+    if cfg.train_labels == "true":
+        raise data.DataError(cfg.data_root, f"no image of {train_ds.name} has a positive label: nothing to train on")
+    votes = "" if cfg.min_votes == 1 else f" with --min-votes={cfg.min_votes}"
+    raise data.DataError(captions.find_captions(cfg.captions, cfg.dataset) or cfg.captions,
+                         f"no caption names any of the {hard.shape[1]} classes of {train_ds.name}{votes}: no class "
+                         "has a positive pseudo label to train on (do the captions and the dictionary match?)")
+
+
 def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> None:
     """A split none of whose images could be read is an error; many skipped ones a loud warning."""
     if not split.ids:
@@ -445,6 +465,7 @@ def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) ->
         pseudo = captions.with_true_labels(pseudo, train_ds, cfg.min_votes)
     num_cat = len(pseudo.categories) if cfg.use_backgrounds else len(classes)
     hard = pseudo.hard(cfg.min_votes)
+    check_some_positive(cfg, hard[:, :len(classes)], train_ds)
     m, n = data.cooccurrence(hard[:, :num_cat])
     kind = "true" if cfg.train_labels == "true" else "pseudo"
     log(f"{kind} labels: {len(pseudo.ids)} images, {len(classes)} classes + {num_cat - len(classes)} backgrounds, "

@@ -5,10 +5,12 @@ state, the ReSO crops), metrics.jsonl, and how a stopped run says what it kept.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -92,38 +94,146 @@ def read_state(run_dir: str | Path) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise data.DataError(path, f"unreadable run state ({e})") from None
     checkpoints.check_finite(path, tensors)
+    check_state_meaning(path, cfg, tensors, meta)
     return {"config": cfg, "tensors": tensors, "meta": meta, "path": path}
 
 
-def restore_state(state: dict, model, loop: Loop) -> list | None:
+def _state_field(path: Path, meta: dict, key: str, parse):
+    """A run state's metadata field as `parse` reads it (a one-line error naming it otherwise)."""
+    if key not in meta:
+        raise data.DataError(path, f"run state lacks the field {key}")
+    try:
+        return parse(meta[key])
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as e:
+        raise data.DataError(path, f"run state field {key} is not what train.py writes ({str(e)[:120]})") from None
+
+
+def _integer(text: str) -> int:
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"{text[:40]!r} is not an integer")
+    return int(text)
+
+
+def _python_rng(text: str) -> tuple:
+    version, internal, gauss = json.loads(text)
+    state = (version, tuple(internal), gauss)
+    random.Random().setstate(state)           # what random.setstate would refuse, on a scratch generator
+    return state
+
+
+def _numpy_rng(keys: torch.Tensor):
+    def parse(text: str) -> tuple:
+        pos, has_gauss, cached = json.loads(text)
+        state = ("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+        np.random.RandomState().set_state(state)
+        return state
+    return parse
+
+
+def _reso_found(text: str) -> list | None:
+    found = json.loads(text)
+    if found is None:
+        return None
+    if not isinstance(found, list) or not all(
+            isinstance(f, list) and len(f) in (3, 4) and all(type(v) is int and v >= 0 for v in f[:2])
+            and isinstance(f[2], list) and len(f[2]) == 4 and all(type(v) is int for v in f[2]) for f in found):
+        raise ValueError("expected null or a list of [image row, class, patch box[, probability]]")
+    return found
+
+
+def check_state_meaning(path: Path, cfg, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """What a digest cannot vouch for (a crafted state comes with a digest that fits): every
+    field and random state is what train.py writes, and the schedule's position lies inside
+    the recorded config's (epoch 99 of 8 would "finish" a run after one epoch; a total of 0
+    divides by zero). One line naming the file and the field."""
+    epoch, step, total = (_state_field(path, meta, key, _integer) for key in ("epoch", "step", "total"))
+    if not 0 <= epoch <= cfg.epochs:
+        raise data.DataError(path, f"run state field epoch is {epoch}, outside 0 to {cfg.epochs}, the epochs of "
+                                   "its recorded config")
+    if total < 1 or not 0 <= step <= total:
+        raise data.DataError(path, f"run state fields step {step} and total {total} are no position in a schedule "
+                                   "(0 <= step <= total, total >= 1)")
+    for key, like in (("rng.torch", torch.get_rng_state()), ("rng.batches", torch.Generator().get_state()),
+                      ("rng.numpy", torch.zeros(624, dtype=torch.int64))):
+        got = tensors.get(key)
+        if got is None or got.dtype != like.dtype or got.shape != like.shape:
+            raise data.DataError(path, f"run state tensor {key} is " + ("missing" if got is None else
+                                       f"{got.dtype} {checkpoints.shape_text(got)}")
+                                       + f", train.py writes {like.dtype} {checkpoints.shape_text(like)}")
+    _state_field(path, meta, "python_rng", _python_rng)
+    _state_field(path, meta, "numpy_rng", _numpy_rng(tensors["rng.numpy"]))
+    _state_field(path, meta, "reso_found", _reso_found)
+    groups = _state_field(path, meta, "param_groups", json.loads)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise data.DataError(path, "run state field param_groups is not what train.py writes (a list of "
+                                   "parameter groups)")
+    unknown = [k for k in tensors if not (k.startswith(("model.", "rng.")) or k.split(".")[0] == "opt"
+                                          and len(k.split(".", 2)) == 3 and k.split(".")[1].isdigit())]
+    if unknown:
+        raise data.DataError(path, f"run state holds an unexpected tensor {unknown[0]}")
+
+
+def restore_state(state: dict, model, loop: Loop, num_images: int, num_categories: int) -> list | None:
     """Put a saved state back into the model and the loop; returns the ReSO regions, if any.
-    Tensors that do not fit the model its config builds are one line with both shapes."""
-    tensors, meta, path = state["tensors"], state["meta"], state["path"]
+    Tensors that do not fit the model its config builds are one line with both shapes; a
+    schedule position or a region that does not fit these `num_images` training images is one
+    line naming the field."""
+    tensors, meta, path, cfg = state["tensors"], state["meta"], state["path"], state["config"]
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     checkpoints.check_fits(path, weights, model.state_dict(), "model.")
+    check_schedule(path, cfg, meta, num_images)
+    found = json.loads(meta["reso_found"])
+    bad = next((f for f in found or [] if f[0] >= num_images or f[1] >= num_categories), None)
+    if bad is not None:
+        raise data.DataError(path, f"run state field reso_found names image row {bad[0]}, class {bad[1]}: there are "
+                                   f"{num_images} training images and {num_categories} categories")
     model.load_state_dict(weights, strict=True)
     params = [p for g in loop.opt.param_groups for p in g["params"]]
+    groups = json.loads(meta["param_groups"])
+    own_groups = loop.opt.state_dict()["param_groups"]
+    if [g["params"] for g in groups] != [g["params"] for g in own_groups]:
+        raise data.DataError(path, "run state field param_groups does not fit the optimiser its recorded config "
+                                   "builds")
     moments: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            if name != "step" and (int(index) >= len(params) or value.shape != params[int(index)].shape):
-                shape = checkpoints.shape_text(params[int(index)]) if int(index) < len(params) else "no parameter"
+            _, index, name = key.split(".", 2)       # opt.<parameter>.<moment> (check_state_meaning)
+            if int(index) >= len(params):
+                raise data.DataError(path, f"tensor {key} has no parameter {index} in the recorded config")
+            param = params[int(index)]
+            like = torch.zeros((), dtype=torch.float32) if name == "step" else param
+            if value.shape != like.shape:
                 raise data.DataError(path, f"tensor {key} has shape {checkpoints.shape_text(value)}, the recorded "
-                                           f"config gives {shape}")
+                                           f"config gives {checkpoints.shape_text(like)}")
+            if value.dtype != like.dtype:
+                raise data.DataError(path, f"tensor {key} is {value.dtype}, the recorded config gives {like.dtype}")
             moments.setdefault(int(index), {})[name] = value
-    loop.opt.load_state_dict({"state": moments, "param_groups": json.loads(meta["param_groups"])})
+    loop.opt.load_state_dict({"state": moments, "param_groups": groups})
     loop.gen.set_state(tensors["rng.batches"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    pos, has_gauss, cached = json.loads(meta["numpy_rng"])
-    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = json.loads(meta["python_rng"])
-    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(_numpy_rng(tensors["rng.numpy"])(meta["numpy_rng"]))
+    random.setstate(_python_rng(meta["python_rng"]))
     loop.epoch, loop.step, loop.total = int(meta["epoch"]), int(meta["step"]), int(meta["total"])
-    found = json.loads(meta["reso_found"])
     return [(f[0], f[1], tuple(f[2]), *f[3:]) for f in found] if found else None
+
+
+def check_schedule(path: Path, cfg, meta: dict, num_images: int) -> None:
+    """Every epoch takes its image batches, and ReSO's crop batches only add to them: a step or
+    total that these training images cannot give is a state from elsewhere (or crafted)."""
+    epoch, step, total = int(meta["epoch"]), int(meta["step"]), int(meta["total"])
+    per_epoch = math.ceil(num_images / cfg.batch_size)
+    with_crops = bool(json.loads(meta["reso_found"]))
+    if step < epoch * per_epoch or (not with_crops and step != epoch * per_epoch):
+        raise data.DataError(path, f"run state field step is {step}: {epoch} epochs of {num_images} training images "
+                                   f"in batches of {cfg.batch_size} take {epoch * per_epoch}"
+                                   + (" or more" if with_crops else ""))
+    if total < cfg.epochs * per_epoch or (not with_crops and total != cfg.epochs * per_epoch):
+        raise data.DataError(path, f"run state field total is {total}: {cfg.epochs} epochs of {num_images} training "
+                                   f"images in batches of {cfg.batch_size} take {cfg.epochs * per_epoch}"
+                                   + (" or more" if with_crops else ""))
 
 
 class MetricsLog:
@@ -234,15 +344,53 @@ class RunStopped(RuntimeError):
         self.code = code
 
 
+# The descriptors of the run-folder locks this process holds. An flock belongs to the open file,
+# which fork() shares: a forked child (a loader worker) would hold the lock with its parent and,
+# orphaned by a SIGKILL, for seconds after it, so a requeued run found the folder held by the dead.
+# Each forked child closes its copies at once: the lock lives exactly as long as its taker.
+HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in HELD_LOCKS:
+        os.close(fd)
+    HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+ORPHAN_WAIT_S = 10.0    # a loader worker notices its parent's death within 5 s (torch's status check)
+
+
+def process_alive(pid: str) -> bool:
+    """Whether the process `pid` (as a lock file holds it) runs: it exists and is no zombie (a
+    killed process its parent has not reaped yet)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):     # no /proc: it exists
+        return True
+
+
 def lock_run_folder(out_dir: Path) -> int | None:
     """Hold the run folder for this process (an open descriptor for release_run_folder): a
     second train.py into the same folder is one line, not two runs that overwrite each other's
-    checkpoint. An flock: the kernel lets go of it when the process ends, killed or not, so a
-    dead run never leaves the folder locked (only its lock file, which is not a lock)."""
+    checkpoint. An flock, which no forked child keeps (HELD_LOCKS): the kernel lets go of it when
+    the process ends, killed or not, so a dead run never leaves the folder locked (only its lock
+    file, which is not a lock)."""
     import fcntl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
+    waited_since = time.monotonic()
     while True:
         try:        # never through a link: a run folder from elsewhere could point its lock file at any file
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
@@ -256,8 +404,16 @@ def lock_run_folder(out_dir: Path) -> int | None:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise data.DataError(out_dir, f"another train.py (pid {holder}) is running in this run folder; "
-                                          "wait for it to end, or choose another --out") from None
+            if process_alive(holder):
+                raise data.DataError(out_dir, f"another train.py (pid {holder}) is running in this run folder; "
+                                              "wait for it to end, or choose another --out") from None
+            # Its taker is gone (or has not written its pid yet): what holds it is on its way out.
+            if time.monotonic() - waited_since > ORPHAN_WAIT_S:
+                raise data.DataError(out_dir, f"the run folder is still locked after its train.py (pid {holder}) "
+                                              "ended, by processes it started; end them, or choose another "
+                                              "--out") from None
+            time.sleep(0.1)
+            continue
         except OSError as e:       # a file system without locks (some NFS mounts): say so, and go on
             os.close(fd)
             print(f"warning: {data.shown_path(path)}: cannot be locked ({e.strerror}): a second run started "
@@ -271,6 +427,7 @@ def lock_run_folder(out_dir: Path) -> int | None:
         os.close(fd)      # locked a file its holder removed as it ended: lock the one at the path now
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    HELD_LOCKS.add(fd)
     return fd
 
 
@@ -278,6 +435,7 @@ def release_run_folder(out_dir: Path, lock: int | None) -> None:
     """The lock file goes (removed while still held, so no other run can be holding it), then the lock."""
     if lock is not None:
         (out_dir / LOCK_FILE).unlink(missing_ok=True)
+        HELD_LOCKS.discard(lock)
         os.close(lock)
 
 
@@ -289,18 +447,25 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int | No
     if resume:
         return lock
     if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
-        if not overwrite:
+        try:
+            if not overwrite:
+                raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, "
+                                              "--overwrite replaces it")
+            # Decided from all it holds before anything goes: a user's file beside a run's stops it whole.
+            cli.check_own_folder(out_dir, "train.py", is_run_file,
+                                  "--overwrite replaces only a run folder's own files: choose another --out")
+        except data.DataError:
             release_run_folder(out_dir, lock)
-            raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, --overwrite "
-                                          "replaces it")
-        for name in RUN_FILES:
-            if name != LOCK_FILE:                      # this run's own, held
-                (out_dir / name).unlink(missing_ok=True)
-        if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
-            release_run_folder(out_dir, lock)
-            raise data.DataError(out_dir, "--overwrite: the folder holds files train.py did not write; "
-                                          "choose another --out")
+            raise
+        for path in out_dir.iterdir():
+            if path.name != LOCK_FILE:                 # this run's own, held
+                path.unlink()
     return lock
+
+
+def is_run_file(name: str) -> bool:
+    """A name train.py writes in a run folder: its files, or the temp file of one a killed run left."""
+    return name in RUN_FILES or data.temp_file_of(name) in RUN_FILES
 
 
 def stopped_note(out_dir: Path) -> str:

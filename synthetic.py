@@ -38,8 +38,14 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 import datasets
-from cli import integer_from, run_command
-from data import DataError, atomic_write, check_writable, write_json
+from cli import check_outputs_apart, check_own_folder, integer_from, run_command
+from data import (
+    DataError,
+    atomic_write,
+    check_writable,
+    temp_file_of,
+    write_json,
+)
 
 if TYPE_CHECKING:  # torch is imported where it is used: `build` needs only numpy and Pillow
     import torch
@@ -538,6 +544,16 @@ def _render_image(job: tuple[str, WorldConfig, str, int, str]) -> tuple[str, str
                                                                 perception=perception)
 
 
+# What a world build writes at the top of its folder: a folder holding anything else is a user's,
+# never built into; one holding only these (a build that was killed) is built again.
+WORLD_FILES = ("JPEGImages", "Annotations", "ImageSets", "captions.json", "re_captions.json", "synonyms.json",
+               "world.json", "labels_trainval.csv", "labels_test.csv")
+
+
+def is_world_file(name: str) -> bool:
+    return name in WORLD_FILES or temp_file_of(name) in WORLD_FILES
+
+
 def build(out: str | os.PathLike, cfg: WorldConfig, progress: bool = True, workers: int = 0) -> Path:
     """Write the world: VOC2007 layout, captions.json / re_captions.json (training split),
     synonyms.json, world.json and labels_{trainval,test}.csv (eval.py --labels format).
@@ -721,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         if args.command == "build":
             check_writable(args.out, "--out", folder=True)
+            check_own_folder(args.out, "synthetic.py build", is_world_file,
+                             "it builds a world into a new or empty folder: choose another --out")
             cfg = WorldConfig(seed=args.seed, train=args.train, test=args.test)
             t = time.time()
             base = build(args.out, cfg)
@@ -732,6 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for option, path in (("--json", args.json), ("--scores", args.scores)):
                 if path:
                     check_writable(path, option)
+            check_outputs_apart([("--json", args.json), ("--scores", args.scores)],
+                                [("--weights", args.weights), *(("--data", Path(args.data) / name)
+                                                                for name in WORLD_FILES)])
             report = zeroshot(args.data, args.weights, args.scores, patch_readout=args.patch_readout,
                               image_size=args.image_size)
             write_json(args.json, report)

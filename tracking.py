@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import data
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DB = ROOT / "runs" / "mlflow.db"   # the default store; absolute, so any working directory finds it
 ANSWER_SECONDS = 5                  # a tracker slower than this to answer a run's first requests is not there
@@ -128,14 +130,27 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (Path(path).resolve().parent / "mlartifacts" / experiment).as_uri()
 
 
+def read_run_record(out_dir: Path) -> dict | None:
+    """The mlflow run a run folder logs to ({"run_id", "tracking_uri"}), None when it has none;
+    a record that is not one (garbage from a killed write, a list) is one line naming the file."""
+    record = Path(out_dir) / RUN_ID_FILE
+    if not record.is_file():
+        return None
+    known = data.read_json(record, "mlflow run record")
+    for field in ("run_id", "tracking_uri"):
+        if not isinstance(known, dict) or not isinstance(known.get(field), str) or not known[field]:
+            raise data.DataError(record, f"field {field} is not a non-empty string: not a run record train.py "
+                                         "writes (remove it to log the resumed run as a new mlflow run)")
+    return known
+
+
 class MlflowTracker(Tracker):
     """One mlflow run per run folder, through mlflow's client (no global active run)."""
 
     def __init__(self, cfg, preset: str, out_dir: Path, resumed: bool):
         from mlflow.entities import Param
 
-        record = out_dir / RUN_ID_FILE
-        known = json.loads(record.read_text()) if resumed and record.is_file() else None
+        known = read_run_record(out_dir) if resumed else None
         # a resumed run goes on where it began (before SQLite, the default store was runs/mlruns)
         uri = known["tracking_uri"] if known else store_uri(cfg.tracker_uri)
         if uri == store_uri(""):
@@ -151,7 +166,7 @@ class MlflowTracker(Tracker):
                          self.client.create_experiment(name, artifact_location=artifact_location(uri, name)))
         run = self.client.create_run(experiment_id, run_name=out_dir.name, tags={"preset": preset})
         self.run_id = run.info.run_id
-        record.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}) + "\n")
+        data.write_json(out_dir / RUN_ID_FILE, {"run_id": self.run_id, "tracking_uri": uri}, indent=None)
         params = {**json.loads(cfg.to_json()), "preset": preset}
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 

@@ -199,7 +199,7 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
                      warmup=max(1, int(cfg.warmup_epochs * steps_per_epoch)), total=cfg.epochs * steps_per_epoch)
     targets, reso_done = trainset.targets.to(device), {}       # once: batches index it on the device
     if resume is not None:
-        found = runs.restore_state(resume, model, loop)
+        found = runs.restore_state(resume, model, loop, len(trainset.split.ids), targets.shape[1])
         loop.crops = reso.build_reso_crops(cfg, backbone, trainset.split, found, targets, device) if found else None
         reso.add_evidence(targets, found or [], cfg)
     step_fn = wrap_for_training(cfg, model, device)
@@ -327,6 +327,9 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds, test_ds = pipeline.load_split(cfg, cfg.train_split), pipeline.load_split(cfg, cfg.test_split)
     runs.start_block(cfg, preset, device, train_ds, test_ds)
+    for unused in filter(None, (datasets.unused_annotation_words(d.name, d.unused_annotations)
+                                for d in (train_ds, test_ds))):
+        log(unused)
     pipeline.caption_photos(cfg, train_ds, device)
     labels = pipeline.caption_labels(cfg, train_ds)                                 # 1
     num_classes = len(labels.classes)
@@ -380,6 +383,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     report.update({"CF1": result["CF1"], "OF1": result["OF1"], "AP": result["AP"],
                    "zeroshot": {k: zeroshot[k] for k in REPORT_KEYS if k in zeroshot},
                    "caption_quality": labels.quality, "classes_no_caption_names": unnamed,
+                   "unused_annotations": {d.name: d.unused_annotations for d in (train_ds, test_ds)},
                    "reso": reso_done, "test_pass": test_pass, "train_seconds": round(train_s, 3),
                    "total_seconds": round(time.time() - t_start, 1),
                    "world_size": pipeline.rank_and_world()[1], "resumed": resume is not None,
@@ -451,9 +455,14 @@ def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, runs.
         cfg, preset = config.from_pairs(pairs)
     pipeline.check_device_for_preset(cfg.device, preset)
     tracking.check_available(cfg.tracker, cfg.tracker_uri)
+    if options.resume is not None and cfg.tracker == "mlflow":
+        tracking.read_run_record(options.resume)
     if cfg.out:
         data.check_writable(cfg.out, "--out", folder=True)
     data.check_writable(cfg.cache_dir, "--cache-dir", folder=True)
+    cli.check_outputs_apart([("--out", cfg.out), ("--cache-dir", cfg.cache_dir)],
+                            [("--data-root", cfg.data_root), ("--captions", cfg.captions),
+                             ("--clip-weights", cfg.clip_weights), ("--synonyms", cfg.synonyms)])
     return cfg, preset, state, options
 
 
@@ -476,7 +485,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            report = run(*start(args))
+            chosen = start(args)
+        except ValueError:
+            # Every process of a torchrun job reads the same command line and fails alike: rank 0
+            # says why, the others leave quietly, all before any process group is made.
+            if not pipeline.launched_as_main_process():
+                return 2
+            raise
+        try:
+            report = run(*chosen)
         except runs.RunStopped as e:
             if pipeline.is_main_process():
                 print(f"stopped: {e}", file=sys.stderr)

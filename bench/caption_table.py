@@ -23,9 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import datasets  # noqa: E402
-from captions import CaptionFilterConfig, SynonymDictionary, pseudo_labels, read_captions  # noqa: E402
+from captions import CAPTION_FILES, CaptionFilterConfig, SynonymDictionary, pseudo_labels, read_captions  # noqa: E402
 from metrics import best_f1, mean_ap  # noqa: E402
 
 VOC2007 = ROOT.parent / "shared" / "data" / "voc2007"
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     try:
         if args.json:
             data.check_writable(args.json, "--json")
+        cli.check_outputs_apart([("--json", args.json)], [("--labels", args.labels), *(
+            ("--captions", args.captions / name) for name in CAPTION_FILES)])
         rows = measure(args.captions, args.labels)
     except ValueError as e:   # data.DataError, and check_writable's refusal
         print(f"error: {e}", file=sys.stderr)

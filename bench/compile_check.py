@@ -227,6 +227,12 @@ def main(argv=None) -> int:
             return 2
         sys.path.insert(0, str(Path(args.triton).resolve()))
     sys.path.insert(0, str(ROOT))
+    import cli
+    try:      # the two reports, each its own file, known before minutes of compiling
+        cli.check_outputs_apart([("--json", args.json), ("--markdown", args.markdown)], [])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import triton
 
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}); compiling for "

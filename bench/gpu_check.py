@@ -502,7 +502,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder of everything the run writes (JSON, README copy with the table, log, the steps' "
-                             "rows); created if absent")
+                             "rows): a new or empty one (created if absent)")
     parser.add_argument("--budget", type=float, help=f"seconds for all steps together (default {GPU_BUDGET_S:.0f} "
                                                      f"on a GPU, {DRY_BUDGET_S:.0f} for the dry run on a CPU)")
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes")
@@ -514,6 +514,16 @@ def main(argv=None) -> int:
         if os.environ.get(var, "") not in ("", *allowed):
             print(f"error: {var}={os.environ[var]!r} names none of: {', '.join(allowed)}", file=sys.stderr)
             return 2
+    import cli
+    import data  # numpy only: nothing the wheels install
+
+    try:    # a user's README.md or log there would be overwritten: a folder of its own, before any step
+        data.check_writable(args.out, "--out", folder=True)
+        cli.check_own_folder(args.out, "bench/gpu_check.py", lambda name: False,
+                              "it writes into a new or empty folder: choose another --out")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.log").write_text("")
