@@ -53,6 +53,19 @@ def file_digest(path: str | os.PathLike) -> str:
     return _HASHES[key]
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """The bytes of the regular files under `folder` (0 when there is none); links not followed."""
+    total = 0
+    for base, _, files in os.walk(folder):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(base, name))
+            except OSError:
+                continue
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
 class FeatureCache:
     """Per-image encoder outputs stored in bf16 safetensors shards under a key.
 

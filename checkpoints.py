@@ -16,6 +16,8 @@ import torch
 import bacgcn
 import config
 import data
+import frozen_clip
+from cache import file_digest
 
 ROOT = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = "bacgcn-1"
@@ -223,3 +225,38 @@ def model_from_checkpoint(path: str, cfg, classes, tensors) -> bacgcn.BACGCN:
     return model
 
 
+# --------------------------------------------------------------------------------------------
+# The CLIP weights a checkpoint records, and finding them on another machine
+# --------------------------------------------------------------------------------------------
+
+def clip_weights_record(cfg: config.BACGCNConfig) -> dict:
+    """What a checkpoint records of its CLIP weights: the name (where they have one), the
+    sha256 and the file, so that another machine finds them by name or by digest."""
+    path = frozen_clip.weights_file(cfg.clip_weights, cfg.clip_model)
+    digest = file_digest(path)
+    return {"name": cfg.clip_weights if frozen_clip.is_named(cfg.clip_weights) else frozen_clip.name_of_digest(digest),
+            "sha256": digest, "path": os.path.abspath(path)}
+
+
+def clip_weights_here(path: str, cfg: config.BACGCNConfig, record: dict | None,
+                      given: bool) -> config.BACGCNConfig:
+    """The CLIP weights to rebuild a checkpoint with on this machine. Recorded by name, they
+    come from the Hugging Face cache (fetched once); recorded as a file that is not here, by
+    the name the checkpoint records for its digest; else one line saying which --clip-weights to
+    pass. A file given by the user that is not the recorded one is said in a warning."""
+    if frozen_clip.is_named(cfg.clip_weights) or record is None:
+        return cfg
+    if given:
+        if Path(cfg.clip_weights).is_file() and file_digest(cfg.clip_weights) != record["sha256"]:
+            print(f"WARNING: {data.shown_path(cfg.clip_weights)} holds other CLIP weights than {data.shown_path(path)} "
+                  f"was trained with (sha256 {record['sha256'][:16]}...): its scores will not be the trained ones",
+                  flush=True)
+        return cfg
+    if Path(cfg.clip_weights).is_file():
+        return cfg
+    if record.get("name"):
+        print(f"{data.shown_path(cfg.clip_weights)} is not here: the CLIP weights by their name, "
+              f"--clip-weights={record['name']}", flush=True)
+        return cfg.replace(clip_weights=record["name"])
+    raise data.DataError(path, f"its CLIP weights {data.shown_path(cfg.clip_weights)} are not on this machine: pass "
+                               f"--clip-weights=FILE, the file with sha256 {record['sha256']}")

@@ -3,8 +3,7 @@ which the registry in datasets.py wires to dataset names, and the files the proj
 writes (scores CSV, graph, JSON, atomic writes).
 
 Data flows one way: files -> this module -> tensors. Nothing here imports the model, nor the
-modules built on it: `captions.py` (caption filter, BLIP-2 captioner) and `cache.py` (feature
-cache) import this one, never the reverse.
+modules built on it (`captions.py`, `cache.py` import this one, never the reverse).
 """
 from __future__ import annotations
 
@@ -27,13 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 
 
-def here_or_in_repo(path: str | os.PathLike, repo: Path = ROOT) -> Path:
-    """A relative path as given when it exists here, else under `repo` when it exists there
-    (where the default places are: data_folder/, assets/synthclip.safetensors), else as given."""
-    p = Path(path)
-    if not p.is_absolute() and not p.exists() and (repo / p).exists():
-        return repo / p
-    return p
+
 
 
 def shown_path(path: str | os.PathLike) -> str:
@@ -509,22 +502,8 @@ LOADER_TIMEOUT_S = 600   # no batch of images takes this long to read; a worker 
 
 
 def reader_count(workers: int) -> int:
-    """Image-reading processes for `workers` asked: at most the cores this process may run on
-    (more only wait for a core, and torch warns about them)."""
-    return min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def folder_bytes(folder: str | os.PathLike) -> int:
-    """The bytes of the regular files under `folder` (0 when there is none); links not followed."""
-    total = 0
-    for base, _, files in os.walk(folder):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(base, name))
-            except OSError:
-                continue
-            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-    return total
+    """At most the cores this process may use: more only wait for one, and torch warns of them."""
+    return min(workers, len(os.sched_getaffinity(0)))
 
 
 def image_batches(dataset, batch_size: int, workers: int, pin_memory: bool = False):

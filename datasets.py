@@ -50,6 +50,15 @@ DATA_FOLDER = "data_folder"                      # the paper's release layout: <
 Loader = Callable[[Path, str, dict], "tuple[list[Sample], Sequence[str]] | tuple[list[Sample], Sequence[str], dict]"]
 
 
+def here_or_in_repo(path: str | os.PathLike, repo: Path = ROOT) -> Path:
+    """A relative path as given when it exists here, else under `repo` when it exists there
+    (where the default places are: data_folder/, assets/synthclip.safetensors), else as given."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (repo / p).exists():
+        return repo / p
+    return p
+
+
 @dataclass(frozen=True)
 class Download:
     """One official piece of a dataset: where it is fetched from, its checksum, and where it goes."""
@@ -458,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         entry = get(args.name)
-        fetch_missing(entry, entry.release_places(data.here_or_in_repo(args.data_folder), args.data_root,
+        fetch_missing(entry, entry.release_places(here_or_in_repo(args.data_folder), args.data_root,
                                                   args.captions))
     return cli.run_command(body)
 

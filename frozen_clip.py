@@ -479,7 +479,7 @@ class CLIPBackbone(nn.Module):
 
         out = []
         bar = tqdm(names, desc=desc, unit="category", file=sys.stderr, mininterval=2, miniters=1, disable=not desc,
-                   leave=False)
+                   leave=False, delay=2)     # shown only when slow (ViT-B/16 on a CPU), never for a tiny CLIP
         for name in bar:
             tokens = tokenizer([t.format(name) for t in templates]).to(device)
             out.append(F.normalize(self.encode_text(tokens).mean(0), dim=-1))

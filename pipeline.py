@@ -216,8 +216,8 @@ class MissingPieces(ValueError):
 
 
 def here_or_in_repo(path: str) -> Path:
-    """data.here_or_in_repo under this repo (ROOT, which a test points at a clean clone)."""
-    return data.here_or_in_repo(path, ROOT)
+    """datasets.here_or_in_repo under this repo (ROOT, which a test points at a clean clone)."""
+    return datasets.here_or_in_repo(path, ROOT)
 
 
 def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
@@ -274,15 +274,6 @@ def clip_weights_problem(cfg: config.BACGCNConfig) -> str | None:
 def clip_weights_file(cfg: config.BACGCNConfig) -> Path:
     """The local file of the run's CLIP weights (a name of the registry resolved and checked)."""
     return frozen_clip.weights_file(cfg.clip_weights, cfg.clip_model)
-
-
-def clip_weights_record(cfg: config.BACGCNConfig) -> dict:
-    """What a checkpoint records of its CLIP weights: the name (where they have one), the
-    sha256 and the file, so that another machine finds them by name or by digest."""
-    path = clip_weights_file(cfg)
-    digest = file_digest(path)
-    return {"name": cfg.clip_weights if frozen_clip.is_named(cfg.clip_weights) else frozen_clip.name_of_digest(digest),
-            "sha256": digest, "path": os.path.abspath(path)}
 
 
 def build_dataset(entry: datasets.Dataset, root: Path, seed: int) -> None:
@@ -788,32 +779,9 @@ def open_checkpoint(path: str, overrides: dict | None = None, weights_format: st
     cfg = cfg.replace(test_split=split, clip_weights_format=weights_format,
                       **{k: v for k, v in (overrides or {}).items() if v not in (None, "")})   # --workers 0 is given
     config.validate(cfg)
-    cfg = checkpoint_clip_weights(path, cfg, checkpoints.recorded_weights(meta),
+    cfg = checkpoints.clip_weights_here(path, cfg, checkpoints.recorded_weights(meta),
                                   given=bool((overrides or {}).get("clip_weights")))
     return cfg, classes, categories, tensors, meta
-
-
-def checkpoint_clip_weights(path: str, cfg: config.BACGCNConfig, record: dict | None,
-                            given: bool) -> config.BACGCNConfig:
-    """The CLIP weights to rebuild a checkpoint with on this machine. Recorded by name, they
-    come from the Hugging Face cache (fetched once); recorded as a file that is not here, by
-    the name the checkpoint records for its digest; else one line saying which --clip-weights to
-    pass. A file given by the user that is not the recorded one is said in a warning."""
-    if frozen_clip.is_named(cfg.clip_weights) or record is None:
-        return cfg
-    if given:
-        if Path(cfg.clip_weights).is_file() and file_digest(cfg.clip_weights) != record["sha256"]:
-            log(f"WARNING: {data.shown_path(cfg.clip_weights)} holds other CLIP weights than {data.shown_path(path)} "
-                f"was trained with (sha256 {record['sha256'][:16]}...): its scores will not be the trained ones")
-        return cfg
-    if Path(cfg.clip_weights).is_file():
-        return cfg
-    if record.get("name"):
-        log(f"{data.shown_path(cfg.clip_weights)} is not here: the CLIP weights by their name, "
-            f"--clip-weights={record['name']}")
-        return cfg.replace(clip_weights=record["name"])
-    raise data.DataError(path, f"its CLIP weights {data.shown_path(cfg.clip_weights)} are not on this machine: pass "
-                               f"--clip-weights=FILE, the file with sha256 {record['sha256']}")
 
 
 @dataclass

@@ -18,10 +18,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+import cache
 import checkpoints
 import cli
 import config
 import data
+import datasets
 import frozen_clip
 import pipeline
 import tracking
@@ -448,7 +450,7 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int | No
         return lock
     if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         try:
-            if not overwrite:
+            if not overwrite and not never_trained(out_dir):
                 raise data.DataError(out_dir, "run folder is not empty: --resume continues the run there, "
                                               "--overwrite replaces it")
             # Decided from all it holds before anything goes: a user's file beside a run's stops it whole.
@@ -461,6 +463,15 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> int | No
             if path.name != LOCK_FILE:                 # this run's own, held
                 path.unlink()
     return lock
+
+
+# What a run writes before its first epoch ends: a folder holding nothing else holds no run to keep
+# (it failed or was stopped at its start), and the same command may start there again.
+STARTED_FILES = (CONFIG_FILE, LOG_FILE, LOCK_FILE)
+
+
+def never_trained(out_dir: Path) -> bool:
+    return all(p.name in STARTED_FILES for p in out_dir.iterdir())
 
 
 def is_run_file(name: str) -> bool:
@@ -532,6 +543,23 @@ def start_block(cfg, preset: str, device: str, train_ds, test_ds) -> None:
              f"captions  {cfg.captions}",
              f"weights   {weights} ({cfg.clip_model}{f' at {cfg.image_size} px' if cfg.image_size else ''})",
              f"run       {cfg.out}",
-             f"cache     {cfg.cache_dir} ({cli.size_words(data.folder_bytes(cfg.cache_dir))} on disk)",
+             f"cache     {cfg.cache_dir} ({cli.size_words(cache.folder_bytes(cfg.cache_dir))} on disk)",
              f"outputs   under {config.output_root(cfg)} (--output-root or ${config.OUTPUT_ROOT_ENV} moves them)"]
+    lines += filter(None, (datasets.unused_annotation_words(d.name, d.unused_annotations) for d in (train_ds, test_ds)))
     pipeline.log("\n".join(lines))
+
+
+def no_labels(name: str, entry: datasets.Dataset) -> dict:
+    """A test split without labels trains all the same: said, and no mAP."""
+    pipeline.log(f"{name}: no labels, so no mAP (--labels=CSV evaluates)" if entry.own_photos else
+        f"WARNING: {name} has no positive label: nothing to evaluate")
+    return {}
+
+
+def print_table(report: dict) -> None:
+    if report["mAP"] is None:          # a folder of photos without labels: its tags are the result
+        return
+    cols = [k for k in ("mAP", "mAP_small", "mAP_large") if k in report]
+    print("\n" + f"{'':<16}" + "".join(f"{c:>11}" for c in cols))
+    for name, row in (("CLIP zero-shot", report["zeroshot"]), ("BAC-GCN", report)):
+        print(f"{name:<16}" + "".join(f"{row[c]:>11.2f}" if row.get(c) is not None else f"{'n/a':>11}" for c in cols))

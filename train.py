@@ -327,9 +327,6 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     out_dir, main_process = Path(cfg.out), pipeline.is_main_process()
     train_ds, test_ds = pipeline.load_split(cfg, cfg.train_split), pipeline.load_split(cfg, cfg.test_split)
     runs.start_block(cfg, preset, device, train_ds, test_ds)
-    for unused in filter(None, (datasets.unused_annotation_words(d.name, d.unused_annotations)
-                                for d in (train_ds, test_ds))):
-        log(unused)
     pipeline.caption_photos(cfg, train_ds, device)
     labels = pipeline.caption_labels(cfg, train_ds)                                 # 1
     num_classes = len(labels.classes)
@@ -349,7 +346,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
     model = bacgcn.build_model(cfg, prompts, num_classes, labels.m, labels.n, logit_scale).to(device)
     dtype = pipeline.compute_dtype(device, cfg.amp)
     labelled = pipeline.has_labels(test_ds)
-    zeroshot = zero_shot(cfg, model, test, device, num_classes) if labelled else no_labels(test_ds.name, entry)
+    zeroshot = zero_shot(cfg, model, test, device, num_classes) if labelled else runs.no_labels(test_ds.name, entry)
 
     # Only rank 0 writes files; the others log into the void. A resumed run appends.
     metrics_path = out_dir / "metrics.jsonl" if main_process else Path(os.devnull)
@@ -394,7 +391,7 @@ def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | Non
         log(f"tagged {len(test.ids)} photos of {test_ds.name}: {report['tags']['file']}")
     if main_process:
         checkpoints.save_checkpoint(out_dir / "ckpt.safetensors", model, cfg, labels.classes, labels.categories,
-                                    labels.m, labels.n, report, preset, pipeline.clip_weights_record(cfg))
+                                    labels.m, labels.n, report, preset, checkpoints.clip_weights_record(cfg))
         data.write_json(out_dir / "report.json", report)
         tracker.log_report(report, out_dir / "report.json")
     return report
@@ -417,22 +414,6 @@ def zero_shot(cfg, model, test: Split, device: str, num_classes: int) -> dict:
     result = pipeline.evaluate_split(cfg, logits, test, num_classes)
     log(f"CLIP zero-shot on {test.dataset.name}: mAP {result['mAP']:.2f}")
     return result
-
-
-def no_labels(name: str, entry: datasets.Dataset) -> dict:
-    """A test split without labels trains all the same: said, and no mAP."""
-    log(f"{name}: no labels, so no mAP (--labels=CSV evaluates)" if entry.own_photos else
-        f"WARNING: {name} has no positive label: nothing to evaluate")
-    return {}
-
-
-def print_table(report: dict) -> None:
-    if report["mAP"] is None:          # a folder of photos without labels: its tags are the result
-        return
-    cols = [k for k in ("mAP", "mAP_small", "mAP_large") if k in report]
-    print("\n" + f"{'':<16}" + "".join(f"{c:>11}" for c in cols))
-    for name, row in (("CLIP zero-shot", report["zeroshot"]), ("BAC-GCN", report)):
-        print(f"{name:<16}" + "".join(f"{row[c]:>11.2f}" if row.get(c) is not None else f"{'n/a':>11}" for c in cols))
 
 
 def start(args: list[str]) -> tuple[config.BACGCNConfig, str, dict | None, runs.RunOptions]:
@@ -500,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return e.code
         if pipeline.is_main_process():
             with runs.console_logged(Path(report["out"])):      # the result ends train.log too
-                print_table(report)
+                runs.print_table(report)
                 print(f"\n{report['total_seconds']:.0f} s in all; run folder {report['out']}")
         return 0
     try:

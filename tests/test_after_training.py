@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import data
 import eval as eval_cli
 import figures
+import pipeline
 import train
 
 
@@ -68,11 +70,21 @@ def test_tags_equal_the_checkpoint_scores_and_are_valid_scores(trained, capsys):
     probs = {r[0]: np.array([float(v) for v in r[1:-1]]) for r in rows}
     tagged = np.stack([probs[i] for i in split.ids])
     np.testing.assert_allclose(tagged, 1 / (1 + np.exp(-logits[:, :len(classes)])), rtol=0, atol=1e-5)
-    for r in rows:      # the classes at or above 0.5, best first
+    # the checkpoint's own tag rule: each class at or above its threshold, best first
+    thresholds = pipeline.recorded_thresholds(checkpoints.read_checkpoint(trained["ckpt"])[4], classes)
+    assert thresholds is not None and len(thresholds) == len(classes)
+    for r in rows:
         p = probs[r[0]]
-        want = [classes[c] for c in np.argsort(-p, kind="stable") if p[c] >= 0.5]
+        want = [classes[c] for c in np.argsort(-p, kind="stable") if p[c] >= thresholds[c]]
         assert r[-1] == ";".join(want)
     assert any(r[-1] for r in rows)
+    # --threshold sets one for all
+    fixed = trained["root"] / "tags-0.5.csv"
+    assert eval_cli.main([trained["ckpt"], "--images", str(trained["photos"]), "--out", str(fixed),
+                          "--threshold", "0.5"]) == 0
+    for r in read_tags(fixed)[1]:
+        p = probs[r[0]]
+        assert r[-1] == ";".join(classes[c] for c in np.argsort(-p, kind="stable") if p[c] >= 0.5)
     # the same file scores as a --scores input, with the checkpoint's own mAP
     report = eval_cli.evaluate_csv(str(out), str(trained["world"] / "labels_test.csv"))
     assert report["mAP"] == pytest.approx(eval_cli.evaluate_checkpoint(trained["ckpt"])["mAP"], abs=1e-6)

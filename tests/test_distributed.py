@@ -43,8 +43,9 @@ def test_two_gloo_processes_match_one(tmp_path, make_world):
     # pair of near-tied scores that swaps moves mAP by ~0.15 (measured): the same training, not bitwise.
     assert abs(one["mAP"] - two["mAP"]) <= 0.5 and abs(one["zeroshot"]["mAP"] - two["zeroshot"]["mAP"]) < 1e-6
     assert printed.count("CLIP zero-shot") == alone.count("CLIP zero-shot") == 2   # rank 0 alone speaks ...
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.safetensors", "metrics.jsonl",
-                                                                     "report.json", "state.safetensors"]  # ... writes
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt.safetensors", "config.json",  # ... writes
+                                                                     "metrics.jsonl", "report.json",
+                                                                     "state.safetensors", "train.log"]
     for split in ("trainval", "test"):
         a, b = _features(tmp_path / "cache1", split), _features(tmp_path / "cache2", split)
         assert a.ids == b.ids

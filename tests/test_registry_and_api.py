@@ -1,5 +1,5 @@
 """The dataset registry (a dataset is one entry and one loader), the Python API of a trained model
-(the README's example, run as written), and the defaults the registry gives: VOC2012 trains on
+(the documented example, run as written), and the defaults the registry gives: VOC2012 trains on
 the images the paper's captions cover, and a repeated option means its last value everywhere."""
 import json
 import re
@@ -100,9 +100,9 @@ def test_voc2012_trains_on_the_images_its_captions_cover(tmp_path, shared_data):
     assert images.label_matrix()[:, cat].tolist() == [1, -1, 1, -1, 1]
 
 
-def test_the_readme_api_example_runs_as_written(toy_run, tmp_path, monkeypatch):
-    """The README's Python example, taken from the README itself, on the toy run's checkpoint."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_documented_api_example_runs_as_written(toy_run, tmp_path, monkeypatch):
+    """The Python example of docs/evaluation.md, taken from the page itself, on the toy run's checkpoint."""
+    readme = (ROOT / "docs" / "evaluation.md").read_text()
     example = re.search(r"<!-- api-example -->\n```python\n(.*?)```", readme, re.S).group(1)
     assert len(example.strip().splitlines()) <= 8
     photo = Path(tmp_path / "photo.jpg")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from huggingface_hub import constants
 
+import checkpoints
 import config
 import frozen_clip
 import pipeline
@@ -131,19 +132,19 @@ def test_a_checkpoint_whose_weights_file_is_gone_names_the_option(tmp_path, vitb
     record = {"name": None, "sha256": "ab" * 32, "path": cfg.clip_weights}
     with pytest.raises(frozen_clip.DataError, match="its CLIP weights .*gone.safetensors are not on this machine: "
                                                     "pass --clip-weights=FILE, the file with sha256 abab"):
-        pipeline.checkpoint_clip_weights("ckpt.safetensors", cfg, record, given=False)
-    named = pipeline.checkpoint_clip_weights("ckpt.safetensors", cfg, dict(record, name="openai"), given=False)
+        checkpoints.clip_weights_here("ckpt.safetensors", cfg, record, given=False)
+    named = checkpoints.clip_weights_here("ckpt.safetensors", cfg, dict(record, name="openai"), given=False)
     assert named.clip_weights == "openai"
     # a file given that is not the trained-with one: said, and used
     given = cfg.replace(clip_weights=str(vitb16_weights))
-    assert pipeline.checkpoint_clip_weights("ckpt.safetensors", given, record, given=True) == given
+    assert checkpoints.clip_weights_here("ckpt.safetensors", given, record, given=True) == given
     assert "holds other CLIP weights than ckpt.safetensors was trained with" in capsys.readouterr().out
 
 
 def test_a_local_file_keeps_working(tmp_path, vitb16_weights):
     cfg, _ = config.parse_overrides(["--dataset=voc07", f"--clip-weights={vitb16_weights}"])
     assert pipeline.clip_weights_file(cfg) == vitb16_weights and pipeline.clip_weights_problem(cfg) is None
-    record = pipeline.clip_weights_record(cfg)
+    record = checkpoints.clip_weights_record(cfg)
     assert record["name"] is None and record["path"] == str(vitb16_weights)
 
 
