@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 
 import config
-import datasets
 import metrics
+import registry
 from cli import DefaultsHelp, check_outputs_apart, integer_from, run_command
 from data import (
     DataError,
@@ -180,7 +180,7 @@ class SynonymDictionary:
         singularised as in captions), then the project's background categories (sky, road, grass,
         ...: BACKGROUNDS_FROM), and what `extra` (a dictionary JSON) adds to any of them."""
         source, after = BACKGROUNDS_FROM
-        base = list(_read_dictionary(datasets.SYNONYM_DIR / source).items())[after:]
+        base = list(_read_dictionary(registry.SYNONYM_DIR / source).items())[after:]
         raw = {c: [c] for c in classes}
         taken = {c.lower() for c in classes}
         raw.update({b: syns for b, syns in base if b != IGNORE_KEY and b.lower() not in taken})
@@ -492,7 +492,7 @@ def photo_captions_folder(cfg: config.BACGCNConfig) -> Path:
 def dictionary_for(cfg: config.BACGCNConfig, classes: Sequence[str]) -> SynonymDictionary:
     """The run's synonym dictionary: the dataset's (or --synonyms); for a folder of photos, one
     made from the class names and the backgrounds, which --synonyms=FILE adds to."""
-    entry = datasets.get(cfg.dataset)
+    entry = registry.get(cfg.dataset)
     if entry.own_photos:
         return SynonymDictionary.for_classes(classes, cfg.synonyms)
     return SynonymDictionary.from_json(entry.synonym_file(cfg.synonyms, cfg.captions), len(classes))
@@ -733,7 +733,7 @@ def _caption_source(args: argparse.Namespace) -> tuple[MultiLabelImages, Synonym
         if not args.synonyms:
             return images, None
         return images, SynonymDictionary.from_json(Path(args.synonyms), 0)
-    entry = datasets.get(args.dataset)
+    entry = registry.get(args.dataset)
     if args.split not in entry.splits:
         given = f"got {args.split!r}" if args.split else "none given"
         raise DataError("--split", f"{entry.name} splits are {', '.join(entry.splits)}; {given}")
@@ -799,7 +799,7 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out")                 # every output before any work
     if args.graph:
         check_writable(args.graph, "--graph")
-    entry = datasets.get(args.dataset)
+    entry = registry.get(args.dataset)
     synonyms = entry.synonym_file(args.synonyms or "", args.captions)
     found = find_captions(args.captions, entry.name)
     check_outputs_apart([("--out", args.out), ("--graph", args.graph)],
@@ -828,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = DefaultsHelp                                # --help shows every default
     p = sub.add_parser("pseudo-labels", help="captions -> soft pseudo labels CSV (+ co-occurrence graph)",
                        formatter_class=defaults)
-    p.add_argument("--dataset", required=True, type=datasets.canonical, choices=datasets.names())
+    p.add_argument("--dataset", required=True, type=registry.canonical, choices=registry.names())
     p.add_argument("--captions", required=True,
                    help="folder with captions.json (+ re_captions.json), or the authors' caption/ folder or a clone")
     p.add_argument("--out", required=True, help="scores CSV to write")
@@ -843,8 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("generate", help="BLIP-2 captions + re-captions for a dataset or a folder of images "
                                         f"(needs the optional extra: {CAPTIONS_INSTALL})",
                        formatter_class=defaults)
-    p.add_argument("--dataset", required=True, type=datasets.canonical, choices=(*datasets.names(), FOLDER),
-                   help="a dataset of the registry (datasets.py), or 'folder': every JPEG/PNG under --data-root")
+    p.add_argument("--dataset", required=True, type=registry.canonical, choices=(*registry.names(), FOLDER),
+                   help="a dataset of the registry (registry.py), or 'folder': every JPEG/PNG under --data-root")
     p.add_argument("--data-root", required=True, help="dataset root, or the image folder")
     p.add_argument("--split", default=None, help="split of the dataset (not for a folder)")
     p.add_argument("--model", required=True,

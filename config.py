@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import datasets
+import registry
 from cli import last_value, parse_bool, split_options
 
 # Ways the last block can read out per-patch embeddings.
@@ -50,8 +50,8 @@ TRACKERS = ("none", "mlflow")
 class BACGCNConfig:
     """Every knob of the method. The paper leaves most open; the defaults are ours."""
     # data
-    dataset: str = "synthetic"          # a dataset of the registry (datasets.py; listed above) or its short name
-    data_folder: str = datasets.DATA_FOLDER   # the paper's layout: <data_folder>/<dataset>/ (./ first, then the repo)
+    dataset: str = "synthetic"          # a dataset of the registry (registry.py; listed above) or its short name
+    data_folder: str = registry.DATA_FOLDER   # the paper's layout: <data_folder>/<dataset>/ (./ first, then the repo)
     data_root: str = ""                 # '' = <data_folder>/<dataset>; synthetic: '' = runs/world-seed{seed}
     build_world: bool = False           # synthetic: build the world at --data-root when it is missing
     captions: str = ""                  # folder with captions.json (+ re_captions.json) ('' = <data_folder>/<dataset>)
@@ -239,10 +239,10 @@ def with_output_places(cfg: "BACGCNConfig") -> "BACGCNConfig":
 def preset_for(dataset: str | None) -> str:
     """The preset a run takes without --preset: its dataset's entry names it (a real dataset's
     ViT-B/16 one: the tiny CLIP of the proving ground knows nothing of real photos)."""
-    name = datasets.canonical(dataset or BACGCNConfig.dataset)
-    if name not in datasets.names():
+    name = registry.canonical(dataset or BACGCNConfig.dataset)
+    if name not in registry.names():
         raise ValueError(f"--dataset must be one of {dataset_choices()}, got {dataset!r}")
-    entry = datasets.get(name)
+    entry = registry.get(name)
     if entry.preset is None:
         raise ValueError(f"--dataset={name} has no preset of its own: pass --preset=NAME "
                          f"(presets: {', '.join(PRESETS)})")
@@ -250,7 +250,7 @@ def preset_for(dataset: str | None) -> str:
 
 
 def dataset_choices() -> str:
-    return f"{', '.join(datasets.names())} (or {', '.join(datasets.aliases())})"
+    return f"{', '.join(registry.names())} (or {', '.join(registry.aliases())})"
 
 
 def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tuple[BACGCNConfig, str]:
@@ -264,7 +264,7 @@ def parse_overrides(args: Sequence[str], base: BACGCNConfig | None = None) -> tu
 def from_pairs(pairs: Sequence[tuple[str, str]], base: BACGCNConfig | None = None) -> tuple[BACGCNConfig, str]:
     """`parse_overrides` of options already split into (key, value) pairs (cli.split_options)."""
     fields = {f.name: f for f in dataclasses.fields(BACGCNConfig)}
-    pairs = [(k, datasets.canonical(v) if k == "dataset" else v) for k, v in pairs]
+    pairs = [(k, registry.canonical(v) if k == "dataset" else v) for k, v in pairs]
     preset = last_value(pairs, "preset") or preset_for(last_value(pairs, "dataset"))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
@@ -367,7 +367,7 @@ def validate(cfg: BACGCNConfig) -> None:
                 raise ValueError(f"{_option(f.name)} must be {rule}, got {value!r}")
         if f.name in CHOICES and value not in CHOICES[f.name]:
             raise ValueError(f"{_option(f.name)} must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
-    if cfg.dataset not in datasets.names():      # the registry's names, a dataset added at run time too
+    if cfg.dataset not in registry.names():      # the registry's names, a dataset added at run time too
         raise ValueError(f"--dataset must be one of {dataset_choices()}, got {cfg.dataset!r}")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ValueError(f"--device must be '' (CUDA when there is one), cpu, cuda or cuda:N, got {cfg.device!r}")
@@ -414,7 +414,7 @@ def options_help(preset: str | None = None) -> str:
     for name, values in PRESETS.items():
         lines.append(f"  {name:<17} " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults below"))
     lines += ["", "datasets (--dataset=NAME; short names in brackets):"]
-    for entry in datasets.REGISTRY.values():
+    for entry in registry.REGISTRY.values():
         short = f" ({', '.join(entry.aliases)})" if entry.aliases else ""
         lines.append(f"  {entry.name + short:<26} splits {', '.join(entry.splits)}; trains on {entry.train_split}, "
                      f"tests on {entry.test_split}; preset {entry.preset or '(none: --preset required)'}")

@@ -1,5 +1,5 @@
 """Data layer: the readers of the datasets' file formats (VOC, COCO, NUS-WIDE, image folders),
-which the registry in datasets.py wires to dataset names, and the files the project reads and
+which the registry in registry.py wires to dataset names, and the files the project reads and
 writes (scores CSV, graph, JSON, atomic writes).
 
 Data flows one way: files -> this module -> tensors. Nothing here imports the model, nor the
@@ -293,7 +293,7 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
 
     pycocotools is not needed. Ids are file-name stems ("COCO_val2014_000000000042").
     `unused`, when given, receives what the file holds that no sample carries (said by
-    `datasets.unused_annotation_words`): annotations naming a category id that no category has,
+    `registry.unused_annotation_words`): annotations naming a category id that no category has,
     ignored, and images without a class annotation, which the COCO protocol leaves out.
     """
     path = Path(annotation_file)

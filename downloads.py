@@ -1,4 +1,4 @@
-"""Fetch, check, resume and unpack the official files of a dataset (the registry in datasets.py
+"""Fetch, check, resume and unpack the official files of a dataset (the registry in registry.py
 names each one with its checksum and its place).
 
   fetch(url, dest, "md5:HEX")   streams into dest.part, resumes a broken transfer with a Range

@@ -25,9 +25,9 @@ import captions
 import checkpoints
 import config
 import data
-import datasets
 import frozen_clip
 import metrics
+import registry
 from cache import CachedFeatures, FeatureCache, encode_images, file_digest
 from cli import signals_held
 
@@ -216,14 +216,14 @@ class MissingPieces(ValueError):
 
 
 def here_or_in_repo(path: str) -> Path:
-    """datasets.here_or_in_repo under this repo (ROOT, which a test points at a clean clone)."""
-    return datasets.here_or_in_repo(path, ROOT)
+    """registry.here_or_in_repo under this repo (ROOT, which a test points at a clean clone)."""
+    return registry.here_or_in_repo(path, ROOT)
 
 
 def missing_pieces(cfg: config.BACGCNConfig) -> list[str]:
     """One line per piece a run needs and lacks (its data, captions, CLIP weights), each naming
     the place and what goes there; [] when everything is in place."""
-    entry, lines, show = datasets.get(cfg.dataset), [], data.shown_path    # a newline in a name: still one line
+    entry, lines, show = registry.get(cfg.dataset), [], data.shown_path    # a newline in a name: still one line
     root = Path(cfg.data_root)
     fetches = {piece.place for piece in entry.downloads}
     fetch_data = "; --download fetches it from the official source" if "data_root" in fetches else ""
@@ -276,7 +276,7 @@ def clip_weights_file(cfg: config.BACGCNConfig) -> Path:
     return frozen_clip.weights_file(cfg.clip_weights, cfg.clip_model)
 
 
-def build_dataset(entry: datasets.Dataset, root: Path, seed: int) -> None:
+def build_dataset(entry: registry.Dataset, root: Path, seed: int) -> None:
     """Run the entry's build command (the proving ground's `synthetic.py build`) into `root`:
     a command of its own, so the production path never imports the proving ground."""
     import subprocess
@@ -295,7 +295,7 @@ def resolve_paths(cfg: config.BACGCNConfig, download: bool = False) -> config.BA
     default path or where --build-world=true asks (a mistyped --data-root builds nothing); with
     `download`, fetch the registry's pieces that are missing into those places first. Every
     piece still missing is one line of MissingPieces."""
-    entry, updates = datasets.get(cfg.dataset), {}
+    entry, updates = registry.get(cfg.dataset), {}
     if entry.build_command:
         default = ROOT / entry.default_root.format(seed=cfg.seed)
         root = Path(cfg.data_root or default)
@@ -327,7 +327,7 @@ def resolve_paths(cfg: config.BACGCNConfig, download: bool = False) -> config.BA
         updates["clip_weights"] = str(here_or_in_repo(cfg.clip_weights))
     cfg = cfg.replace(**updates)
     if download:
-        datasets.fetch_missing(entry, {"data_root": Path(cfg.data_root), "captions": Path(cfg.captions)}, say=log)
+        registry.fetch_missing(entry, {"data_root": Path(cfg.data_root), "captions": Path(cfg.captions)}, say=log)
     missing = missing_pieces(cfg)
     if missing:
         raise MissingPieces("\n".join(missing))
@@ -412,7 +412,7 @@ def check_features(split: Split, dataset: data.MultiLabelImages, root: str) -> N
 
 def load_split(cfg: config.BACGCNConfig, split: str) -> data.MultiLabelImages:
     """One split of the run's dataset (a folder of photos reads --classes and --labels too)."""
-    return datasets.get(cfg.dataset).load(cfg.data_root, split, classes=cfg.classes, labels=cfg.labels)
+    return registry.get(cfg.dataset).load(cfg.data_root, split, classes=cfg.classes, labels=cfg.labels)
 
 
 def has_labels(dataset: data.MultiLabelImages) -> bool:
@@ -423,7 +423,7 @@ def has_labels(dataset: data.MultiLabelImages) -> bool:
 def caption_photos(cfg: config.BACGCNConfig, photos: data.MultiLabelImages, device: str) -> None:
     """A folder of photos is captioned by BLIP-2 (--captioner) into its captions folder, once:
     the photos it lacks only. Captions the user gives (--captions=DIR) are read, never written."""
-    entry = datasets.get(cfg.dataset)
+    entry = registry.get(cfg.dataset)
     if not entry.own_photos or Path(cfg.captions) != captions.photo_captions_folder(cfg):
         return
     if is_main_process():
@@ -436,7 +436,7 @@ def caption_photos(cfg: config.BACGCNConfig, photos: data.MultiLabelImages, devi
 
 def caption_labels(cfg: config.BACGCNConfig, train_ds: data.MultiLabelImages) -> CaptionLabels:
     classes = train_ds.class_names
-    entry = datasets.get(cfg.dataset)
+    entry = registry.get(cfg.dataset)
     dictionary = captions.dictionary_for(cfg, classes)
     caption_texts = captions.read_captions(cfg.captions, entry.name)
     config = captions.CaptionFilterConfig(min_votes=cfg.min_votes)
@@ -703,7 +703,7 @@ def evaluate_split(cfg, logits: np.ndarray, split: Split, num_classes: int, diff
     scores = logits[:, :num_classes]
     report = metrics.evaluate(scores, labels, split.dataset.class_names, difficult, threshold=0.0)
     out = {"mAP": report["mAP"], "CF1": report["CF1"], "OF1": report["OF1"], "AP": report["AP"]}
-    entry = datasets.get(cfg.dataset)
+    entry = registry.get(cfg.dataset)
     if entry.size_buckets:
         areas = data.largest_instance_area(cfg.data_root, split.ids, split.dataset.class_names, entry.voc_year)
         out.update(metrics.size_split_map(scores, labels, areas, metrics.SMALL_AREA, metrics.LARGE_AREA))
@@ -775,7 +775,7 @@ def open_checkpoint(path: str, overrides: dict | None = None, weights_format: st
     its test split)."""
     cfg, classes, categories, tensors, meta = checkpoints.read_checkpoint(path)
     split = split or cfg.test_split
-    datasets.get(cfg.dataset).check_split(split)
+    registry.get(cfg.dataset).check_split(split)
     cfg = cfg.replace(test_split=split, clip_weights_format=weights_format,
                       **{k: v for k, v in (overrides or {}).items() if v not in (None, "")})   # --workers 0 is given
     config.validate(cfg)

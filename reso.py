@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import data
-import datasets
+import registry
 from cache import CachedFeatures
 from pipeline import Split, compute_dtype, feature_spec, load_or_encode, log, predict, prefetched, scoring_batch
 
@@ -319,7 +319,7 @@ def add_evidence(targets: torch.Tensor, found: list, cfg) -> None:
 def crop_precision(cfg, split: Split, found: list) -> float | None:
     """Share of the crops whose box holds most (>= half) of a true instance of their class,
     from the VOC-layout boxes (Annotations/); None where the dataset has none."""
-    year = datasets.get(cfg.dataset).voc_year
+    year = registry.get(cfg.dataset).voc_year
     if year is None or not found:
         return None
     base = data.voc_root(cfg.data_root, year, cfg.train_split)

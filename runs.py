@@ -23,9 +23,9 @@ import checkpoints
 import cli
 import config
 import data
-import datasets
 import frozen_clip
 import pipeline
+import registry
 import tracking
 from reso import ResoCrops
 
@@ -545,11 +545,11 @@ def start_block(cfg, preset: str, device: str, train_ds, test_ds) -> None:
              f"run       {cfg.out}",
              f"cache     {cfg.cache_dir} ({cli.size_words(cache.folder_bytes(cfg.cache_dir))} on disk)",
              f"outputs   under {config.output_root(cfg)} (--output-root or ${config.OUTPUT_ROOT_ENV} moves them)"]
-    lines += filter(None, (datasets.unused_annotation_words(d.name, d.unused_annotations) for d in (train_ds, test_ds)))
+    lines += filter(None, (registry.unused_annotation_words(d.name, d.unused_annotations) for d in (train_ds, test_ds)))
     pipeline.log("\n".join(lines))
 
 
-def no_labels(name: str, entry: datasets.Dataset) -> dict:
+def no_labels(name: str, entry: registry.Dataset) -> dict:
     """A test split without labels trains all the same: said, and no mAP."""
     pipeline.log(f"{name}: no labels, so no mAP (--labels=CSV evaluates)" if entry.own_photos else
         f"WARNING: {name} has no positive label: nothing to evaluate")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-import datasets
+import registry
 from cli import check_outputs_apart, check_own_folder, integer_from, run_command
 from data import (
     DataError,
@@ -670,7 +670,7 @@ def zeroshot(data_dir: str | os.PathLike, weights: str | os.PathLike = TINY_CLIP
     import frozen_clip
     from metrics import LARGE_AREA, SMALL_AREA, mean_ap, size_split_map
 
-    dataset = datasets.load("synthetic", data_dir, "test")
+    dataset = registry.load("synthetic", data_dir, "test")
     classes = dataset.class_names
     clip = frozen_clip.create_clip(TINY_CLIP, weights)
     frozen_clip.set_image_size(clip, image_size or preset_image_size())

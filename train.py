@@ -51,11 +51,11 @@ import checkpoints
 import cli
 import config
 import data
-import datasets
 import frozen_clip
 import losses
 import metrics
 import pipeline
+import registry
 import reso
 import runs
 import tracking
@@ -318,7 +318,7 @@ def tracked_run(cfg: config.BACGCNConfig, preset: str, resume: dict | None, devi
 
 def train_and_evaluate(cfg: config.BACGCNConfig, preset: str, resume: dict | None, device: str,
                        tracker: tracking.Tracker, t_start: float) -> dict:
-    entry = datasets.get(cfg.dataset)
+    entry = registry.get(cfg.dataset)
     if cfg.train_split in entry.split_notes:
         log(f"{entry.name}: {entry.split_notes[cfg.train_split]}")
     if cfg.use_reso and cfg.reso_epoch >= cfg.epochs:

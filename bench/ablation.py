@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
 import data  # noqa: E402
-import datasets  # noqa: E402
 import pipeline  # noqa: E402
+import registry  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from data import json_safe, write_json  # noqa: E402
@@ -73,7 +73,7 @@ def carve_validation(root: Path, seed: int) -> tuple[str, str]:
     main = data.voc_root(root, 2007) / "ImageSets" / "Main"
     fit, val = main / "fit.txt", main / "val.txt"
     if not (fit.is_file() and val.is_file()):
-        ids = datasets.load("synthetic", str(root), "trainval").ids
+        ids = registry.load("synthetic", str(root), "trainval").ids
         order = np.random.default_rng([seed, 17]).permutation(len(ids))
         cut = int(round(len(ids) * VALIDATION_SHARE))
         for path, part in ((val, order[:cut]), (fit, order[cut:])):
@@ -85,8 +85,8 @@ def carve_validation(root: Path, seed: int) -> tuple[str, str]:
 def probe_rows(cfg: config.BACGCNConfig, probe: ProbeConfig) -> dict[str, dict]:
     """The linear probe on the cached features the runs trained on, scored like the runs: on the
     soft pseudo labels of the C classes, and on the training split's true labels."""
-    train_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.train_split)
-    test_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.test_split)
+    train_ds = registry.load(cfg.dataset, cfg.data_root, cfg.train_split)
+    test_ds = registry.load(cfg.dataset, cfg.data_root, cfg.test_split)
     backbone = pipeline.build_backbone(cfg, "cpu")
     tr = pipeline.cached_features(cfg, backbone, train_ds, "cpu")
     te = pipeline.cached_features(cfg, backbone, test_ds, "cpu")

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-import datasets  # noqa: E402
 import metrics  # noqa: E402
+import registry  # noqa: E402
 import synthetic  # noqa: E402
 from captions import SynonymDictionary, label_quality, pseudo_labels, read_captions  # noqa: E402
 
@@ -81,13 +81,13 @@ def statistics(pseudo, labels: np.ndarray, class_names, largest_area: np.ndarray
 
 def real_statistics(captions_dir: Path = VOC2007, labels_file: Path = VOC2007 / "trainval_labels_dev.csv") -> dict:
     ids, classes, labels = data.read_table_csv(labels_file, "labels")
-    dictionary = SynonymDictionary.from_json(datasets.get("voc2007").synonym_file(), len(classes))
+    dictionary = SynonymDictionary.from_json(registry.get("voc2007").synonym_file(), len(classes))
     pseudo = pseudo_labels(read_captions(captions_dir), dictionary, data.VOC_CLASSES, ids=ids)
     return statistics(pseudo, labels.astype(np.int8), list(data.VOC_CLASSES))
 
 
 def world_statistics(root: Path) -> dict:
-    train = datasets.load("synthetic", root, "trainval")
+    train = registry.load("synthetic", root, "trainval")
     dictionary = SynonymDictionary.from_json(root / "synonyms.json", len(train.class_names))
     pseudo = pseudo_labels(read_captions(root), dictionary, train.class_names, ids=train.ids)
     areas = data.largest_instance_area(root, train.ids, train.class_names)

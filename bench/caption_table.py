@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
 import data  # noqa: E402
-import datasets  # noqa: E402
+import registry  # noqa: E402
 from captions import CAPTION_FILES, CaptionFilterConfig, SynonymDictionary, pseudo_labels, read_captions  # noqa: E402
 from metrics import best_f1, mean_ap  # noqa: E402
 
@@ -70,7 +70,7 @@ def measure(captions_dir: Path, labels_file: Path) -> list[dict]:
     labels = labels.astype(np.int8)
     rows = []
     for name, dictionary, context_weight in ROWS:
-        synonyms = datasets.get("voc2007").synonym_file("paper" if dictionary == "paper" else "")
+        synonyms = registry.get("voc2007").synonym_file("paper" if dictionary == "paper" else "")
         if context_weight is None:
             scores = substring_scores(captions, synonyms, ids, len(classes))
         else:

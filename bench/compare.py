@@ -39,10 +39,10 @@ from ablation import carve_validation  # noqa: E402
 
 import config  # noqa: E402
 import data  # noqa: E402
-import datasets  # noqa: E402
 import frozen_clip  # noqa: E402
 import peers  # noqa: E402
 import pipeline  # noqa: E402
+import registry  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from metrics import best_f1  # noqa: E402
@@ -70,7 +70,7 @@ def configure(seed: int | None, overrides: list[str], validation: bool) -> tuple
     pipeline.resolve_device(cfg.device)
     cfg = pipeline.resolve_paths(cfg)
     if validation:
-        if not datasets.get(cfg.dataset).build_command:     # carve_validation splits a built world
+        if not registry.get(cfg.dataset).build_command:     # carve_validation splits a built world
             raise ValueError("--validation: only on the proving ground (real datasets have a validation split "
                              "of their own: pass --train-split / --test-split)")
         fit, val = carve_validation(Path(cfg.data_root), cfg.seed)
@@ -81,8 +81,8 @@ def configure(seed: int | None, overrides: list[str], validation: bool) -> tuple
 def build_context(cfg) -> tuple[peers.Context, pipeline.CaptionLabels]:
     """The frozen backbone, both splits' cached features, T over the C classes and the scale."""
     device = pipeline.resolve_device(cfg.device)
-    train_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.train_split)
-    test_ds = datasets.load(cfg.dataset, cfg.data_root, cfg.test_split)
+    train_ds = registry.load(cfg.dataset, cfg.data_root, cfg.train_split)
+    test_ds = registry.load(cfg.dataset, cfg.data_root, cfg.test_split)
     labels = pipeline.caption_labels(cfg, train_ds)
     backbone = pipeline.build_backbone(cfg, device)
     pipeline.check_against_backbone(cfg, backbone)

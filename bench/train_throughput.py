@@ -32,9 +32,9 @@ import bacgcn  # noqa: E402
 import checkpoints  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
-import datasets  # noqa: E402
 import frozen_clip  # noqa: E402
 import pipeline  # noqa: E402
+import registry  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 
@@ -69,7 +69,7 @@ def photo_folder(folder: Path, count: int, kind: str = "voc") -> data.MultiLabel
         import synthetic
 
         world = synthetic.build(folder / "world", synthetic.WorldConfig(seed=0, train=count, test=1), progress=False)
-        return datasets.load("synthetic", world, "trainval")
+        return registry.load("synthetic", world, "trainval")
     sources = sorted(REAL_PHOTOS.glob("*.jpg")) if REAL_PHOTOS.is_dir() else []
     rng = np.random.default_rng(0)
     samples = []

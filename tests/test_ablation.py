@@ -12,8 +12,8 @@ import config
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import ablation  # noqa: E402
 
-import datasets
 import pipeline
+import registry
 from tests.conftest import world_fixture
 
 world = world_fixture(seed=8, train=60, test=20)
@@ -46,7 +46,7 @@ def test_rows_are_the_issue_rows():
 
 
 def test_oracle_trains_on_the_true_class_labels(world):
-    train_ds = datasets.load("synthetic", world, "trainval")
+    train_ds = registry.load("synthetic", world, "trainval")
     captions = pipeline.caption_labels(_cfg(world), train_ds)
     oracle = pipeline.caption_labels(_cfg(world, train_labels="true"), train_ds)
     c = len(train_ds.class_names)
@@ -64,13 +64,13 @@ def test_oracle_trains_on_the_true_class_labels(world):
 
 def test_validation_split_is_a_fixed_fifth_of_trainval(world):
     fit, val = ablation.carve_validation(world, 0)
-    fit_ids = datasets.load("synthetic", world, fit).ids
-    val_ids = datasets.load("synthetic", world, val).ids
-    trainval = datasets.load("synthetic", world, "trainval").ids
+    fit_ids = registry.load("synthetic", world, fit).ids
+    val_ids = registry.load("synthetic", world, val).ids
+    trainval = registry.load("synthetic", world, "trainval").ids
     assert not set(fit_ids) & set(val_ids) and sorted(fit_ids + val_ids) == sorted(trainval)
     assert len(val_ids) == round(len(trainval) * ablation.VALIDATION_SHARE)
     assert ablation.carve_validation(world, 0) == (fit, val)
-    assert datasets.load("synthetic", world, val).ids == val_ids          # written once, read back the same
+    assert registry.load("synthetic", world, val).ids == val_ids          # written once, read back the same
 
 
 def test_linear_probe_reads_g_and_max_pooled_patches():

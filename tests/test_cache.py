@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import cache as cache_mod
 import config
 import data
-import datasets
 import pipeline
+import registry
 import train
 from tests.conftest import world_fixture
 
@@ -155,7 +155,7 @@ def _cfg(world, tmp_path, **kw):
 def test_damaged_cache_is_rebuilt_and_changed_images_reencoded(small_world, tmp_path, capsys, monkeypatch):
     cfg = _cfg(small_world, tmp_path)
     backbone = pipeline.build_backbone(cfg, "cpu")
-    test = datasets.load("synthetic", small_world, "test")
+    test = registry.load("synthetic", small_world, "test")
     first = pipeline.cached_features(cfg, backbone, test, "cpu").feats.gather(range(30))
     shard = next((tmp_path / "cache").glob("*/*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])

@@ -8,7 +8,7 @@ import pytest
 
 import captions
 import data
-import datasets
+import registry
 from tests.helpers import tiny_blip2
 
 transformers = pytest.importorskip("transformers",
@@ -85,7 +85,7 @@ def test_prompts_follow_the_released_files():
 def test_folder_end_to_end(blip2_dir, photos, tmp_path, monkeypatch, capsys):
     calls = _count_generate(monkeypatch)
     out = tmp_path / "caps"
-    synonyms = datasets.get("voc2007").synonym_file()
+    synonyms = registry.get("voc2007").synonym_file()
     with pytest.warns(UserWarning, match="broken.png: cannot decode image"):
         assert _captions(["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(synonyms),
                           "--batch-size", "2"], out, blip2_dir) == 0
@@ -133,7 +133,7 @@ def test_voc_layout(blip2_dir, shared_data, tmp_path, capsys):
 
 def test_interrupted_run_resumes_without_captioning_twice(blip2_dir, photos, tmp_path, monkeypatch):
     out = tmp_path / "caps"
-    synonyms = datasets.get("voc2007").synonym_file()
+    synonyms = registry.get("voc2007").synonym_file()
     args = ["--dataset", "folder", "--data-root", str(photos), "--synonyms", str(synonyms),
             "--batch-size", "1", "--save-every", "1"]
     saved = {}

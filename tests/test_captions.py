@@ -8,7 +8,7 @@ import pytest
 
 import captions as captions_mod
 import data
-import datasets
+import registry
 from metrics import best_f1, mean_ap
 
 
@@ -128,7 +128,7 @@ def test_pseudo_labels_cli(tmp_path):
                       "--graph", str(graph), "--quiet"]) == 0
     rows = list(csv.reader(open(out)))
     assert rows[0][:21] == ["image_id", *data.VOC_CLASSES]          # dataset spelling, VOC order
-    assert rows[0][21:] == list(json.load(open(datasets.get("voc2007").synonym_file())))[20:-1]  # backgrounds
+    assert rows[0][21:] == list(json.load(open(registry.get("voc2007").synonym_file())))[20:-1]  # backgrounds
     assert [r[0] for r in rows[1:]] == ["000012", "000017"]        # trailing dot dropped
     values = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
     assert ((0 <= values) & (values <= 1)).all()
@@ -208,9 +208,9 @@ def test_the_authors_caption_files_are_read_as_published(shared_data, tmp_path):
 
 @pytest.mark.parametrize("dataset", ["voc2007", "voc2012", "coco2014", "nuswide"])
 def test_project_dictionaries_load(dataset):
-    n = len(datasets.get(dataset).classes)
+    n = len(registry.get(dataset).classes)
     for which in (None, "paper"):
-        d = captions_mod.SynonymDictionary.from_json(datasets.get(dataset).synonym_file(which or ""), n)
+        d = captions_mod.SynonymDictionary.from_json(registry.get(dataset).synonym_file(which or ""), n)
         assert len(d.categories) > n
         # every class is reachable through at least one phrase
         assert set(range(n)) <= {c for cats in d.phrases.values() for c in cats}
@@ -224,7 +224,7 @@ def test_real_voc2007_captions_meet_quality_target(shared_data):
     assert rows[0][1:] == list(data.VOC_CLASSES)
     ids = [r[0] for r in rows[1:]]
     labels = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
-    dictionary = captions_mod.SynonymDictionary.from_json(datasets.get("voc2007").synonym_file(), 20)
+    dictionary = captions_mod.SynonymDictionary.from_json(registry.get("voc2007").synonym_file(), 20)
     # the context model is fit on every captioned image, as the CLI does; scored on the dev ids
     pl = captions_mod.pseudo_labels(captions, dictionary, data.VOC_CLASSES)
     row = {i: k for k, i in enumerate(pl.ids)}

@@ -1,5 +1,5 @@
-"""Datasets and the authors' captions by download (downloads.py, datasets.fetch_missing,
-`python datasets.py download`, `train.py --download`), without a network: a loopback HTTP server
+"""Datasets and the authors' captions by download (downloads.py, registry.fetch_missing,
+`python registry.py download`, `train.py --download`), without a network: a loopback HTTP server
 serves archives and caption files made here, with Range support and a switch that cuts a
 transfer after N bytes."""
 import dataclasses
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import data
-import datasets
 import downloads
+import registry
 from tests.helpers import voc_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,8 +122,8 @@ def voc2007_release(real: Path, work: Path) -> dict[str, bytes]:
             "voc2007_re_captions.json": json.dumps({k: v[::-1] for k, v in captions.items()}).encode()}
 
 
-def served_pieces(served: Served, entry: datasets.Dataset, files: dict[str, bytes],
-                  wrong: str = "") -> tuple[datasets.Download, ...]:
+def served_pieces(served: Served, entry: registry.Dataset, files: dict[str, bytes],
+                  wrong: str = "") -> tuple[registry.Download, ...]:
     """The entry's pieces, each fetched from the loopback server with the served file's own
     checksum (`wrong`: that file's checksum is another); places and names as the registry has them."""
     pieces = []
@@ -148,16 +148,16 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_download_unpacks_into_the_release_layout_that_the_loaders_read(server, voc_files, tmp_path):
-    entry = datasets.get("voc2007")
+    entry = registry.get("voc2007")
     entry = dataclasses.replace(entry, downloads=served_pieces(server, entry, voc_files))
     places = entry.release_places(tmp_path / "data_folder")
     said = []
-    datasets.fetch_missing(entry, places, say=said.append)
+    registry.fetch_missing(entry, places, say=said.append)
     root = tmp_path / "data_folder" / "voc2007"
     assert places == {"data_root": root, "captions": root}
     for split, tree in (("trainval", "VOCtrainval_06-Nov-2007"), ("test", "VOCtest_06-Nov-2007")):
         assert data.voc_root(root, 2007, split) == root / tree / "VOCdevkit" / "VOC2007"
-        loaded = datasets.load("voc2007", root, split)
+        loaded = registry.load("voc2007", root, split)
         assert len(loaded) == 3 and loaded[0]["image"].shape[0] == 3
     assert (root / "captions.json").read_bytes() == voc_files["voc2007_captions.json"]
     assert (root / "re_captions.json").read_bytes() == voc_files["voc2007_re_captions.json"]
@@ -166,7 +166,7 @@ def test_download_unpacks_into_the_release_layout_that_the_loaders_read(server, 
     assert said[0].endswith(f"(md5 checked), unpacked into {root / 'VOCtrainval_06-Nov-2007'}")
     # a second run finds every piece in place and asks the server for nothing
     asked, said = len(server.requests), []
-    datasets.fetch_missing(entry, places, say=said.append)
+    registry.fetch_missing(entry, places, say=said.append)
     assert len(server.requests) == asked and [line.split(":")[0] for line in said] == ["in place"] * 4
 
 
@@ -225,11 +225,11 @@ def test_a_server_that_ignores_range_starts_over_and_a_complete_part_is_only_che
 
 
 def test_a_wrong_checksum_is_refused_with_the_part_removed_and_nothing_unpacked(server, voc_files, tmp_path):
-    entry = datasets.get("voc2007")
+    entry = registry.get("voc2007")
     entry = dataclasses.replace(entry, downloads=served_pieces(server, entry, voc_files,
                                                                wrong="VOCtrainval_06-Nov-2007.tar"))
     with pytest.raises(data.DataError) as failed:
-        datasets.fetch_missing(entry, entry.release_places(tmp_path / "data_folder"), say=lambda line: None)
+        registry.fetch_missing(entry, entry.release_places(tmp_path / "data_folder"), say=lambda line: None)
     root = tmp_path / "data_folder" / "voc2007"
     line = str(failed.value)
     assert "\n" not in line and line.startswith(f"{root / 'VOCtrainval_06-Nov-2007.tar'}: md5 differs from the "
@@ -396,14 +396,14 @@ def test_the_voc_sources_are_torchvisions():
     from torchvision.datasets.voc import DATASET_YEAR_DICT
 
     archives = {(entry, piece.url, piece.checksum) for entry in ("voc2007", "voc2012")
-                for piece in datasets.get(entry).downloads if piece.unpack}
+                for piece in registry.get(entry).downloads if piece.unpack}
     assert archives == {(entry, DATASET_YEAR_DICT[key]["url"], f"md5:{DATASET_YEAR_DICT[key]['md5']}")
                         for entry, key in (("voc2007", "2007"), ("voc2007", "2007-test"), ("voc2012", "2012"))}
 
 
 @pytest.mark.parametrize("dataset", ["voc2007", "voc2012"])
 def test_the_pinned_caption_checksums_are_the_authors_files(shared_data, dataset):
-    pieces = [piece for piece in datasets.get(dataset).downloads if piece.place == "captions"]
+    pieces = [piece for piece in registry.get(dataset).downloads if piece.place == "captions"]
     assert [piece.into for piece in pieces] == ["captions.json", "re_captions.json"]
     for piece in pieces:
         assert "/825d9d9bf0b87311ccaa9e4da0d0645cd3575642/caption/" in piece.url
@@ -412,14 +412,14 @@ def test_the_pinned_caption_checksums_are_the_authors_files(shared_data, dataset
 
 
 def test_the_paper_dictionaries_are_pinned():
-    paper = datasets.SYNONYM_DIR / "paper"
-    assert sorted(p.name for p in paper.glob("*.json")) == sorted(datasets.PAPER_SYNONYMS_SHA256)
-    for name, expected in datasets.PAPER_SYNONYMS_SHA256.items():
+    paper = registry.SYNONYM_DIR / "paper"
+    assert sorted(p.name for p in paper.glob("*.json")) == sorted(registry.PAPER_SYNONYMS_SHA256)
+    for name, expected in registry.PAPER_SYNONYMS_SHA256.items():
         assert downloads.file_checksum(paper / name, "sha256") == expected, name
 
 
 def test_every_piece_of_the_registry_is_an_official_file_with_a_checksum():
-    for entry in datasets.REGISTRY.values():
+    for entry in registry.REGISTRY.values():
         for piece in entry.downloads:
             algorithm, expected = downloads.parse_checksum(piece.checksum)
             assert len(expected) == {"md5": 32, "sha256": 64}[algorithm], piece
@@ -430,7 +430,7 @@ def test_every_piece_of_the_registry_is_an_official_file_with_a_checksum():
 def test_a_dataset_without_a_download_is_one_line(tmp_path, capsys):
     import train
 
-    assert datasets.main(["download", "nus", "--data-folder", str(tmp_path)]) == 2
+    assert registry.main(["download", "nus", "--data-folder", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: {tmp_path / 'nuswide'}: no official download of its images: put Flickr/, ImageList/, "
                    "Groundtruth/TrainTestLabels/ and Concepts81.txt here yourself (or elsewhere, and pass "
@@ -444,10 +444,10 @@ def test_a_dataset_without_a_download_is_one_line(tmp_path, capsys):
 # The two command lines, each in its own process, the registry pointed at the loopback
 # --------------------------------------------------------------------------------------------
 
-def with_served_pieces(pieces: tuple[datasets.Download, ...], command: str) -> str:
+def with_served_pieces(pieces: tuple[registry.Download, ...], command: str) -> str:
     """`python -c` code: voc2007's pieces replaced by `pieces` in the registry, then `command`."""
-    return ("import dataclasses, sys\nimport datasets\nfrom datasets import Download\n"
-            f"datasets.REGISTRY['voc2007'] = dataclasses.replace(datasets.REGISTRY['voc2007'], downloads={pieces!r})\n"
+    return ("import dataclasses, sys\nimport registry\nfrom registry import Download\n"
+            f"registry.REGISTRY['voc2007'] = dataclasses.replace(registry.REGISTRY['voc2007'], downloads={pieces!r})\n"
             f"{command}\n")
 
 
@@ -457,11 +457,11 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_datasets_py_download_fetches_what_is_missing(server, voc_files, tmp_path):
-    pieces = served_pieces(server, datasets.get("voc2007"), voc_files)
+def test_registry_py_download_fetches_what_is_missing(server, voc_files, tmp_path):
+    pieces = served_pieces(server, registry.get("voc2007"), voc_files)
     folder = tmp_path / "data_folder"
     argv = ["download", "voc07", "--data-folder", str(folder)]
-    done = run_python(with_served_pieces(pieces, f"sys.exit(datasets.main({argv!r}))"), tmp_path)
+    done = run_python(with_served_pieces(pieces, f"sys.exit(registry.main({argv!r}))"), tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     root = folder / "voc2007"
     assert done.stdout.splitlines() == [
@@ -470,11 +470,11 @@ def test_datasets_py_download_fetches_what_is_missing(server, voc_files, tmp_pat
         f"fetched {server.url}/VOCtest_06-Nov-2007.tar (md5 checked), unpacked into {root / 'VOCtest_06-Nov-2007'}",
         f"fetched {server.url}/voc2007_captions.json (sha256 checked) as {root / 'captions.json'}",
         f"fetched {server.url}/voc2007_re_captions.json (sha256 checked) as {root / 're_captions.json'}"]
-    assert len(datasets.load("voc2007", root, "test")) == 3 and leftovers(tmp_path) == []
+    assert len(registry.load("voc2007", root, "test")) == 3 and leftovers(tmp_path) == []
     # a damaged caption file: one error line, nothing kept of it, the rest in place untouched
     (root / "re_captions.json").unlink()
-    damaged = served_pieces(server, datasets.get("voc2007"), voc_files, wrong="voc2007_re_captions.json")
-    done = run_python(with_served_pieces(damaged, f"sys.exit(datasets.main({argv!r}))"), tmp_path)
+    damaged = served_pieces(server, registry.get("voc2007"), voc_files, wrong="voc2007_re_captions.json")
+    done = run_python(with_served_pieces(damaged, f"sys.exit(registry.main({argv!r}))"), tmp_path)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-2000:]
     assert errors[0].startswith(f"error: {root / 're_captions.json'}: sha256 differs from the official one")
@@ -485,7 +485,7 @@ def test_datasets_py_download_fetches_what_is_missing(server, voc_files, tmp_pat
 def test_train_download_fetches_before_the_missing_pieces_check(server, voc_files, tmp_path):
     """`train.py --dataset voc07 --download` puts the pieces where the run reads them and gets
     past the missing-pieces check: it stops at the next check, a run folder that is not empty."""
-    pieces = served_pieces(server, datasets.get("voc2007"), voc_files)
+    pieces = served_pieces(server, registry.get("voc2007"), voc_files)
     (tmp_path / "weights.safetensors").write_bytes(b"")      # present: the check looks no further
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

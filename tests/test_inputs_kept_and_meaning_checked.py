@@ -19,9 +19,9 @@ import captions
 import checkpoints
 import config
 import data
-import datasets
 import eval as eval_cli
 import frozen_clip
+import registry
 import runs
 import synthetic as S
 import tracking
@@ -352,7 +352,7 @@ def test_a_synonym_that_names_nothing_is_refused_at_load(synonym, becomes, world
 @pytest.mark.parametrize("dataset", ["voc2007", "voc2012", "coco2014", "nuswide"])
 @pytest.mark.parametrize("which", ["", "paper"])
 def test_the_shipped_dictionaries_name_something_with_every_synonym(dataset, which):
-    entry = datasets.get(dataset)
+    entry = registry.get(dataset)
     captions.SynonymDictionary.from_json(entry.synonym_file(which), len(entry.classes))
 
 
@@ -379,10 +379,10 @@ def test_annotations_of_no_category_and_unannotated_images_are_counted(world, tm
         unused: dict = {}
         samples, classes = data.load_coco(base / f"{split}.json", world / "JPEGImages", unused)
         return samples, classes, unused
-    datasets.register(datasets.Dataset("cocolike", load, splits=("trainval", "test"), train_split="trainval",
+    registry.register(registry.Dataset("cocolike", load, splits=("trainval", "test"), train_split="trainval",
                                        test_split="test", classes=tuple(S.CLASS_NAMES), preset="synthetic-tiny"))
     try:
-        images = datasets.load("cocolike", root, "test")
+        images = registry.load("cocolike", root, "test")
         assert images.unused_annotations == {"unknown_category_annotations": 1, "unknown_category_ids": [999],
                                              "images_without_annotations": 1}
         assert len(images) == 15
@@ -390,7 +390,7 @@ def test_annotations_of_no_category_and_unannotated_images_are_counted(world, tm
         assert train.main(["--dataset=cocolike", f"--data-root={root}", f"--captions={world}", f"--out={out}",
                            f"--cache-dir={tmp_path / 'cache'}", "--workers=0", "--epochs=1", "--use-reso=false"]) == 0
     finally:
-        datasets.REGISTRY.pop("cocolike")
+        registry.REGISTRY.pop("cocolike")
     printed = capsys.readouterr().out
     for split in ("trainval", "test"):
         assert (f"cocolike/{split}: annotations naming a category id that no category has: 1 (id 999), ignored; "

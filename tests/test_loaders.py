@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-import datasets
+import registry
 
 VOC_XML = """<annotation><filename>{id}.jpg</filename><size><width>64</width><height>48</height></size>
 {objects}</annotation>"""
@@ -73,7 +73,7 @@ def test_coco_real_sample(shared_data):
 def test_voc_split_and_labels(tmp_path, class_files):
     objs = {"000001": [("dog", "0"), ("person", "0")], "000002": [("cat", "1")], "000003": [("car", "")]}
     voc_tree(tmp_path, objs, class_files=class_files)
-    ds = datasets.load("voc2007", tmp_path / "VOCdevkit", "trainval")
+    ds = registry.load("voc2007", tmp_path / "VOCdevkit", "trainval")
     assert len(ds) == 3 and ds.class_names == list(data.VOC_CLASSES)
     lab = ds.label_matrix()
     idx = data.VOC_CLASSES.index
@@ -159,7 +159,7 @@ def test_nuswide_fixture_counts_missing_images(tmp_path):
     assert [s.id for s in samples] == ["0001_1", "0003_3"]
     assert samples[1].labels.tolist() == [-1, -1, 1]
     with pytest.warns(UserWarning):
-        ds = datasets.load("nuswide", tmp_path, "train")
+        ds = registry.load("nuswide", tmp_path, "train")
     assert ds[0]["image"].shape == (3, 48, 64)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import captions
 import data
-import datasets
+import registry
 from tests.conftest import world_fixture
 from tests.helpers import tiny_blip2
 
@@ -104,7 +104,7 @@ def test_the_users_captions_and_labels(photos, world, tmp_path):
     given.mkdir()
     (given / "captions.json").write_text(json.dumps({f"{i}.": world_captions[f"{w}."] for i, w in ids.items()}))
     before = (given / "captions.json").read_bytes()
-    truth = datasets.load("synthetic", world, "trainval")
+    truth = registry.load("synthetic", world, "trainval")
     classes = truth.class_names
     rows = {s.id: s.labels for s in truth.samples}
     with open(tmp_path / "labels.csv", "w", newline="") as f:
@@ -139,7 +139,7 @@ def test_a_folder_run_says_what_it_lacks_in_one_line_each(tmp_path):
 def test_bad_class_lists_are_one_line(spec, problem, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.DataError) as e:
-        datasets.class_list(spec)
+        registry.class_list(spec)
     assert str(e.value).startswith(problem)
 
 

@@ -13,9 +13,9 @@ from PIL import Image
 
 import config
 import data
-import datasets
 import eval as eval_cli
 import pipeline
+import registry
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def toy_run(tmp_path_factory, make_world):
     # -- the whole of adding a dataset: one loader and one entry --
     def load_toy(folder, split, paths):
         return data.load_voc(folder, 2007, split, toy_classes), toy_classes
-    entry = datasets.register(datasets.Dataset(
+    entry = registry.register(registry.Dataset(
         "toy", load_toy, splits=("trainval", "test"), train_split="trainval", test_split="test",
         aliases=("toy-set",), classes=toy_classes, preset="synthetic-tiny"))
     # --
@@ -44,7 +44,7 @@ def toy_run(tmp_path_factory, make_world):
         yield {"code": code, "root": root, "world": world, "entry": entry,
                "ckpt": str(root / "run" / "ckpt.safetensors")}
     finally:
-        datasets.REGISTRY.pop("toy")
+        registry.REGISTRY.pop("toy")
 
 
 def test_a_registered_toy_dataset_trains_and_evaluates(toy_run, capsys):
@@ -58,16 +58,16 @@ def test_a_registered_toy_dataset_trains_and_evaluates(toy_run, capsys):
 def test_an_unknown_dataset_and_one_without_a_preset_are_one_line():
     with pytest.raises(ValueError, match=r"^--dataset must be one of .*synthetic.*got 'nope'$"):
         config.parse_overrides(["--dataset=nope"])
-    entry = datasets.register(datasets.Dataset("bare", lambda *a: ([], ()), splits=("a",), train_split="a",
+    entry = registry.register(registry.Dataset("bare", lambda *a: ([], ()), splits=("a",), train_split="a",
                                                test_split="a"))
     try:
         with pytest.raises(ValueError, match=r"^--dataset=bare has no preset of its own: pass --preset=NAME"):
             config.parse_overrides(["--dataset=bare"])
         assert config.parse_overrides(["--dataset=bare", "--preset=synthetic-tiny"])[0].dataset == "bare"
         with pytest.raises(ValueError, match="registered already"):
-            datasets.register(entry)
+            registry.register(entry)
     finally:
-        datasets.REGISTRY.pop("bare")
+        registry.REGISTRY.pop("bare")
 
 
 def test_a_repeated_option_means_its_last_value():
@@ -81,7 +81,7 @@ def test_a_repeated_option_means_its_last_value():
 def test_voc2012_trains_on_the_images_its_captions_cover(tmp_path, shared_data):
     """The paper's VOC2012 captions cover the segmentation-train images: the default train split
     reads those (ImageSets/Segmentation/train.txt) with Main's labels, and every one has a caption."""
-    entry = datasets.get("voc12")
+    entry = registry.get("voc12")
     assert entry.train_split == "segtrain" and "segtrain" in entry.split_notes
     captioned = [i.rstrip(".") for i in json.loads((shared_data / "voc2012" / "captions.json").read_text())]
     assert len(captioned) == 1464
@@ -91,12 +91,12 @@ def test_voc2012_trains_on_the_images_its_captions_cover(tmp_path, shared_data):
     (base / "JPEGImages").mkdir()
     seg, extra = captioned[:5], ["2099_000001", "2099_000002"]       # Main's trainval holds more images
     (base / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(seg) + "\n")
-    for c in datasets.VOC_CLASSES:
+    for c in registry.VOC_CLASSES:
         rows = [f"{i} {1 if (c == 'cat') == (k % 2 == 0) else -1}" for k, i in enumerate(seg + extra)]
         (base / "ImageSets" / "Main" / f"{c}_trainval.txt").write_text("\n".join(rows) + "\n")
     images = entry.load(tmp_path / "VOCdevkit", "segtrain")
     assert images.ids == seg and images.name == "voc2012/segtrain"
-    cat = datasets.VOC_CLASSES.index("cat")
+    cat = registry.VOC_CLASSES.index("cat")
     assert images.label_matrix()[:, cat].tolist() == [1, -1, 1, -1, 1]
 
 

@@ -5,8 +5,8 @@ from huggingface_hub import constants
 
 import config
 import data
-import datasets
 import pipeline
+import registry
 import train
 from tests.helpers import release_layout
 
@@ -32,7 +32,7 @@ def test_voc_splits_are_read_from_their_own_release_trees(shared_data, tmp_path)
     release_layout(shared_data / "real_sample" / "voc", tmp_path / "data_folder", copies=1)
     root = tmp_path / "data_folder" / "voc2007"
     for split, tree in (("trainval", "VOCtrainval_06-Nov-2007"), ("test", "VOCtest_06-Nov-2007")):
-        ds = datasets.load("voc2007", root, split)
+        ds = registry.load("voc2007", root, split)
         assert len(ds) == 3 and all(s.path.is_relative_to(root / tree / "VOCdevkit" / "VOC2007") for s in ds.samples)
         assert ds[0]["image"].shape[0] == 3
     # one merged VOCdevkit is still read as it was

@@ -41,7 +41,7 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("path", ["eval.py", "pipeline.py", "data.py", "captions.py", "cache.py", "bacgcn.py",
-                                  "metrics.py", "tracking.py", "peers.py", "config.py", "datasets.py", "downloads.py",
+                                  "metrics.py", "tracking.py", "peers.py", "config.py", "registry.py", "downloads.py",
                                   "cli.py", "frozen_clip.py", "reso.py", "runs.py", "checkpoints.py",
                                   "bench/profile_kernel.py", "bench/caption_table.py", "bench/caption_fit.py",
                                   "bench/compile_check.py", "bench/gpu_check.py"])
@@ -55,7 +55,7 @@ def test_the_trainer_never_imports_the_peers(path):
     assert "peers" not in _imported_modules(ROOT / path)
 
 
-@pytest.mark.parametrize("path", ["data.py", "captions.py", "cache.py", "datasets.py", "downloads.py"])
+@pytest.mark.parametrize("path", ["data.py", "captions.py", "cache.py", "registry.py", "downloads.py"])
 def test_data_layer_never_imports_the_model(path):
     assert not MODEL & _imported_modules(ROOT / path)
 
@@ -73,8 +73,8 @@ def test_data_py_is_the_bottom_of_the_data_layer():
 
 
 def _registered_names() -> set[str]:
-    import datasets
-    return set(datasets.names()) | set(datasets.aliases())
+    import registry
+    return set(registry.names()) | set(registry.aliases())
 
 
 def test_no_dataset_name_is_compared_outside_the_registry():
@@ -82,7 +82,7 @@ def test_no_dataset_name_is_compared_outside_the_registry():
     no `in ("synthetic", ...)`, no name sliced for its year."""
     names, found = _registered_names(), []
     for path in _sources():
-        if path.name == "datasets.py":
+        if path.name == "registry.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare):
@@ -184,3 +184,18 @@ def test_random_init_warning_is_filtered_and_nothing_else(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["No pretrained weights loaded: a record that is not open_clip's"]
     assert root.level == level and root.filters == filters
+
+
+# Packages of the ecosystem a user's environment may hold: a top-level module of the same name
+# here would shadow it for anything run from the repository (transformers imports `datasets`).
+WELL_KNOWN = {"datasets", "evaluate", "accelerate", "transformers", "tokenizers", "timm", "open_clip", "torch",
+              "torchvision", "numpy", "safetensors", "huggingface_hub", "mlflow", "tqdm", "PIL", "sklearn",
+              "scipy", "matplotlib", "triton", "ftfy", "regex", "yaml", "requests", "pytest", "hypothesis"}
+
+
+def test_no_module_is_named_after_a_well_known_package():
+    from importlib.metadata import packages_distributions
+
+    ours = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    installed = set(packages_distributions())
+    assert not ours & (WELL_KNOWN | installed), ours & (WELL_KNOWN | installed)

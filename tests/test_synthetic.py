@@ -7,9 +7,9 @@ import pytest
 
 import captions
 import data
-import datasets
 import eval as eval_cli
 import metrics
+import registry
 import synthetic as S
 from tests.conftest import world_fixture
 
@@ -37,8 +37,8 @@ def test_rendering_processes_do_not_change_the_bytes(tmp_path):
 
 
 def test_layout_reads_back_through_voc_loader(world):
-    train = datasets.load("synthetic", world, "trainval")
-    test = datasets.load("synthetic", world, "test")
+    train = registry.load("synthetic", world, "trainval")
+    test = registry.load("synthetic", world, "test")
     assert len(train) == 40 and len(test) == 30
     assert train.class_names == list(S.CLASS_NAMES)
     assert not set(train.ids) & set(test.ids)

@@ -15,10 +15,10 @@ import torch
 import checkpoints
 import config
 import data
-import datasets
 import eval as eval_cli
 import frozen_clip
 import pipeline
+import registry
 import synthetic as S
 import train
 from tests.conftest import world_fixture
@@ -68,7 +68,7 @@ def test_every_numeric_field_has_a_range():
 def test_unknown_dataset_lists_the_datasets_with_or_without_roots(capsys):
     for extra in ([], ["--data-root=x", "--captions=y"]):
         assert train.main(["--dataset=nonsense", *extra]) == 2
-        one_error_line(capsys, "--dataset must be one of", *datasets.names())
+        one_error_line(capsys, "--dataset must be one of", *registry.names())
 
 
 def test_cuda_device_without_cuda(monkeypatch, world, tmp_path, capsys):

@@ -8,14 +8,17 @@ and one loader function `(root, split, paths) -> (samples, class names)`:
 
     def load_toy(root, split, paths):
         return data.load_voc(root, 2007, split, TOY_CLASSES), TOY_CLASSES
-    datasets.register(datasets.Dataset("toy", load_toy, splits=("trainval", "test"),
+    registry.register(registry.Dataset("toy", load_toy, splits=("trainval", "test"),
                                        train_split="trainval", test_split="test", classes=TOY_CLASSES,
                                        preset="synthetic-tiny", synonyms="toy.json"))
+
+(Named `registry`, not `datasets`: a module of that name here would shadow the Hugging Face
+`datasets` package, which transformers imports when it is installed.)
 
 Each entry also names where its pieces are downloaded from, with their checksums (`Download`):
 the official archives and the authors' captions at a pinned commit of their repository.
 
-  python datasets.py download voc07 [--data-folder DIR] [--data-root DIR] [--captions DIR]
+  python registry.py download voc07 [--data-folder DIR] [--data-root DIR] [--captions DIR]
 
 fetches the pieces that are missing into the places a run reads (train.py --download does the
 same before a run).
@@ -94,7 +97,7 @@ class Dataset:
     title: str = ""                      # what messages call a copy of it ('' = its name)
     default_root: str = ""               # '' = <data_folder>/<name>; else a folder under the repo, {seed} filled in
     split_notes: dict[str, str] = field(default_factory=dict)   # said in the first lines of a run on that split
-    downloads: tuple[Download, ...] = ()   # its official pieces (`python datasets.py download`, train.py --download)
+    downloads: tuple[Download, ...] = ()   # its official pieces (`python registry.py download`, train.py --download)
     download_note: str = ""              # why a real dataset has none (said with its release_layout)
     # A user's own photos: classes from --classes, no human labels (evaluated only with --labels), captioned
     # by BLIP-2 where it has no captions, its dictionary built from the class names, tagged after training.
@@ -418,7 +421,7 @@ register(Dataset(
 
 
 # ============================================================================================
-# Fetching what is missing: `python datasets.py download NAME`, train.py --download
+# Fetching what is missing: `python registry.py download NAME`, train.py --download
 # ============================================================================================
 
 def fetch_missing(entry: Dataset, places: dict[str, Path], say: Callable[[str], None] = print) -> None:
@@ -451,7 +454,7 @@ def fetch_missing(entry: Dataset, places: dict[str, Path], say: Callable[[str], 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="datasets.py", description="The dataset registry's command line.")
+    parser = argparse.ArgumentParser(prog="registry.py", description="The dataset registry's command line.")
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="fetch, check and unpack what is missing of a dataset, from its "
                                                     "official sources, into the places a run reads",
