@@ -130,6 +130,21 @@ def launched_as_main_process() -> bool:
     return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
+LAUNCHER_WAIT_S = 60   # how long a rank other than 0 waits to be ended after an option error
+
+
+def leave_after_rank_0() -> int:
+    """Exit status 2 for a rank other than 0 after an option error, once torchrun ends it: rank 0
+    says why, and a rank leaving first had torchrun end rank 0 before it printed (seen under
+    load). Ended by torchrun's SIGTERM without a word; after LAUNCHER_WAIT_S on its own."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(LAUNCHER_WAIT_S)
+    return 2
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         torch.distributed.barrier()

@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Every process of a torchrun job reads the same command line and fails alike: rank 0
             # says why, the others leave quietly, all before any process group is made.
             if not pipeline.launched_as_main_process():
-                return 2
+                return pipeline.leave_after_rank_0()
             raise
         try:
             report = run(*chosen)

@@ -72,8 +72,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         time.sleep(served.stall_s)
         payload = body[start:][:served.cut_after.pop(self.path, None)]
-        self.wfile.write(payload)
+        # Recorded before the bytes go: the client may have read them all before this thread runs on.
         served.requests.append((self.path, asked, len(payload)))
+        self.wfile.write(payload)
         self.close_connection = True          # a cut reply ends here, short of its Content-Length
 
     def log_message(self, *args):

@@ -21,6 +21,7 @@ import config
 import data
 import eval as eval_cli
 import frozen_clip
+import pipeline
 import registry
 import runs
 import synthetic as S
@@ -479,7 +480,13 @@ def test_a_lock_whose_taker_is_dead_never_names_it_as_running(tmp_path, monkeypa
 def test_an_option_error_is_said_by_rank_0_only(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train.main(["--epochz=3"]) == 2
+    monkeypatch.setattr(pipeline, "LAUNCHER_WAIT_S", 0)        # torchrun would end it once rank 0 has failed
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert train.main(["--epochz=3"]) == 2
+    finally:
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL     # ended without a word when torchrun ends it
+        signal.signal(signal.SIGTERM, handler)
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
     assert train.main(["--epochz=3"]) == 2
