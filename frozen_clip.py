@@ -177,7 +177,8 @@ def pretrained_file(name: str, model_name: str) -> Path:
     digest = file_digest(path)
     if digest != entry.sha256:
         raise DataError(path, f"not {entry.title or name} as pinned for --clip-weights={name} (sha256 "
-                              f"{digest[:16]}..., expected {entry.sha256[:16]}...): delete it and run again")
+                              f"{digest[:16]}..., expected {entry.sha256[:16]}...): delete its cache folder "
+                              f"{path.parents[2]} and run again")     # snapshots/<revision>/<file>: the blob too
     return path
 
 

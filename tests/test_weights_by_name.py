@@ -61,7 +61,8 @@ def test_named_weights_load_strict_from_the_hub_cache(hub, vitb16_weights, monke
 def test_a_cached_file_that_is_not_the_pinned_one_is_refused(hub, vitb16_weights):
     fake_hub_cache(hub, vitb16_weights)          # random weights where OpenAI's are pinned
     with pytest.raises(frozen_clip.DataError, match="not OpenAI's ViT-B/16 weights as pinned for "
-                                                    "--clip-weights=openai \\(sha256 .*delete it and run again"):
+                                                    "--clip-weights=openai \\(sha256 .*delete its cache folder "
+                                                    ".*models--timm--vit_base_patch16_clip_224.openai and run again"):
         frozen_clip.weights_file("openai", "ViT-B-16-quickgelu")
 
 
