@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import registry
+from cache import FORMATS as CACHE_FORMATS
 from cli import last_value, parse_bool, split_options
 
 # Ways the last block can read out per-patch embeddings.
@@ -150,7 +151,8 @@ class BACGCNConfig:
     workers: int = 2                    # image decoding workers while caching features
     output_root: str = ""               # runs/ and .cache/ go here ('' = $BACGCN_OUTPUT_ROOT, else the current folder)
     cache_dir: str = ""                 # frozen-CLIP features, encoded once ('' = <output root>/.cache/features)
-    cache_memory_gb: float = 8.0        # cached features held in memory up to this size; larger ones stream from disk
+    cache_format: str = "int8"          # patch tokens cached as int8 (a scale per token) | bf16 | fp32
+    cache_memory_gb: float = -1.0       # a split's cache up to this size (GiB) stays on the device (-1 = auto)
     out: str = ""                       # run folder ('' = <output root>/runs/<preset or dataset>-<time>)
     log_every: int = 50                 # steps between loss lines in metrics.jsonl
     tracker: str = "none"               # none | mlflow (pip install -r requirements-tracking.txt; main process only)
@@ -169,6 +171,9 @@ class BACGCNConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"not a JSON object but a {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
+        # A config from before the compact cache was trained and evaluated on bf16 features: its
+        # checkpoint's caches, its resume and its `--config` rerun stay in that format.
+        raw = {"cache_format": "bf16", **raw}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
@@ -324,12 +329,13 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "reso_evidence": (lambda v: 0 <= v <= 1, "in [0, 1] (0: the crops train, the image's targets stay)"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     "workers": (lambda v: v >= 0, ">= 0 (0 = decode in the main process)"),
-    "cache_memory_gb": (lambda v: v >= 0, ">= 0 (0 = always stream the cache from disk)"),
+    "cache_memory_gb": (lambda v: v >= 0 or v == -1, ">= 0, or -1 for a budget from the device's free memory "
+                                                      "(0 = always stream the cache from disk)"),
     "log_every": (lambda v: v >= 1, ">= 1"),
 }
 CHOICES = {"patch_readout": PATCH_READOUTS, "subset_readout": SUBSET_READOUTS, "large_loss": LARGE_LOSS_RULES,
            "loss": LOSSES, "clip_weights_format": WEIGHT_FORMATS, "train_labels": TRAIN_LABELS,
-           "graph_direction": GRAPH_DIRECTIONS, "tracker": TRACKERS}
+           "graph_direction": GRAPH_DIRECTIONS, "tracker": TRACKERS, "cache_format": tuple(CACHE_FORMATS)}
 DEVICE_PATTERN = re.compile(r"(cpu|cuda(:\d+)?)?")
 
 

@@ -104,7 +104,7 @@ def read_only_cache(cfg, spec: dict, what: str):
     import config
     from cache import FeatureCache
 
-    cache = FeatureCache(cfg.cache_dir, spec)
+    cache = FeatureCache(cfg.cache_dir, spec, fmt=cfg.cache_format)
     problem = cache.problem() if cache.complete else f"lacks {what}"
     if problem is None:
         return cfg

@@ -28,8 +28,7 @@ import data
 import frozen_clip
 import metrics
 import registry
-from cache import CachedFeatures, FeatureCache, encode_images, file_digest
-from cli import signals_held
+from cache import CachedFeatures, FeatureCache, as_stored, decode, encode_images, file_digest, stream
 
 ROOT = Path(__file__).resolve().parent
 PREDICT_BATCH = 256          # images per forward when scoring a split (no gradients: memory is small) ...
@@ -602,7 +601,7 @@ def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -
     (each process of a distributed job encodes its share) or when the cache is damaged."""
     import time
 
-    cache = FeatureCache(cfg.cache_dir or config.default_cache_dir(cfg), spec)
+    cache = FeatureCache(cfg.cache_dir or config.default_cache_dir(cfg), spec, fmt=cfg.cache_format)
     state = "miss"
     if is_main_process() and cache.complete:
         state = checked_cache(cache, dataset, lambda x: encode_features(backbone, x, cfg), cfg.workers, device, desc)
@@ -621,7 +620,9 @@ def load_or_encode(cfg, backbone, dataset, spec: dict, device: str, desc: str) -
         rate = len(dataset) / seconds
         log(f"{desc}: {len(dataset)} images in {seconds:.0f} s ({rate:.0f} img/s)" if rate >= 10 else
             f"{desc}: {len(dataset)} images in {seconds:.0f} s ({seconds / max(len(dataset), 1):.1f} s an image)")
-    return cache.open(cfg.cache_memory_gb * 2**30)
+    feats, where = cache.open_within(cfg.cache_memory_gb, device)
+    log(f"{desc}: {where}")
+    return feats
 
 
 def cached_features(cfg, backbone, dataset, device) -> Split:
@@ -642,50 +643,9 @@ def cached_features(cfg, backbone, dataset, device) -> Split:
 FEATURE_KEYS = ("patches", "g", "gH", "gHc")   # what the head reads per image
 
 
-def prefetched(items, device: str, dtype, depth: int = 2):
-    """batch_feats of each (features, rows) in `items`, read `depth` batches ahead in a thread,
-    so file reads (a streamed cache) and, on CUDA, page-locking overlap the compute. Pinned
-    batches come from torch's caching host allocator, which reuses a buffer only after the copy
-    that read it has finished: a small ring of staging buffers without bookkeeping here."""
-    import queue
-    import threading
-
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    pin = device.startswith("cuda")
-
-    def offer(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read():
-        try:
-            for feats, idx in items:
-                rows = feats.gather(idx, FEATURE_KEYS)
-                if not offer({k: v.pin_memory() for k, v in rows.items()} if pin else rows):
-                    return
-            offer(None)
-        except Exception as e:  # handed to the consumer, which raises it in its own thread
-            offer(e)
-
-    worker = threading.Thread(target=read, daemon=True)
-    try:
-        with signals_held():
-            worker.start()
-        while (rows := ready.get()) is not None:
-            if isinstance(rows, Exception):
-                raise rows
-            yield {k: v.to(device, non_blocking=True).to(dtype) for k, v in rows.items()}
-    finally:
-        with signals_held():
-            stop.set()
-            if worker.ident is not None:
-                worker.join()
+def prefetched(items, device: str, dtype):
+    """The head's inputs of each (features, rows) in `items`, on `device` in `dtype` (cache.stream)."""
+    return stream(items, FEATURE_KEYS, device, dtype)
 
 
 def scoring_batch(feats: CachedFeatures, batch: int = PREDICT_BATCH) -> int:
@@ -705,7 +665,10 @@ def predict(model, feats: CachedFeatures, device, dtype, batch: int = PREDICT_BA
     rows = share(len(feats))
     batches = [torch.arange(i, min(i + batch, rows.stop)) for i in range(rows.start, rows.stop, batch)]
     with contextlib.closing(prefetched([(feats, b) for b in batches], device, dtype)) as stream:
-        logits = [model(x)["logits"].float().cpu() for x in stream]
+        logits = []
+        for x in stream:
+            logits.append(model(x)["logits"].float().cpu())
+            del x                   # before the next batch is decoded, not after
     model.train()
     width = model.num_categories
     return gather_rows(torch.cat(logits).numpy() if logits else np.zeros((0, width), dtype=np.float32))
@@ -773,11 +736,11 @@ def recorded_thresholds(meta: dict, classes: Sequence[str]) -> np.ndarray | None
 # The Python API: a trained model from its checkpoint, scoring images
 # --------------------------------------------------------------------------------------------
 
-def head_inputs(feats: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """Encoder outputs -> what the head reads, rounded through bf16 first: the head was trained
-    and is evaluated on the bf16 feature cache, so an image scores the same here as it does
+def head_inputs(feats: dict[str, torch.Tensor], dtype, cache_format: str) -> dict[str, torch.Tensor]:
+    """Encoder outputs -> what the head reads, through the feature cache's format first: the head
+    was trained and is evaluated on cached features, so an image scores the same here as it does
     inside a dataset."""
-    return {k: feats[k].to(torch.bfloat16).to(dtype) for k in FEATURE_KEYS}
+    return decode(as_stored({k: feats[k] for k in FEATURE_KEYS}, cache_format), dtype)
 
 
 def open_checkpoint(path: str, overrides: dict | None = None, weights_format: str = "auto",
@@ -842,7 +805,7 @@ class TrainedModel:
         if not isinstance(images, torch.Tensor):
             images = torch.stack([self.preprocess(im) for im in images])
         feats = encode_features(self.backbone, images.to(self.device), self.cfg)
-        return self.head(head_inputs(feats, self.dtype))["logits"].float().cpu()
+        return self.head(head_inputs(feats, self.dtype, self.cfg.cache_format))["logits"].float().cpu()
 
     def scores(self, images) -> np.ndarray:
         """Probabilities [B, C] of the classes (sigmoid of the logits), columns as `classes`."""
@@ -865,7 +828,7 @@ class TrainedModel:
             for batch_ids, _, feats in encode_images(
                     dataset, lambda x: encode_features(self.backbone, x, cfg), batch_size=CACHE_BATCH,
                     workers=cfg.workers, device=device, desc=desc, pin_memory=device.startswith("cuda")):
-                out = head(head_inputs(feats, self.dtype))
+                out = head(head_inputs(feats, self.dtype, self.cfg.cache_format))
                 logits.append(out["logits"].float().cpu())
                 if on_maps is not None:
                     on_maps(len(ids), out["sim"][:, :, :len(self.classes)].float().cpu())
@@ -882,7 +845,8 @@ class TrainedModel:
         sim, whose bf16 rounding on a GPU reorders near-ties the kernel told apart in fp32."""
         # Not compiled even when cfg.compile: one forward would pay the whole compile time.
         x = self.preprocess(image)[None].to(self.device)
-        out = self.head(head_inputs(encode_features(self.backbone, x, self.cfg), self.dtype), with_indices=True)
+        feats = head_inputs(encode_features(self.backbone, x, self.cfg), self.dtype, self.cfg.cache_format)
+        out = self.head(feats, with_indices=True)
         return {"logits": out["logits"][0].float().cpu().numpy(), "sim": out["sim"][0].float().cpu().numpy(),
                 "pooled": out["pooled"][0].t().cpu().numpy()}
 

@@ -99,6 +99,8 @@ class Dataset:
     split_notes: dict[str, str] = field(default_factory=dict)   # said in the first lines of a run on that split
     downloads: tuple[Download, ...] = ()   # its official pieces (`python registry.py download`, train.py --download)
     download_note: str = ""              # why a real dataset has none (said with its release_layout)
+    # Images of its train and test split in the official release (the feature cache's sizes in bench/README.md)
+    split_images: dict[str, int] = field(default_factory=dict)
     # A user's own photos: classes from --classes, no human labels (evaluated only with --labels), captioned
     # by BLIP-2 where it has no captions, its dictionary built from the class names, tagged after training.
     own_photos: bool = False
@@ -305,7 +307,7 @@ register(Dataset(
     "voc2007", voc_loader(2007, VOC_CLASSES), splits=("trainval", "test", "train", "val"),
     train_split="trainval", test_split="test", aliases=("voc07",), classes=VOC_CLASSES, preset="voc2007-vitb16",
     release_layout="VOCtrainval_06-Nov-2007/ and VOCtest_06-Nov-2007/ (each tar as it unpacks: VOCdevkit/VOC2007)",
-    synonyms="voc2007.json", voc_year=2007,
+    synonyms="voc2007.json", voc_year=2007, split_images={"trainval": 5011, "test": 4952},
     downloads=(voc_archive(2007, "trainval", "VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),
                voc_archive(2007, "test", "VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f"),
                *authors_captions("voc2007", "72f757eb64a1968895487f552918035562ebdf00583e1f8202a0190e953338fa",
@@ -316,7 +318,7 @@ register(Dataset(
     "voc2012", voc_loader(2012, VOC_CLASSES), splits=("segtrain", "train", "val", "trainval"),
     train_split="segtrain", test_split="val", aliases=("voc12",), classes=VOC_CLASSES, preset="voc2012-vitb16",
     release_layout="VOC2012_train_val/ (the trainval tar as it unpacks: VOCdevkit/VOC2012)",
-    synonyms="voc2012.json", voc_year=2012,
+    synonyms="voc2012.json", voc_year=2012, split_images={"segtrain": 1464, "val": 5823},
     downloads=(voc_archive(2012, "trainval", "VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd"),
                *authors_captions("voc2012", "4e4ccef27627f2f2010336515baceafbe53f3d811f462bb92bc72e6ed1bf47f9",
                                  "22bfb2abc9d8724b8674d52769a757b5a5bc3cc00a4bd4e58d3c548bcc0b5706")),
@@ -327,6 +329,7 @@ register(Dataset(
     "coco2014", load_coco2014, splits=("train", "val"), train_split="train", test_split="val",
     aliases=("coco", "coco14"), classes=COCO_CLASSES, preset="coco2014-vitb16",
     release_layout="train2014/, val2014/ and annotations/instances_{train,val}2014.json", synonyms="coco2014.json",
+    split_images={"train": 82081, "val": 40137},      # the images with >= 1 annotation (DESIGN, evaluation)
     downloads=(coco_archive("zips/train2014.zip", "0da8c0bd3d6becc4dcb32757491aca88", "train2014"),
                coco_archive("zips/val2014.zip", "a3d79f5ed8d289b7a7554ce06a5782b3", "val2014"),
                coco_archive("annotations/annotations_trainval2014.zip", "0a379cfc70b0e71301e0f377548639bd",
@@ -335,7 +338,7 @@ register(Dataset(
     "nuswide", load_nuswide, splits=("train", "test"), train_split="train", test_split="test",
     aliases=("nus", "nus-wide"), classes=NUSWIDE_CONCEPTS, preset="nuswide-vitb16",
     release_layout="Flickr/, ImageList/, Groundtruth/TrainTestLabels/ and Concepts81.txt", synonyms="nuswide.json",
-    download_note="no official download of its images"))
+    download_note="no official download of its images", split_images={"train": 161789, "test": 107859}))
 
 
 def class_list(spec: str) -> list[str]:

@@ -217,7 +217,8 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
         # closing(): an exception (Ctrl-C) must stop the reader thread here, not when the traceback
         # lets go of the generator at interpreter exit, where a thread inside torch aborts the process.
         with closing(pipeline.prefetched(sources, device, dtype)) as stream:
-            for count, ((kind, _), x) in enumerate(zip(batches, stream), 1):
+            for count, (kind, _) in enumerate(batches, 1):
+                x = next(stream)        # not zip(): its tuple would hold the last batch while the next is decoded
                 for g, lr in zip(opt.param_groups, loop.base_lr):
                     g["lr"] = lr * pipeline.warmup_cosine(loop.step, loop.warmup, loop.total)
                 loss = batch_loss(cfg, step_fn, kind, on_device[count - 1], x, targets, loop.crops, dtype, loop.epoch)
@@ -226,6 +227,7 @@ def train_epochs(cfg, model, backbone, trainset: TrainSet, device: str, metrics_
                 loss.backward()
                 opt.step()
                 running += loss.detach()
+                del x                   # one fp32 batch held at a time, not two
                 loop.step += 1
                 if loop.step % cfg.log_every == 0 or count == len(batches):
                     # A sync only at log intervals, and every process stops together: a rank that

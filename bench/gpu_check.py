@@ -12,7 +12,10 @@ git-ignored wheels/py312, which travels with the working tree to the GPU machine
     CUDA tests (the kernel tests compiled on this GPU, the CUDA-path tests); kernel profile
     (bench/profile_kernel.py --quick: the presets' 448-px shapes first); throughput at 448 and
     224 px (bench/train_throughput.py, ViT-B/16, random weights: bare encoder, read-out, cache
-    build, training steps/s); a generated VOC2007-layout set of 5,011 trainval and 4,952 test
+    build, training steps/s); the feature cache held on the GPU against streamed from disk
+    (bench/cache_scale.py on VOC2007 trainval's shape, 5,011 images x 784 patches x 512, 44
+    categories, int8 and bf16: an epoch's img/s each way, the streamed epoch's read rate against a
+    plain read of the same files); a generated VOC2007-layout set of 5,011 trainval and 4,952 test
     images with captions; random ViT-B/16 weights; JPEG decoding on one CPU core against nvjpeg;
     `train.py --preset=voc2007-vitb16` end to end on that set.
 Nothing measured is lost: a step that fails, raises or is cut at its limit is recorded with its
@@ -21,7 +24,8 @@ every case, into their own files) DIR holds the figures so far:
   DIR/<card>.json       card, versions, commit, sizes, figures, targets met or missed, each step
   DIR/README.md         bench/README.md with the table between the gpu-check markers filled in
   DIR/gpu_check.log     everything every step printed
-  DIR/profile.json, DIR/throughput-448.json, DIR/throughput-224.json   the steps' own rows
+  DIR/profile.json, DIR/throughput-448.json, DIR/throughput-224.json, DIR/cache-scale.json
+                        the steps' own rows
 The exit status is the number of steps that failed. `--dry-run` runs the same steps on the CPU at
 toy sizes (the shipped tiny CLIP instead of ViT-B/16): tests/test_gpu_check.py runs it in CI, so
 this script cannot rot before a card runs it. BACGCN_GPU_CHECK_RAISE=<step> makes a step raise and
@@ -61,6 +65,7 @@ TARGETS = {
     "similarity_pool forward, fraction of copy bandwidth": 0.70, "gcn_propagate fwd+bwd vs eager": 2.0,
     "cache build vs bare encoder, 224 px": 0.8, "cache build vs bare encoder, 448 px": 0.8,
     "cache build img/s, 224 px": 2500, "cache build img/s, 448 px": 600,
+    "epoch read vs plain read, int8": 0.8,
 }
 TRAIN_SECONDS_TARGET = 60.0     # VOC2007 training from the cache, at most
 
@@ -281,6 +286,30 @@ def throughput_figures(size: int, row: dict) -> dict:
     return {name: row[key] for key, name in names.items() if key in row}
 
 
+def cache_scale_figures(row: dict) -> dict:
+    """The figures of cache_scale.py's row, per cache format, as far as it got."""
+    out: dict[str, float] = {}
+    for fmt, r in row.get("formats", {}).items():
+        streamed_run = r.get("streamed") or {}
+        streamed = streamed_run.get("train_images_per_s")
+        held = (r.get("resident") or {}).get("train_images_per_s")     # resident is null when it did not fit
+        if streamed is not None:
+            out[f"epoch img/s streamed, {fmt}"] = streamed
+        if streamed_run.get("peak_rss_bytes") is not None:
+            out[f"streamed epoch peak RSS GiB, {fmt}"] = streamed_run["peak_rss_bytes"] / 2**30
+        if held is not None:
+            out[f"epoch img/s held on the GPU, {fmt}"] = held
+        if streamed and held:
+            # From the two speeds, not the row's streamed_vs_resident_speed: held over streamed,
+            # as the other "X vs Y" figures read, whichever way the row's ratio is taken.
+            out[f"held vs streamed epoch speed, {fmt}"] = held / streamed
+        if r.get("epoch_read_vs_plain") is not None:
+            out[f"epoch read vs plain read, {fmt}"] = r["epoch_read_vs_plain"]
+        if r.get("bytes_per_image") is not None:
+            out[f"cache KiB per image, {fmt}"] = r["bytes_per_image"] / 2**10
+    return out
+
+
 def judge(figures: dict) -> dict:
     checks = {k: {"target": t, "measured": figures.get(k), "met": figures.get(k) is not None and figures[k] >= t}
               for k, t in TARGETS.items()}
@@ -296,12 +325,21 @@ def readme_table(result: dict) -> str:
     lines += [f"Machine check: {p}" for p in result["problems"]] + ([""] if result["problems"] else [])
     lines += ["| figure | measured | target | met |", "|---|---|---|---|"]
     for name, c in result["checks"].items():
-        measured = "—" if c["measured"] is None else f"{c['measured']:.3g}"
-        lines.append(f"| {name} | {measured} | {c['target']:g} | {'yes' if c['met'] else 'no'} |")
+        lines.append(f"| {name} | {shown(c['measured'])} | {c['target']:g} | {'yes' if c['met'] else 'no'} |")
+    lines += [f"| {name} | {shown(value)} | — | — |" for name, value in result["figures"].items()
+              if name not in result["checks"]]
     lines += ["", "| step | ok | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {'yes' if s['ok'] else 'no (' + str(s['exit']) + ')'} | {s['seconds']:.0f} |"
               for s in result["steps"]]
     return "\n".join(lines)
+
+
+def shown(value) -> str:
+    """A figure in the table: three significant digits; a figure that is not a number (a CPU count
+    the OS could not tell) as it is."""
+    if value is None:
+        return "—"
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
 def with_table(text: str, table: str) -> str:
@@ -323,9 +361,12 @@ def slug(name: str) -> str:
 
 # (name, share of the budget), in the order they run: most important first. The in-process steps
 # (no share) are bounded by their sizes; the last step gets whatever is left.
-STEPS = (("CUDA tests", 0.14), ("kernel profile", 0.26), ("throughput 448 px", 0.13), ("throughput 224 px", 0.10),
-         ("VOC2007 layout", None), ("random weights", None), ("JPEG decode", None),
-         ("train.py --preset=voc2007-vitb16, end to end", 1.0))
+# The capped shares sum to 0.68: at the 360-s budget, ~115 s at least stay for the in-process steps
+# and the last one. The cache step writes two random caches of 5,011 images (~100 img/s each on 2
+# CPU cores; 16 cores not measured yet); its JSON is written after each format, int8 first.
+STEPS = (("CUDA tests", 0.12), ("kernel profile", 0.22), ("throughput 448 px", 0.11), ("throughput 224 px", 0.09),
+         ("cache resident vs streamed", 0.14), ("VOC2007 layout", None), ("random weights", None),
+         ("JPEG decode", None), ("train.py --preset=voc2007-vitb16, end to end", 1.0))
 STALLABLE = ("kernel profile", "throughput 448 px", "throughput 224 px")   # steps that save case by case
 
 
@@ -346,8 +387,10 @@ class Run:
         self.env["HF_HUB_OFFLINE"] = "1"
         self.env["PYTHONUNBUFFERED"] = "1"
         self.workers = max(1, (os.cpu_count() or 2) - 2)
-        self.sizes = {"trainval": 5011, "test": 4952, "throughput_images": 2048, "batch": 256, "jpegs": 512} \
-            if not dry_run else {"trainval": 8, "test": 8, "throughput_images": 8, "batch": 4, "jpegs": 8}
+        self.sizes = {"trainval": 5011, "test": 4952, "throughput_images": 2048, "batch": 256, "jpegs": 512,
+                      "cache_scale": {"images": 5011, "patches": 784, "dim": 512, "classes": 44}} \
+            if not dry_run else {"trainval": 8, "test": 8, "throughput_images": 8, "batch": 4, "jpegs": 8,
+                                 "cache_scale": {"images": 64, "patches": 49, "dim": 64, "classes": 12}}
         card = torch.cuda.get_device_name() if cuda else f"cpu-{os.cpu_count()}cores"
         self.result = {"card": card, "dry_run": dry_run, "torch": torch.__version__, "triton": _triton_version(),
                        "python": platform.python_version(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
@@ -442,6 +485,21 @@ class Run:
                                                         "--json", str(path)])
         return ok, code, throughput_figures(size, json.loads(path.read_text())) if path.is_file() else {}
 
+    def cache_scale(self):
+        path = self.out / "cache-scale.json"
+        shape = self.sizes["cache_scale"]
+        caches = self.scratch / "cache-scale"
+        caches.mkdir(exist_ok=True)
+        try:
+            ok, code = self.child("cache resident vs streamed", [
+                "bench/cache_scale.py", *(f"--{k}={v}" for k, v in shape.items()), "--formats", "int8", "bf16",
+                "--device", "cpu" if self.dry_run else "cuda", "--dir", str(caches), "--json", str(path)])
+        finally:
+            # A child cut at its limit leaves the cache it was measuring (4 GB in bf16 at VOC's
+            # shape): disk the end-to-end step's caches need.
+            shutil.rmtree(caches, ignore_errors=True)
+        return ok, code, cache_scale_figures(json.loads(path.read_text())) if path.is_file() else {}
+
     def layout(self):
         devkit, captions = voc_layout(self.scratch / "voc", self.sizes["trainval"], self.sizes["test"],
                                       os.cpu_count() or 1)
@@ -492,7 +550,8 @@ class Run:
     def all_steps(self) -> None:
         work = {"CUDA tests": self.cuda_tests, "kernel profile": self.profile,
                 "throughput 448 px": lambda: self.throughput(448), "throughput 224 px": lambda: self.throughput(224),
-                "VOC2007 layout": self.layout, "random weights": self.weights, "JPEG decode": self.decode,
+                "cache resident vs streamed": self.cache_scale, "VOC2007 layout": self.layout,
+                "random weights": self.weights, "JPEG decode": self.decode,
                 STEPS[-1][0]: self.end_to_end}
         for name, _ in STEPS:
             self.step(name, work[name])
@@ -535,7 +594,8 @@ def main(argv=None) -> int:
         cuda = torch.cuda.is_available()
         budget = args.budget or (GPU_BUDGET_S if cuda else DRY_BUDGET_S)
         run = Run(out, scratch, budget, args.dry_run, cuda)
-        need_gb = 14.0 if not args.dry_run else 0.5      # 10k JPEGs, caches of 12k images x 784 x 512 bf16
+        # 10k JPEGs, the end-to-end caches (10k images x 784 x 512), cache_scale.py's int8 and bf16 caches
+        need_gb = 14.0 if not args.dry_run else 0.5
         run.result["installed"] = installed
         run.result["problems"] = problems + machine_problems(cuda, args.dry_run, scratch, need_gb)
         run.log(f"bench/gpu_check.py: {run.result['card']}, torch {run.result['torch']}, triton "

@@ -199,10 +199,13 @@ def test_streamed_training_is_bitwise_the_in_memory_training(small_world, tmp_pa
 def _scale_row(tmp_path, images: int) -> dict:
     out = tmp_path / f"row{images}.json"
     cmd = [sys.executable, str(ROOT / "bench" / "cache_scale.py"), "--images", str(images), "--patches", "49",
-           "--dim", "128", "--classes", "12", "--dir", str(tmp_path), "--json", str(out)]
+           "--dim", "128", "--classes", "12", "--formats", "bf16", "--dir", str(tmp_path), "--json", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the CPU path, not the interpreter
     subprocess.run(cmd, check=True, capture_output=True, env=env)
-    return json.loads(out.read_text())
+    row = json.loads(out.read_text())
+    assert list(row["formats"]) == ["bf16"] and {d["dataset"] for d in row["datasets"]} == {
+        "voc2007", "voc2012", "coco2014", "nuswide"}
+    return row["formats"]["bf16"]
 
 
 def test_resident_memory_stays_bounded_by_the_budget(tmp_path):
@@ -215,8 +218,9 @@ def test_resident_memory_stays_bounded_by_the_budget(tmp_path):
 
     def growth(row, mode):
         return row[mode]["peak_rss_bytes"] - row[mode]["baseline_rss_bytes"]
-    assert not large["streamed"]["held_in_memory"] and large["in_memory"]["held_in_memory"]
+    assert not large["streamed"]["held"] and large["resident"]["held"]
     assert growth(large, "streamed") - growth(small, "streamed") < 0.15 * more
-    assert growth(large, "in_memory") - growth(small, "in_memory") > 0.8 * more
+    assert growth(large, "resident") - growth(small, "resident") > 0.8 * more
     assert np.isfinite(large["streamed"]["mAP_random"])
-    assert large["streamed"]["mAP_random"] == pytest.approx(large["in_memory"]["mAP_random"])
+    assert large["streamed"]["mAP_random"] == pytest.approx(large["resident"]["mAP_random"])
+    assert 0 < large["epoch_read_vs_plain"] and large["bytes_per_image"] == (49 * 128 + 3 * 128 + 49) * 2

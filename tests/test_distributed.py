@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import cache as cache_mod
@@ -13,10 +14,10 @@ import cache as cache_mod
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _train(world, out, cache, nproc):
+def _train(world, out, cache, nproc, budget):
     # --device=cpu: on a one-GPU machine two ranks would ask for cuda:1, and the gloo test would run NCCL.
     args = [f"--data-root={world}", f"--out={out}", f"--cache-dir={cache}", "--device=cpu", "--workers=0", "--epochs=2",
-            "--batch-size=16", "--reso-epoch=1", "--reso-eps=0.5", "--log-every=2"]
+            "--batch-size=16", "--reso-epoch=1", "--reso-eps=0.5", "--log-every=2", f"--cache-memory-gb={budget}"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "train.py"), *args]
     # the CPU path, not the Triton interpreter the in-process tests use
@@ -34,10 +35,12 @@ def _features(cache_root: Path, split: str) -> cache_mod.CachedFeatures:
     raise AssertionError(f"no {split} cache under {cache_root}")
 
 
-def test_two_gloo_processes_match_one(tmp_path, make_world):
+@pytest.mark.parametrize("budget", ["-1", "0"], ids=["held", "streamed"])
+def test_two_gloo_processes_match_one(tmp_path, make_world, budget):
     world = make_world(seed=4, train=72, test=40)
-    one, alone = _train(world, tmp_path / "one", tmp_path / "cache1", 1)
-    two, printed = _train(world, tmp_path / "two", tmp_path / "cache2", 2)
+    one, alone = _train(world, tmp_path / "one", tmp_path / "cache1", 1, budget)
+    two, printed = _train(world, tmp_path / "two", tmp_path / "cache2", 2, budget)
+    assert printed.count("held on the CPU" if budget == "-1" else "streamed from disk") == 3   # 2 splits, the crops
     assert one["world_size"] == 1 and two["world_size"] == 2
     # Gradients are summed in another order across two processes (fp32), and on 40 test images one
     # pair of near-tied scores that swaps moves mAP by ~0.15 (measured): the same training, not bitwise.

@@ -26,7 +26,7 @@ def test_dry_run_keeps_every_figure_through_a_raise_and_a_stall(tmp_path):
     env.update(BACGCN_GPU_CHECK_RAISE="JPEG decode", BACGCN_GPU_CHECK_STALL="throughput 448 px")
     readme_before = (ROOT / "bench" / "README.md").read_text()
     out = tmp_path / "out"
-    # 400 s: the stalled step's share (0.13) is 52 s, ample for its first save (~10 s here).
+    # 400 s: the stalled step's share (0.11) is 44 s, ample for its first save (~10 s here).
     command = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--budget", "400", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     log = (out / "gpu_check.log").read_text()
@@ -53,13 +53,35 @@ def test_dry_run_keeps_every_figure_through_a_raise_and_a_stall(tmp_path):
     assert stalled["encoder_forward_img_s"] > 0 and "cache_build_img_s" not in stalled
     assert figures["bare encoder img/s, 448 px"] > 0 and "cache build img/s, 448 px" not in figures
     assert figures["VOC2007 training s"] > 0 and not any(k.startswith("JPEG decode") for k in figures)
+    # Both formats reached the cache bench, each measured streamed and held (a toy cache fits in RAM).
+    assert set(json.loads((out / "cache-scale.json").read_text())["formats"]) == {"int8", "bf16"}
+    for fmt in ("int8", "bf16"):
+        assert figures[f"epoch img/s streamed, {fmt}"] > 0 and figures[f"epoch img/s held on the GPU, {fmt}"] > 0
+        assert figures[f"held vs streamed epoch speed, {fmt}"] > 0 and figures[f"epoch read vs plain read, {fmt}"] > 0
+    assert figures["cache KiB per image, int8"] < figures["cache KiB per image, bf16"]
 
     # The README copy with the table, and the full log of every step (not only the tails).
     table = (out / "README.md").read_text()
     assert "<!-- gpu-check:begin -->" in table and "| VOC2007 training s |" in table
+    assert "| epoch read vs plain read, int8 |" in table and "| held vs streamed epoch speed, bf16 |" in table
     assert "| JPEG decode | no (RuntimeError" in table and "| throughput 448 px | no (timeout) |" in table
     assert all(f"=== {name}" in log for name in STEP_NAMES)
     assert "Traceback" in log and "interpreter correctness pass" in log
+
+
+def test_cache_figures_of_a_format_that_did_not_fit_on_the_device():
+    """A cache too large to hold has only its streamed figures: no held speed, no ratio from a null."""
+    streamed = {"train_images_per_s": 100.0, "peak_rss_bytes": 2**30}
+    row = {"formats": {"bf16": {"bytes_per_image": 2048, "epoch_read_vs_plain": 0.9, "streamed": streamed,
+                                "resident": None, "streamed_vs_resident_speed": None},
+                       "int8": {"bytes_per_image": 1024, "epoch_read_vs_plain": 0.85, "streamed": streamed,
+                                "resident": {"train_images_per_s": 150.0, "peak_rss_bytes": 2**31},
+                                "streamed_vs_resident_speed": 100 / 150}}}
+    figures = gpu_check.cache_scale_figures(row)
+    assert figures["epoch img/s streamed, bf16"] == 100 and figures["streamed epoch peak RSS GiB, bf16"] == 1
+    assert not any(k.endswith("bf16") and ("held" in k) for k in figures)
+    assert figures["held vs streamed epoch speed, int8"] == 1.5 and figures["cache KiB per image, int8"] == 1
+    assert gpu_check.judge(figures)["epoch read vs plain read, int8"]["met"]
 
 
 def test_fault_switch_names_a_step(tmp_path):

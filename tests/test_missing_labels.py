@@ -322,7 +322,8 @@ def test_proposal_rule_finds_a_planted_small_object_in_a_tiny_world(tmp_path):
     assert not [v for v in verified if image[v[0]] >= planted_images]        # nothing on an empty image
     # the paper's region of the same map: scattered patches, whose box spans much of the image
     with torch.no_grad():
-        sim = model(pipeline.head_inputs(split.feats.gather(range(len(scenes))), torch.float32))["sim"]
+        inputs = pipeline.head_inputs(split.feats.gather(range(len(scenes))), torch.float32, cfg.cache_format)
+        sim = model(inputs)["sim"]
     region = reso.region_masks(sim, cfg.reso_tau)
     spans = [max(r1 - r0, c1 - c0) + 1 for r0, c0, r1, c1 in
              (reso.box_of_cells(region[row, :, cls].nonzero()[:, 0], grid) for row, cls, _ in found)]
