@@ -1,5 +1,5 @@
 """Feature cache: the frozen encoder runs once per image, its outputs stored in safetensors shards,
-the patch tokens compact (8 bits and a scale per token) by default.
+the patch tokens in bf16 or compact (8 bits and a scale per token, `--cache-format=int8`).
 
 Built on the data layer (`data.py`), which never imports this module; nothing here imports the
 model (the encoder is handed in).
@@ -30,10 +30,11 @@ CHECK_THREADS = min(8, os.cpu_count() or 1)
 SHARD_NAME = re.compile(r"part\d{3,}-shard-\d{5,}\.safetensors")
 
 # How the patch tokens are stored (`--cache-format`); the global read-outs (g, g^H, g^Hc) and the
-# [cls] attention are bf16 in both. Chosen by measurement (bench/README.md, "Compact cache"): on the
-# proving ground's four seeds int8 moves BAC-GCN's mAP by at most ATOL-sized amounts, its token
-# cosine error on ViT-B/16 at 448 px is ~1e-5, and an image's features take half the bytes of bf16.
-# fp8 e4m3 with the same scale per token was measured too and lost (cosine error ~25x int8's).
+# [cls] attention are bf16 except in fp32. Measured (docs/research.md, "The feature cache's format"):
+# int8 halves an image's bytes at a token cosine error of ~2e-5; on the proving ground's four seeds
+# it moved BAC-GCN's mAP from bf16's by -0.20 to +0.07 (mean -0.05), as far from the encoder's fp32
+# features on average as bf16 is, but not within the 0.05 of bf16 per seed that a default needed:
+# bf16 stays the default. fp8 e4m3 with the same scale per token lost on the tokens (~14x int8's error).
 FORMATS = {
     "int8": "patch tokens in int8 with an fp32 scale per token (its largest magnitude / 127): half the bytes",
     "bf16": "every field in bf16 (the format before the compact one; its caches keep their key)",
@@ -124,7 +125,7 @@ class FeatureCache:
     # of the key, so that a cache of format 1 (which carries none) is a miss, not a cache to trust.
     FORMAT = 2
 
-    def __init__(self, root: str | os.PathLike, spec: dict, shard_rows: int = SHARD, fmt: str = "int8"):
+    def __init__(self, root: str | os.PathLike, spec: dict, shard_rows: int = SHARD, fmt: str = "bf16"):
         import hashlib
 
         if fmt not in FORMATS:
@@ -217,7 +218,7 @@ class FeatureCache:
         where the rows are and why."""
         budget, why = memory_budget(memory_gb, device)
         features = self.open(budget, device)
-        return features, where_features_are(features, why, device)
+        return features, where_features_are(features, why, device, budget)
 
     def build(self, dataset, encode: Callable, batch_size: int = 64, workers: int = 0, device: str = "cpu",
               desc: str = "caching features", pin_memory: bool = False, part: int = 0, parts: int = 1) -> None:
@@ -440,7 +441,7 @@ def available_ram() -> int:
 PREFETCH_DEPTH = 2          # batches of a streamed cache read ahead of the one being computed
 
 
-def where_features_are(feats: "CachedFeatures", why: str, device: str) -> str:
+def where_features_are(feats: "CachedFeatures", why: str, device: str, budget: float) -> str:
     """One line: the cache's size and format, and whether it is held on the device or streamed."""
     from cli import size_words
 
@@ -449,7 +450,11 @@ def where_features_are(feats: "CachedFeatures", why: str, device: str) -> str:
         place = "the CPU (in memory)" if feats.device == "cpu" else f"the GPU ({feats.device})"
         return f"{size} held on {place}, within the budget of {why}"
     staging = "pinned buffers, " if device.startswith("cuda") else ""
-    return f"{size} streamed from disk ({staging}{PREFETCH_DEPTH} batches read ahead), over the budget of {why}"
+    line = f"{size} streamed from disk ({staging}{PREFETCH_DEPTH} batches read ahead), over the budget of {why}"
+    compact = len(feats) * feats.row_bytes_as("int8")
+    if not feats.compact and compact <= budget:
+        line += f"; --cache-format=int8 would take {size_words(compact)} and be held"
+    return line
 
 
 class CachedFeatures:
@@ -533,6 +538,13 @@ class CachedFeatures:
     @property
     def nbytes(self) -> int:
         return len(self) * self.row_bytes
+
+    def row_bytes_as(self, fmt: str) -> int:
+        """What a row of these fields takes in a cache of format `fmt`."""
+        import torch
+
+        row = {k: torch.zeros((1, *s)) for k, s in self.row_shapes.items()}
+        return sum(v.nbytes for v in as_stored(row, fmt).values())
 
     @property
     def device(self) -> str:

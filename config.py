@@ -151,7 +151,7 @@ class BACGCNConfig:
     workers: int = 2                    # image decoding workers while caching features
     output_root: str = ""               # runs/ and .cache/ go here ('' = $BACGCN_OUTPUT_ROOT, else the current folder)
     cache_dir: str = ""                 # frozen-CLIP features, encoded once ('' = <output root>/.cache/features)
-    cache_format: str = "int8"          # patch tokens cached as int8 (a scale per token) | bf16 | fp32
+    cache_format: str = "bf16"          # patch tokens cached as bf16 | int8 (a scale per token: half) | fp32
     cache_memory_gb: float = -1.0       # a split's cache up to this size (GiB) stays on the device (-1 = auto)
     out: str = ""                       # run folder ('' = <output root>/runs/<preset or dataset>-<time>)
     log_every: int = 50                 # steps between loss lines in metrics.jsonl

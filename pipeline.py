@@ -664,9 +664,9 @@ def predict(model, feats: CachedFeatures, device, dtype, batch: int = PREDICT_BA
     batch = scoring_batch(feats, batch)
     rows = share(len(feats))
     batches = [torch.arange(i, min(i + batch, rows.stop)) for i in range(rows.start, rows.stop, batch)]
-    with contextlib.closing(prefetched([(feats, b) for b in batches], device, dtype)) as stream:
+    with contextlib.closing(prefetched([(feats, b) for b in batches], device, dtype)) as inputs:
         logits = []
-        for x in stream:
+        for x in inputs:
             logits.append(model(x)["logits"].float().cpu())
             del x                   # before the next batch is decoded, not after
     model.train()

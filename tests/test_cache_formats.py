@@ -132,14 +132,25 @@ def test_a_run_says_where_its_features_are_and_both_formats_train(world, tmp_pat
                            "--use-reso=false", "--batch-size=16", f"--out={out}", *more]) == 0
         return capsys.readouterr().out, json.loads((out / "report.json").read_text())
     printed, _ = run("held")
-    assert "synthetic/trainval: features " in printed and "(int8 patch tokens) held on the CPU (in memory), " \
+    assert "synthetic/trainval: features " in printed and "(bf16 patch tokens) held on the CPU (in memory), " \
         "within the budget of " in printed and "of RAM available)" in printed
     printed, _ = run("streamed", "--cache-memory-gb=0")
-    assert "(int8 patch tokens) streamed from disk (2 batches read ahead), over the budget of --cache-memory-gb=0" \
-        in printed
-    printed, report = run("bf16", "--cache-format=bf16")
-    assert "(bf16 patch tokens) held on the CPU" in printed and np.isfinite(report["mAP"])
+    assert "(bf16 patch tokens) streamed from disk (2 batches read ahead), over the budget of --cache-memory-gb=0" \
+        in printed and "would take" not in printed
+    printed, report = run("int8", "--cache-format=int8")
+    assert "(int8 patch tokens) held on the CPU" in printed and np.isfinite(report["mAP"])
     assert len({m.parent.name for m in (tmp_path / "cache").glob("*/meta.json")}) == 4   # 2 splits x 2 formats
+
+
+def test_a_streamed_bf16_cache_says_when_int8_would_be_held(tmp_path):
+    plain = _build(tmp_path, "bf16", _tokens())
+    row_bytes = {fmt: plain.open(0).row_bytes_as(fmt) for fmt in ("bf16", "int8")}
+    assert row_bytes["bf16"] == plain.open(0).row_bytes == (9 * 32 + 32 + 9) * 2
+    assert row_bytes["int8"] == _build(tmp_path, "int8", _tokens()).open(0).row_bytes
+    between = 40 * (row_bytes["int8"] + row_bytes["bf16"]) / 2 / 2**30
+    feats, line = plain.open_within(between, "cpu")
+    assert feats.tensors is None and f"over the budget of --cache-memory-gb={between:g}; --cache-format=int8 would " \
+        f"take {40 * row_bytes['int8'] / 1024:.1f} KiB and be held" in line
 
 
 def test_a_config_from_before_the_compact_cache_keeps_reading_bf16():
@@ -147,9 +158,10 @@ def test_a_config_from_before_the_compact_cache_keeps_reading_bf16():
     on bf16 features: eval.py, --resume and reruns find its caches under their old key."""
     import config
 
-    old = {k: v for k, v in json.loads(config.BACGCNConfig().to_json()).items() if k != "cache_format"}
+    old = {k: v for k, v in json.loads(config.BACGCNConfig(cache_format="int8").to_json()).items()
+           if k != "cache_format"}
     assert config.BACGCNConfig.from_json(json.dumps(old)).cache_format == "bf16"
-    assert config.BACGCNConfig.from_json(config.BACGCNConfig().to_json()).cache_format == "int8"
+    assert config.BACGCNConfig.from_json(config.BACGCNConfig(cache_format="int8").to_json()).cache_format == "int8"
 
 
 @pytest.mark.gpu
