@@ -32,7 +32,7 @@ SHARD_NAME = re.compile(r"part\d{3,}-shard-\d{5,}\.safetensors")
 # How the patch tokens are stored (`--cache-format`); the global read-outs (g, g^H, g^Hc) and the
 # [cls] attention are bf16 except in fp32. Measured (docs/research.md, "The feature cache's format"):
 # int8 halves an image's bytes at a token cosine error of ~2e-5; on the proving ground's four seeds
-# it moved BAC-GCN's mAP from bf16's by -0.20 to +0.07 (mean -0.05), as far from the encoder's fp32
+# it moved BAC-GCN's mAP from bf16's by -0.20 to +0.07 (mean -0.05), about as far from the fp32
 # features on average as bf16 is, but not within the 0.05 of bf16 per seed that a default needed:
 # bf16 stays the default. fp8 e4m3 with the same scale per token lost on the tokens (~14x int8's error).
 FORMATS = {
